@@ -1,0 +1,44 @@
+"""flipout_jax: FlipOut pruning as a pure Optax gradient transformation.
+
+FlipOut (Apostol, Stol, Forré, 2021) prunes the weights whose sign keeps
+flipping during training: saliency ``|w|^p / (flips + 1)``, ranked globally,
+at a few pruning events. Typical use::
+
+  tx = optax.chain(
+      flipout.gradient_noise(scale=1.0, seed=0),
+      optax.add_decayed_weights(5e-4),
+      optax.sgd(lr_schedule, momentum=0.9),
+      flipout.prune(target_sparsity=0.999, total_steps=num_steps),  # last
+  )
+"""
+
+from flipout_jax._src.baselines import hoyer_square
+from flipout_jax._src.baselines import snip
+from flipout_jax._src.criteria import flipout_scores
+from flipout_jax._src.criteria import magnitude_scores
+from flipout_jax._src.criteria import random_scores
+from flipout_jax._src.noise import GradientNoiseState
+from flipout_jax._src.noise import gradient_noise
+from flipout_jax._src.prune import PruneState
+from flipout_jax._src.prune import apply_masks
+from flipout_jax._src.prune import event_steps
+from flipout_jax._src.prune import fixed_masks
+from flipout_jax._src.prune import flip_counts
+from flipout_jax._src.prune import masks
+from flipout_jax._src.prune import num_events_for
+from flipout_jax._src.prune import prune
+from flipout_jax._src.prune import prune_below
+from flipout_jax._src.report import LayerReport
+from flipout_jax._src.report import Summary
+from flipout_jax._src.report import sparsity
+from flipout_jax._src.report import summary
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GradientNoiseState", "LayerReport", "PruneState", "Summary", "apply_masks",
+    "event_steps", "fixed_masks", "flip_counts", "flipout_scores",
+    "gradient_noise", "hoyer_square", "magnitude_scores", "masks",
+    "num_events_for", "prune", "prune_below", "random_scores", "snip",
+    "sparsity", "summary",
+)

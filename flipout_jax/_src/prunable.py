@@ -1,0 +1,58 @@
+"""Which leaves of a params tree are prunable (the ``where`` argument)."""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _default_where(path, leaf) -> bool:
+  del path
+  return np.ndim(leaf) >= 2
+
+
+def check_where(where) -> None:
+  """Validates ``where`` when a transform is built (before params exist)."""
+  if where is None or callable(where):
+    return
+  leaves = jax.tree.leaves(where)
+  if not leaves or not all(isinstance(x, (bool, np.bool_)) for x in leaves):
+    raise TypeError(
+        "where must be None (leaves with 2+ dimensions), a predicate "
+        "(path, leaf) -> bool, or a pytree of Python bools shaped like params; "
+        f"got {type(where).__name__}")
+
+
+def describe_leaves(params) -> str:
+  """One ``path shape`` entry per leaf, for error messages."""
+  return ", ".join(
+      f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))}"
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params))
+
+
+def prunable_tree(params, where) -> Any:
+  """A tree shaped like ``params`` with a Python bool per leaf.
+
+  Raises:
+    ValueError: ``where`` does not match ``params`` or selects no leaf.
+  """
+  if where is None or callable(where):
+    predicate = where or _default_where
+    selected = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: bool(predicate(path, leaf)), params)
+  else:
+    if jax.tree.structure(where) != jax.tree.structure(params):
+      raise ValueError(
+          "where: the pytree of bools must have the structure of params; "
+          f"params leaves are: {describe_leaves(params)}")
+    selected = jax.tree.map(bool, where)
+  if not any(jax.tree.leaves(selected)):
+    raise ValueError(
+        "where selects no prunable leaf; by default leaves with 2 or more "
+        f"dimensions are prunable. Leaves of params: {describe_leaves(params)}")
+  return selected
+
+
+def prunable_only(tree, prunable):
+  """``tree`` with ``None`` at leaves that are not prunable."""
+  return jax.tree.map(lambda leaf, keep: leaf if keep else None, tree, prunable)

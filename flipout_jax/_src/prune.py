@@ -1,0 +1,472 @@
+r"""FlipOut pruning as an Optax gradient transformation.
+
+``prune`` goes **last** in an ``optax.chain``: it receives the final update
+``u`` of every weight ``w``, so the parameters after the step are
+``w_new = w + u``. For each prunable leaf it
+
+1. keeps pruned weights at exactly zero by rewriting their update to ``-w``
+   (momentum buffers and Adam moments keep pushing them otherwise);
+2. counts sign flips of live weights,
+   :math:`\mathrm{flips} \mathrel{+}= [\mathrm{sign}(w_{new}) \ne \mathrm{sign}(w)]`
+   with ``sign(0) = 0``;
+3. at a pruning event, scores ``w_new`` with the flip counts that include this
+   step, e.g. FlipOut's :math:`|w|^p / (\mathrm{flips} + 1)`, and removes the
+   live weights with the lowest scores, globally over all prunable leaves,
+   resetting their flip counts to zero.
+
+Everything is traced: the event is a ``lax.cond`` on the step counter held in
+the state, and the number of weights pruned at each event is a table computed
+in Python from the static leaf sizes. Selection is exact without sorting (see
+``select.py``). The state holds a bool mask and an int32 counter per prunable
+weight (5 bytes) and nothing for other leaves.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flipout_jax._src import criteria as criteria_lib
+from flipout_jax._src import prunable as prunable_lib
+from flipout_jax._src import select
+
+
+class PruneState(NamedTuple):
+  """State of :func:`prune`, :func:`fixed_masks` and :func:`prune_below`.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar).
+    masks: tree shaped like params, a bool array (True = live) at each prunable
+      leaf and ``None`` elsewhere.
+    flips: tree shaped like params, int32 sign-flip counts of live weights at
+      each prunable leaf (0 for pruned weights) and ``None`` elsewhere.
+  """
+  count: jax.Array
+  masks: Any
+  flips: Any
+
+
+# An event rule maps (step, new_params, masks, flips) to the new masks. It is
+# built once the leaf sizes are known (at trace time) by an event factory.
+EventRule = Callable[[jax.Array, Any, Any, Any], Any]
+
+
+# ---------------------------------------------------------------------------
+# Argument validation: everything that can be checked before params exist.
+# ---------------------------------------------------------------------------
+
+
+def _check_fraction(name, value, *, low_open: bool) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+  value = float(value)
+  allowed = "(0, 1)" if low_open else "[0, 1)"
+  if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
+    raise ValueError(f"{name} must be in {allowed}, got {value}")
+  return value
+
+
+def _check_steps(name, value) -> int | None:
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
+  return int(value)
+
+
+def num_events_for(target_sparsity: float, rate: float) -> int:
+  """Smallest k with ``1 - (1 - rate)**k >= target_sparsity``."""
+  k = 0
+  while 1.0 - (1.0 - rate) ** k < target_sparsity:
+    k += 1
+  return k
+
+
+def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5
+                ) -> tuple[int, ...]:
+  """Steps (counted from 1) of the pruning events in target mode.
+
+  ``k = num_events_for(target_sparsity, rate)`` events at
+  ``i * round(total_steps / (k + 1))`` for ``i = 1..k``: the paper's
+  ``f = round(E / (k + 1))``, so the last event leaves time to recover.
+  """
+  k = num_events_for(target_sparsity, rate)
+  interval = round(total_steps / (k + 1))
+  return tuple(i * interval for i in range(1, k + 1))
+
+
+# ---------------------------------------------------------------------------
+# Pruned counts per event, from the static leaf sizes.
+# ---------------------------------------------------------------------------
+
+
+def _rate_counts(size: int, rate: float, num_events: int | None,
+                 cap: int | None, stop_when_stable: bool) -> list[int]:
+  """Cumulative pruned count after each event: P + floor((N - P) * rate).
+
+  With ``stop_when_stable`` the table ends once the count stops changing
+  (later events reuse its last entry), which bounds it in rate mode.
+  """
+  counts, pruned = [], 0
+  while num_events is None or len(counts) < num_events:
+    step = math.floor((size - pruned) * rate)
+    following = pruned + step if cap is None else min(pruned + step, cap)
+    if stop_when_stable and following == pruned and counts:
+      break
+    pruned = following
+    counts.append(pruned)
+  return counts
+
+
+def _count_table(sizes: list[int], *, rate, num_events, cap, final_fraction,
+                 layerwise: bool) -> np.ndarray:
+  """(events, groups) int32 table of the pruned count after each event.
+
+  A group is the whole network (global ranking) or one leaf (layer-wise).
+  """
+  groups = sizes if layerwise else [sum(sizes)]
+  columns = []
+  for size in groups:
+    column = _rate_counts(size, rate, num_events,
+                          None if cap is None else round(cap * size),
+                          stop_when_stable=final_fraction is None)
+    if final_fraction is not None and column:
+      column[-1] = max(round(final_fraction * size), column[-2] if len(column) > 1 else 0)
+    columns.append(column)
+  length = max(len(c) for c in columns)
+  padded = [c + [c[-1]] * (length - len(c)) if c else [0] * length for c in columns]
+  return np.asarray(padded, np.int32).T.reshape(length, len(groups))
+
+
+def _ranked_event(rule: criteria_lib._Rule, table: np.ndarray,
+                  event_index: Callable[[jax.Array], jax.Array], seed: int
+                  ) -> EventRule:
+  """Prunes the lowest-scored live weights down to ``table[event_index]``."""
+  table = jnp.asarray(table)
+
+  def event(step, new_params, masks, flips):
+    scores = rule.score(new_params, flips, jax.random.fold_in(jax.random.key(seed), step))
+    mask_leaves, treedef = jax.tree.flatten(masks)
+    keys = [select.sortable_keys(s, m)
+            for s, m in zip(_leaves_at(masks, scores), mask_leaves)]
+    targets = table[event_index(step)]
+    groups = [[i] for i in range(len(keys))] if rule.layerwise else [list(range(len(keys)))]
+    new_masks = list(mask_leaves)
+    for group, target in zip(groups, targets):
+      pruned = sum(jnp.sum(~mask_leaves[i], dtype=jnp.int32) for i in group)
+      chosen = select.lowest_k([keys[i] for i in group], jnp.maximum(target - pruned, 0))
+      for i, leaf_chosen in zip(group, chosen):
+        new_masks[i] = mask_leaves[i] & ~leaf_chosen
+    return jax.tree.unflatten(treedef, new_masks)
+
+  return event
+
+
+# ---------------------------------------------------------------------------
+# The transformation shared by prune, fixed_masks and prune_below.
+# ---------------------------------------------------------------------------
+
+
+def _raise_not_last():
+  raise ValueError(
+      "flipout: pruned weights are no longer zero at the start of an update. "
+      "Put flipout.prune (or fixed_masks / prune_below) LAST in optax.chain, "
+      "after the optimizer, so it sees the final update; and do not modify "
+      "params between tx.update calls.")
+
+
+def _check_pruned_still_zero(step, masks, params):
+  """Fails the step when a pruned weight moved: prune was not last in the chain.
+
+  Skipped on the first update so ``fixed_masks`` can zero dense params.
+  """
+  moved = [jnp.any(~m & (p != 0)) for m, p in
+           zip(jax.tree.leaves(masks), _leaves_at(masks, params))]
+  jax.lax.cond((step > 1) & jnp.any(jnp.stack(moved)),
+               lambda: jax.debug.callback(_raise_not_last), lambda: None)
+
+
+def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
+                       make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None
+                       ) -> optax.GradientTransformation:
+  """Builds the transform: masking, flip counting and optional events.
+
+  Args:
+    where: which leaves are prunable (see :func:`prune`).
+    initial_masks: ``(params, prunable) -> masks`` at init.
+    make_event: ``sizes -> (is_event(step), event_rule)``, called at trace
+      time with the sizes of the prunable leaves; None for no events.
+  """
+  prunable_lib.check_where(where)
+
+  def init_fn(params):
+    prunable = prunable_lib.prunable_tree(params, where)
+    masks = initial_masks(params, prunable)
+    flips = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.int32), masks)
+    return PruneState(count=jnp.zeros([], jnp.int32), masks=masks, flips=flips)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "params: flipout pruning needs the current params; call "
+          "tx.update(updates, state, params)")
+    mask_structure = jax.tree.structure(state.masks)
+    try:
+      params_at_masks = _leaves_at(state.masks, params)
+      updates_at_masks = _leaves_at(state.masks, updates)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+          "params do not match the pruning state (was the state built for "
+          f"another model?): {error}") from None
+    mask_leaves = jax.tree.leaves(state.masks)
+    for mask, param in zip(mask_leaves, params_at_masks):
+      if mask.shape != np.shape(param):
+        raise ValueError(
+            f"params do not match the pruning state: a prunable leaf has shape "
+            f"{np.shape(param)} but its mask has shape {mask.shape}")
+    step = state.count + 1
+    _check_pruned_still_zero(step, state.masks, params)
+
+    # Pruned weights land on exactly 0; flips count only where still live.
+    new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
+                  for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)]
+    flips = [jnp.where(m, f + (jnp.sign(new) != jnp.sign(p)).astype(jnp.int32), 0)
+             for m, f, new, p in zip(mask_leaves, jax.tree.leaves(state.flips),
+                                     new_params, params_at_masks)]
+    masks = mask_leaves
+    if make_event is not None:
+      is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
+      masks = jax.lax.cond(
+          is_event(step),
+          lambda: jax.tree.leaves(event(
+              step, mask_structure.unflatten(new_params),
+              state.masks, mask_structure.unflatten(flips))),
+          lambda: mask_leaves)
+      flips = [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
+
+    masked_updates = [jnp.where(m, u, -p.astype(u.dtype))
+                      for m, p, u in zip(masks, params_at_masks, updates_at_masks)]
+    updates = _replace_at(updates, state.masks, masked_updates)
+    return updates, PruneState(count=step,
+                               masks=mask_structure.unflatten(masks),
+                               flips=mask_structure.unflatten(flips))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def _leaves_at(masks, tree) -> list:
+  """Leaves of ``tree`` at the masks' non-None positions, in leaf order."""
+  return jax.tree.leaves(jax.tree.map(
+      lambda m, leaf: None if m is None else leaf, masks, tree, is_leaf=_is_none))
+
+
+def _replace_at(tree, masks, new_leaves):
+  """``tree`` with the leaves at the masks' non-None positions replaced."""
+  replacements = iter(new_leaves)
+  return jax.tree.map(lambda m, leaf: leaf if m is None else next(replacements),
+                      masks, tree, is_leaf=_is_none)
+
+
+def _all_live(params, prunable):
+  return jax.tree.map(
+      lambda leaf, keep: jnp.ones(np.shape(leaf), bool) if keep else None,
+      params, prunable)
+
+
+# ---------------------------------------------------------------------------
+# Public transformations.
+# ---------------------------------------------------------------------------
+
+
+def prune(target_sparsity: float | None = None, *, total_steps: int | None = None,
+          prune_every: int | None = None, rate: float = 0.5, p: float = 2.0,
+          criterion: str | Callable[[Any, Any], Any] = "flipout", where=None,
+          seed: int = 0) -> optax.GradientTransformation:
+  r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
+
+  Two schedules, as in ``shared/FLIPOUT.md``:
+
+  * **Target mode** (``target_sparsity`` and ``total_steps``): with
+    ``k`` the smallest number of events such that
+    :math:`1 - (1 - \mathrm{rate})^k \ge \mathrm{target}`, events happen at
+    steps ``i * round(total_steps / (k + 1))``, ``i = 1..k``. Each event but
+    the last prunes ``floor((N - P) * rate)`` more of the ``N`` prunable
+    weights (``P`` already pruned); the last lands exactly on
+    ``round(target_sparsity * N)``.
+  * **Rate mode** (``prune_every``, the paper's): an event every
+    ``prune_every`` steps pruning ``floor((N - P) * rate)`` more, capped at
+    ``round(target_sparsity * N)`` when a target is given, and only at steps
+    before ``total_steps`` when that is given (never at the last step).
+
+  Scores are ranked globally over all prunable leaves, except for
+  ``criterion="magnitude"`` which prunes each leaf separately (its counts
+  use the leaf's own size). Ties are broken by leaf order, then index.
+  Non-finite weights score as the most salient and are pruned last; counts
+  stay exact.
+
+  Args:
+    target_sparsity: fraction of prunable weights to prune, in ``[0, 1)``.
+    total_steps: number of optimizer steps of the run (target mode).
+    prune_every: steps between events (rate mode).
+    rate: fraction of the live weights pruned per event, in ``(0, 1)``.
+    p: exponent of ``|w|`` in the FlipOut saliency, ``> 0``.
+    criterion: ``"flipout"`` (:math:`|w|^p / (\mathrm{flips} + 1)`),
+      ``"global_magnitude"`` (``|w|``), ``"magnitude"`` (``|w|``,
+      layer-wise), ``"random"``, or a callable ``(params, flips) -> scores``
+      over trees with ``None`` at non-prunable leaves (lowest pruned first).
+    where: prunable leaves: ``None`` (leaves with 2+ dimensions), a pytree of
+      bools shaped like params, or a predicate ``(path, leaf) -> bool``.
+    seed: seed of the ``"random"`` criterion.
+
+  Returns:
+    A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
+    be last in the chain and needs ``params`` in ``update``.
+  """
+  if target_sparsity is not None:
+    target_sparsity = _check_fraction("target_sparsity", target_sparsity, low_open=False)
+  total_steps = _check_steps("total_steps", total_steps)
+  prune_every = _check_steps("prune_every", prune_every)
+  rate = _check_fraction("rate", rate, low_open=True)
+  if isinstance(p, bool) or not isinstance(p, (int, float, np.number)):
+    raise TypeError(f"p must be a positive number, got {type(p).__name__}")
+  if not p > 0:
+    raise ValueError(f"p must be > 0, got {p}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+  rule = criteria_lib.resolve(criterion, float(p))
+
+  if prune_every is None:
+    if target_sparsity is None or total_steps is None:
+      raise ValueError(
+          "prune needs a schedule: target_sparsity with total_steps (target "
+          "mode), or prune_every (rate mode, optionally capped by target_sparsity)")
+    steps = event_steps(target_sparsity, total_steps, rate)
+    if steps and (steps[0] < 1 or steps[-1] >= total_steps):
+      raise ValueError(
+          f"total_steps={total_steps} is too short for the {len(steps)} pruning "
+          f"events that target_sparsity={target_sparsity} needs at rate={rate}: "
+          f"use total_steps >= {len(steps) + 1}")
+    num_events, final_fraction, cap = len(steps), target_sparsity, None
+    step_array = np.asarray(steps or [0], np.int32)
+
+    def is_event(step):
+      return jnp.any(step == step_array)
+
+    def event_index(step):
+      return jnp.argmax(step == step_array)
+  else:
+    num_events = None if total_steps is None else (total_steps - 1) // prune_every
+    final_fraction, cap = None, target_sparsity
+
+    def is_event(step):
+      within = True if total_steps is None else step < total_steps
+      return (step % prune_every == 0) & within
+
+    def event_index(step):
+      return step // prune_every - 1
+
+  def make_event(sizes):
+    table = _count_table(sizes, rate=rate, num_events=num_events, cap=cap,
+                         final_fraction=final_fraction, layerwise=rule.layerwise)
+    if len(table) == 0:
+      return (lambda step: jnp.bool_(False)), (lambda step, new, masks, flips: masks)
+    clipped = lambda step: jnp.minimum(event_index(step), len(table) - 1)
+    return is_event, _ranked_event(rule, table, clipped, seed)
+
+  return _masking_transform(where, _all_live, make_event)
+
+
+def fixed_masks(masks) -> optax.GradientTransformation:
+  """Trains with a fixed mask (e.g. from :func:`snip`); last in the chain.
+
+  The first update zeroes the masked weights of dense params; afterwards they
+  stay exactly zero. Flip counts are kept as in :func:`prune`.
+
+  Args:
+    masks: tree shaped like params with bool arrays at prunable leaves and
+      ``None`` elsewhere, as returned by :func:`snip` or :func:`masks`.
+  """
+  mask_leaves = jax.tree.leaves(masks)
+  if not mask_leaves:
+    raise ValueError("masks: no mask leaves given (expected bool arrays at prunable leaves)")
+  if not all(np.asarray(m).dtype == bool for m in mask_leaves):
+    raise TypeError("masks must hold bool arrays (True = live) and None elsewhere")
+
+  def initial(params, prunable):
+    del prunable
+    try:
+      _leaves_at(masks, params)
+    except (ValueError, TypeError) as error:
+      raise ValueError(f"masks do not match params: {error}") from None
+    return jax.tree.map(jnp.asarray, masks)
+
+  where = lambda path, leaf: True  # every leaf the masks name; checked at init
+  return _masking_transform(where, initial, None)
+
+
+def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTransformation:
+  """One-shot pruning of live weights with ``|w| < threshold`` at ``step``.
+
+  The Hoyer-Square baseline: train with :func:`hoyer_square` in the loss,
+  prune the small weights once at ``step`` (counted from 1), then train on
+  with the mask fixed. Last in the chain.
+  """
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+    raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+  if not threshold >= 0:
+    raise ValueError(f"threshold must be >= 0, got {threshold}")
+  at_step = _check_steps("step", step)
+  if at_step is None:
+    raise ValueError("step must be a positive int")
+
+  def event(_, new_params, masks, flips):
+    del flips
+    return jax.tree.map(lambda m, w: m & (jnp.abs(w) >= threshold), masks, new_params)
+
+  def make_event(sizes):
+    del sizes
+    return (lambda current: current == at_step), event
+
+  return _masking_transform(where, _all_live, make_event)
+
+
+# ---------------------------------------------------------------------------
+# Reading the state.
+# ---------------------------------------------------------------------------
+
+
+def _prune_state(opt_state) -> PruneState:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+           if isinstance(s, PruneState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"opt_state: expected exactly one flipout pruning state in the optimizer "
+        f"state, found {len(found)}")
+  return found[0]
+
+
+def masks(opt_state):
+  """Masks (True = live) from an optimizer state, ``None`` at non-prunable leaves."""
+  return _prune_state(opt_state).masks
+
+
+def flip_counts(opt_state):
+  """Sign-flip counts from an optimizer state, ``None`` at non-prunable leaves."""
+  return _prune_state(opt_state).flips
+
+
+def apply_masks(params, masks):
+  """``params`` with pruned weights set to zero (``None`` masks: unchanged)."""
+  masked = [jnp.where(m, p, jnp.zeros_like(p))
+            for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))]
+  return _replace_at(params, masks, masked)
