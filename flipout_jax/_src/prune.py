@@ -101,6 +101,16 @@ def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5
   return tuple(i * interval for i in range(1, k + 1))
 
 
+def _shortest_schedule(target_sparsity: float, rate: float) -> int:
+  """Smallest total_steps from which on every longer run fits its events."""
+  k = num_events_for(target_sparsity, rate)
+  fits = lambda total: total > 0 and 1 <= event_steps(target_sparsity, total, rate)[-1] < total
+  shortest = k * (k + 1) // 2 + 1  # beyond this, total/k - total/(k+1) > 1/2
+  while fits(shortest - 1):
+    shortest -= 1
+  return shortest
+
+
 # ---------------------------------------------------------------------------
 # Pruned counts per event, from the static leaf sizes.
 # ---------------------------------------------------------------------------
@@ -354,8 +364,10 @@ def prune(target_sparsity: float | None = None, *, total_steps: int | None = Non
     if steps and (steps[0] < 1 or steps[-1] >= total_steps):
       raise ValueError(
           f"total_steps={total_steps} is too short for the {len(steps)} pruning "
-          f"events that target_sparsity={target_sparsity} needs at rate={rate}: "
-          f"use total_steps >= {len(steps) + 1}")
+          f"events that target_sparsity={target_sparsity} needs at rate={rate} "
+          f"(events at multiples of round(total_steps / {len(steps) + 1}) must "
+          f"fall before the last step): use total_steps >= "
+          f"{_shortest_schedule(target_sparsity, rate)}")
     num_events, final_fraction, cap = len(steps), target_sparsity, None
     step_array = np.asarray(steps or [0], np.int32)
 

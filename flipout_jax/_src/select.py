@@ -31,7 +31,8 @@ def sortable_keys(scores: jax.Array, live: jax.Array) -> jax.Array:
   preferred over a finite one), ``-0.0`` ranks as ``+0.0``.
   """
   scores = jnp.asarray(scores, jnp.float32)
-  scores = jnp.where(jnp.isnan(scores), jnp.inf, scores) + 0.0
+  scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
+  scores = jnp.where(scores == 0, 0.0, scores)  # XLA folds `x + 0.0` away
   bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
   negative = (bits & jnp.uint32(_SIGN_BIT)) != 0
   # IEEE floats compare like sign-magnitude integers: flip all bits of

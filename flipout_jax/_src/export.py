@@ -1,0 +1,343 @@
+"""Compact export of pruned params: live weights and their positions only.
+
+A pruned network stores mostly exact zeros. ``export`` writes, for every
+kernel (a leaf with ``ndim >= 2``), a packed bitmask of its live (nonzero)
+positions and the values of the live entries only, either as float32 or as
+per-output-channel symmetric int8 with float32 scales; other leaves (biases,
+normalization parameters) are stored dense. The file is a single ``.npz``
+(a zip of ``.npy`` arrays) with a JSON manifest, read back with
+``allow_pickle=False`` so that a file from an untrusted source cannot run
+code when it is loaded.
+
+Size of a kernel of ``n`` weights of which ``live`` are nonzero, before
+zip compression: ``ceil(n / 8) + 4 * live`` bytes (float32) or
+``ceil(n / 8) + live + 4 * channels`` bytes (int8), against ``4 * n`` dense.
+"""
+
+from collections.abc import Mapping
+import json
+import math
+import os
+import tempfile
+import zipfile
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_NAME = "flipout_jax.export"
+FORMAT_VERSION = 1
+
+# Name of the manifest member; leaf members always contain ":" so they
+# cannot collide with it.
+_MANIFEST_KEY = "__flipout_jax_export__"
+_INT8_MAX = 127
+_DTYPES = {name: np.dtype(dtype) for name, dtype in (
+    ("float16", jnp.float16), ("bfloat16", jnp.bfloat16),
+    ("float32", jnp.float32), ("float64", jnp.float64))}
+# Encoding of a leaf -> the members (name suffixes) it is stored in.
+_ENCODINGS = {
+    "dense": ("values",),
+    "bitmask": ("mask", "values"),
+    "bitmask_int8": ("mask", "values", "scales"),
+}
+# Errors numpy and zipfile raise on a damaged, truncated or foreign file.
+_READ_ERRORS = (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile,
+                zlib.error)
+
+
+class _FormatError(ValueError):
+  """A file that is not a (readable) flipout_jax export; message w/o path."""
+
+
+def export(params, path, *, int8: bool = False, compress: bool = True) -> int:
+  """Writes pruned params compactly to ``path`` (an ``.npz`` file).
+
+  Kernels (leaves with ``ndim >= 2``) are stored as a packed bitmask of their
+  nonzero positions plus the nonzero values; 1-D and 0-D leaves are stored
+  dense. With ``int8=True`` the kernel values are quantized per output
+  channel (last axis), symmetrically::
+
+    scale_c = max_i |w[i, c]| / 127,   q[i, c] = round(w[i, c] / scale_c)
+
+  so ``|w - q * scale| <= scale / 2``. Zero maps to zero, so every pruned
+  weight stays exactly zero; a live weight smaller than half a step
+  (``|w| < scale_c / 2``) rounds to zero too and is stored as pruned. The
+  bitmask of an int8 export holds the positions of the nonzero int8 values.
+
+  Without ``int8`` the round trip is exact for float16/bfloat16/float32
+  leaves (values are stored as float32, float64 leaves as float64); ``-0.0``
+  is stored as a pruned ``+0.0``.
+
+  The file is written to a temporary file next to ``path`` and moved into
+  place, so ``path`` is never left half written.
+
+  Args:
+    params: a nested dict of floating-point arrays (numpy or jax) with str or
+      int keys: Linen params, or ``nnx.state(model, nnx.Param).to_pure_dict()``.
+    path: the file to write, used as given (no suffix is added).
+    int8: store kernel values as per-channel symmetric int8.
+    compress: zip-deflate the members (the bitmask of a very sparse kernel
+      compresses well).
+
+  Returns:
+    The number of bytes written.
+
+  Raises:
+    TypeError: ``params`` is not a nested dict of floating-point arrays.
+    ValueError: a key contains "/" or two keys of a dict print the same.
+  """
+  leaves = _flatten(params)
+  members = {}
+  manifest_leaves = []
+  for key_path, array in leaves:
+    encoding, arrays = _encode(array, int8=int8)
+    base = _member_base(key_path)
+    for role, member in arrays.items():
+      members[f"{base}:{role}"] = member
+    manifest_leaves.append({
+        "path": list(key_path), "shape": list(array.shape),
+        "dtype": array.dtype.name, "encoding": encoding})
+  manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+              "leaves": manifest_leaves}
+  members[_MANIFEST_KEY] = np.array(json.dumps(manifest))
+  return _write_atomically(path, members, compress=compress)
+
+
+def load(path) -> dict:
+  """Reads params written by :func:`export` back as a nested dict.
+
+  Leaves are numpy arrays of the exported shapes and dtypes (use
+  ``jax.device_put`` or ``nnx.update`` to put them on a device); int8
+  kernels are dequantized, ``q * scale``. The file is read with
+  ``allow_pickle=False``: no code in it can run.
+
+  Args:
+    path: a file written by :func:`export`.
+
+  Returns:
+    The params as a nested dict with the original keys (str or int).
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: ``"<path>: not a flipout_jax export: <reason>"`` for a file of
+      another kind, a damaged or truncated file, an unknown format version,
+      or members that are missing or disagree with the manifest.
+  """
+  with open(path, "rb") as file:
+    try:
+      return _read_archive(file)
+    except _FormatError as error:
+      raise ValueError(f"{os.fspath(path)}: not a flipout_jax export: {error}") from None
+    except _READ_ERRORS as error:
+      raise ValueError(
+          f"{os.fspath(path)}: not a flipout_jax export: unreadable "
+          f"({type(error).__name__}: {error})") from None
+
+
+def _flatten(params) -> list[tuple[tuple, np.ndarray]]:
+  """(key path, numpy array) of every leaf, in insertion order."""
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        "params must be a nested dict of arrays (Linen params or "
+        "nnx.state(model, nnx.Param).to_pure_dict()), got "
+        f"{type(params).__name__}")
+  leaves = []
+  _collect_leaves(params, (), leaves)
+  return leaves
+
+
+def _collect_leaves(node: Mapping, prefix: tuple, leaves: list) -> None:
+  printed_keys = set()
+  for key, value in node.items():
+    key_path = (*prefix, key)
+    _check_key(key, key_path, printed_keys)
+    if isinstance(value, Mapping):
+      _collect_leaves(value, key_path, leaves)
+    else:
+      leaves.append((key_path, _as_float_array(value, key_path)))
+
+
+def _check_key(key, key_path: tuple, printed_keys: set) -> None:
+  if isinstance(key, bool) or not isinstance(key, (str, int)):
+    raise TypeError(f"params: key {key!r} at {_member_base(key_path[:-1])!r} "
+                    "must be a str or an int")
+  if isinstance(key, str) and "/" in key:
+    raise ValueError(f"params: key {key!r} contains '/', which separates "
+                     "levels in the file")
+  if str(key) in printed_keys:
+    raise ValueError(f"params: two keys print as {str(key)!r} at "
+                     f"{_member_base(key_path[:-1])!r}")
+  printed_keys.add(str(key))
+
+
+def _as_float_array(value, key_path: tuple) -> np.ndarray:
+  if not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    raise TypeError(
+        f"params: leaf {_member_base(key_path)!r} is a {type(value).__name__}, "
+        "not an array; pass a pure dict, e.g. "
+        "nnx.state(model, nnx.Param).to_pure_dict()")
+  array = np.asarray(value)
+  if array.dtype.name not in _DTYPES:
+    raise TypeError(
+        f"params: leaf {_member_base(key_path)!r} has dtype {array.dtype}; "
+        f"only {sorted(_DTYPES)} can be exported")
+  return array
+
+
+def _member_base(key_path: tuple) -> str:
+  return "/".join(map(str, key_path))
+
+
+def _value_dtype(dtype: np.dtype) -> np.dtype:
+  # float32 holds float16 and bfloat16 exactly; float64 needs itself.
+  return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _encode(array: np.ndarray, *, int8: bool) -> tuple[str, dict[str, np.ndarray]]:
+  """(encoding, {role: array}) of one leaf."""
+  values = array.astype(_value_dtype(array.dtype))
+  if array.ndim < 2:
+    return "dense", {"values": values.reshape(-1)}
+  if not int8:
+    live = values != 0
+    return "bitmask", {"mask": np.packbits(live.reshape(-1)),
+                       "values": values[live]}
+  quantized, scales = _quantize_int8(values)
+  live = quantized != 0
+  return "bitmask_int8", {"mask": np.packbits(live.reshape(-1)),
+                          "values": quantized[live], "scales": scales}
+
+
+def _quantize_int8(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-last-axis-channel symmetric int8: (q, scale), w ~= q * scale."""
+  channel_max = np.abs(weights).max(axis=tuple(range(weights.ndim - 1)), initial=0.0)
+  scales = (channel_max / _INT8_MAX).astype(np.float32)
+  # An all-zero channel keeps scale 0; dividing by 1 there keeps its q at 0.
+  safe_scales = np.where(scales > 0, scales, np.float32(1.0))
+  quantized = np.clip(np.rint(weights / safe_scales), -_INT8_MAX, _INT8_MAX)
+  return quantized.astype(np.int8), scales
+
+
+def _write_atomically(path, members: dict[str, np.ndarray], *, compress: bool) -> int:
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  save = np.savez_compressed if compress else np.savez
+  handle, temp_path = tempfile.mkstemp(
+      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(handle, "wb") as file:
+      save(file, **members)
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temp_path, path)
+  except BaseException:
+    if os.path.exists(temp_path):
+      os.remove(temp_path)
+    raise
+  return os.path.getsize(path)
+
+
+def _read_archive(file) -> dict:
+  archive = np.load(file, allow_pickle=False)
+  if not isinstance(archive, np.lib.npyio.NpzFile):
+    raise _FormatError("a single .npy array, not an .npz archive")
+  with archive:
+    manifest = _read_manifest(archive)
+    params = {}
+    for leaf in manifest["leaves"]:
+      key_path, array = _decode_leaf(archive, leaf)
+      _insert(params, key_path, array)
+  return params
+
+
+def _read_manifest(archive) -> dict:
+  if _MANIFEST_KEY not in archive.files:
+    raise _FormatError(f"no {_MANIFEST_KEY!r} manifest entry (an .npz of something else?)")
+  text = archive[_MANIFEST_KEY]
+  if text.dtype.kind != "U" or text.shape != ():
+    raise _FormatError("the manifest entry is not a string")
+  try:
+    manifest = json.loads(str(text))
+  except json.JSONDecodeError as error:
+    raise _FormatError(f"the manifest is not valid JSON ({error})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    raise _FormatError(f"the manifest does not name the format {FORMAT_NAME!r}")
+  if manifest.get("version") != FORMAT_VERSION:
+    raise _FormatError(f"unsupported format version {manifest.get('version')!r} "
+                       f"(this version of flipout_jax reads {FORMAT_VERSION})")
+  if not isinstance(manifest.get("leaves"), list):
+    raise _FormatError("the manifest has no list of leaves")
+  return manifest
+
+
+def _decode_leaf(archive, leaf) -> tuple[tuple, np.ndarray]:
+  key_path, shape, dtype, encoding = _check_leaf_entry(leaf)
+  name = _member_base(key_path)
+  arrays = {role: _read_member(archive, f"{name}:{role}")
+            for role in _ENCODINGS[encoding]}
+  size = math.prod(shape)
+  value_dtype = _value_dtype(dtype)
+  if encoding == "dense":
+    _check_member(name, "values", arrays["values"], value_dtype, (size,))
+    return key_path, arrays["values"].reshape(shape).astype(dtype)
+  _check_member(name, "mask", arrays["mask"], np.dtype(np.uint8), ((size + 7) // 8,))
+  live = np.unpackbits(arrays["mask"], count=size).astype(bool)
+  live_count = int(live.sum())
+  if encoding == "bitmask":
+    _check_member(name, "values", arrays["values"], value_dtype, (live_count,))
+    dense_values = arrays["values"]
+  else:
+    _check_member(name, "values", arrays["values"], np.dtype(np.int8), (live_count,))
+    _check_member(name, "scales", arrays["scales"], np.dtype(np.float32), (shape[-1],))
+    channel = np.flatnonzero(live) % shape[-1]
+    dense_values = arrays["values"].astype(np.float32) * arrays["scales"][channel]
+  weights = np.zeros(size, value_dtype)
+  weights[live] = dense_values
+  return key_path, weights.reshape(shape).astype(dtype)
+
+
+def _check_leaf_entry(leaf) -> tuple[tuple, tuple, np.dtype, str]:
+  """Validated (key path, shape, dtype, encoding) of a manifest leaf."""
+  if not isinstance(leaf, dict):
+    raise _FormatError(f"a manifest leaf is not an object: {leaf!r}")
+  key_path, shape = leaf.get("path"), leaf.get("shape")
+  if (not isinstance(key_path, list) or not key_path
+      or not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in key_path)):
+    raise _FormatError(f"bad leaf path {key_path!r}")
+  name = _member_base(key_path)
+  if (not isinstance(shape, list)
+      or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
+    raise _FormatError(f"{name}: bad shape {shape!r}")
+  if leaf.get("dtype") not in _DTYPES:
+    raise _FormatError(f"{name}: unsupported dtype {leaf.get('dtype')!r}")
+  encoding = leaf.get("encoding")
+  allowed = ("dense",) if len(shape) < 2 else ("bitmask", "bitmask_int8")
+  if encoding not in allowed:
+    raise _FormatError(f"{name}: bad encoding {encoding!r} for shape {shape}")
+  return tuple(key_path), tuple(shape), _DTYPES[leaf["dtype"]], encoding
+
+
+def _read_member(archive, member: str) -> np.ndarray:
+  if member not in archive.files:
+    raise _FormatError(f"missing entry {member!r}")
+  return archive[member]
+
+
+def _check_member(name: str, role: str, array: np.ndarray, dtype: np.dtype,
+                  shape: tuple[int, ...]) -> None:
+  if array.dtype != dtype or array.shape != shape:
+    raise _FormatError(f"{name}: {role} is {array.dtype}{list(array.shape)}, "
+                       f"expected {dtype}{list(shape)}")
+
+
+def _insert(params: dict, key_path: tuple, array: np.ndarray) -> None:
+  node = params
+  for key in key_path[:-1]:
+    node = node.setdefault(key, {})
+    if not isinstance(node, dict):
+      raise _FormatError(f"{_member_base(key_path)}: a leaf and a subtree share a path")
+  if key_path[-1] in node:
+    raise _FormatError(f"{_member_base(key_path)}: stored twice")
+  node[key_path[-1]] = array
