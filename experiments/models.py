@@ -43,13 +43,22 @@ MODEL_NAMES: tuple[str, ...] = (
 # Marks a 2x2 stride-2 max-pool in a convolution configuration.
 _POOL = "M"
 
-# He-normal with fan_out, as torchvision and kuangliu initialise convolutions: it keeps the
-# variance of the backward signal constant through ReLU layers.
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+# He-normal with fan_out (untruncated, like torch.nn.init.kaiming_normal_), as torchvision
+# initialises ResNet convolutions: it keeps the variance of the backward signal constant
+# through ReLU layers.
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class _PlainSpec(NamedTuple):
-    """Layer table of a conv-stack + MLP network (see :class:`PlainConvNet`)."""
+class PlainConvNetSpec(NamedTuple):
+    """Layer table of a :class:`PlainConvNet`.
+
+    Attributes:
+      conv_config: output channels of each convolution, with ``"M"`` for a 2x2 max-pool.
+      kernel_size: side of every (square, stride-1) convolution kernel.
+      padding: zero padding on each side of every convolution.
+      batch_norm: whether BatchNorm follows each convolution.
+      hidden_widths: widths of the hidden Linear layers before the classifier.
+    """
 
     conv_config: tuple[int | str, ...]
     kernel_size: int
@@ -59,24 +68,25 @@ class _PlainSpec(NamedTuple):
 
 
 _VGG_HEAD: tuple[int, ...] = ()  # kuangliu VGG: a single Linear 512 -> classes
-_PLAIN_SPECS: dict[str, _PlainSpec] = {
-    "vgg11": _PlainSpec(
+_PLAIN_SPECS: dict[str, PlainConvNetSpec] = {
+    "vgg11": PlainConvNetSpec(
         (64, _POOL, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
         3, 1, True, _VGG_HEAD),
-    "vgg13": _PlainSpec(
+    "vgg13": PlainConvNetSpec(
         (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
         3, 1, True, _VGG_HEAD),
-    "vgg16": _PlainSpec(
+    "vgg16": PlainConvNetSpec(
         (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, _POOL,
          512, 512, 512, _POOL, 512, 512, 512, _POOL),
         3, 1, True, _VGG_HEAD),
-    "vgg19": _PlainSpec(
+    "vgg19": PlainConvNetSpec(
         (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, 256, _POOL,
          512, 512, 512, 512, _POOL, 512, 512, 512, 512, _POOL),
         3, 1, True, _VGG_HEAD),
-    "lenet300": _PlainSpec((), 1, 0, False, (300, 100)),
-    "lenet5": _PlainSpec((20, _POOL, 50, _POOL), 5, 0, False, (500,)),
-    "conv6": _PlainSpec((64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL), 3, 1, False, (256, 256)),
+    "lenet300": PlainConvNetSpec((), 1, 0, False, (300, 100)),
+    "lenet5": PlainConvNetSpec((20, _POOL, 50, _POOL), 5, 0, False, (500,)),
+    "conv6": PlainConvNetSpec(
+        (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL), 3, 1, False, (256, 256)),
 }
 
 
@@ -87,7 +97,7 @@ def _batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs,
           stride: int = 1, padding: int | None = None, use_bias: bool = False) -> nnx.Conv:
-    """A square convolution padded symmetrically (``kernel_size // 2`` unless given), He-fan-out init."""
+    """Square convolution, symmetric padding (``kernel_size // 2`` unless given), He fan-out."""
     return nnx.Conv(
         in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
         padding=kernel_size // 2 if padding is None else padding,
@@ -145,9 +155,9 @@ class _DenseStack(nnx.Module):
         return self.layers[-1](x)
 
 
-def _conv_stack_output_shape(spec: _PlainSpec, input_shape: tuple[int, int, int]
+def _conv_stack_output_shape(spec: PlainConvNetSpec, input_shape: tuple[int, int, int]
                              ) -> tuple[int, int, int]:
-    """Output (H, W, C) of the conv stack: conv ``(n + 2p - k) + 1`` (stride 1), pool ``n // 2``."""
+    """Output (H, W, C) of the conv stack: conv ``n + 2p - k + 1`` (stride 1), pool ``n // 2``."""
     height, width, channels = input_shape
     for entry in spec.conv_config:
         if entry == _POOL:
@@ -166,8 +176,8 @@ class PlainConvNet(nnx.Module):
     four references (kuangliu's VGG keeps the conv bias although BatchNorm follows it).
     """
 
-    def __init__(self, spec: _PlainSpec, *, input_shape: tuple[int, int, int], num_classes: int,
-                 rngs: nnx.Rngs):
+    def __init__(self, spec: PlainConvNetSpec, *, input_shape: tuple[int, int, int],
+                 num_classes: int, rngs: nnx.Rngs):
         height, width, channels = _conv_stack_output_shape(spec, input_shape)
         if height < 1 or width < 1:
             raise ValueError(
@@ -299,13 +309,17 @@ class DenseNet(nnx.Module):
         return self.head(_global_average_pool(nnx.relu(self.final_norm(x))))
 
 
-def _validate_shape_arguments(input_shape: tuple[int, int, int], num_classes: int | None) -> None:
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _checked_input_shape(input_shape) -> tuple[int, int, int]:
+    """``input_shape`` as a tuple of three Python ints, or ValueError naming the argument."""
     if (not isinstance(input_shape, Sequence) or len(input_shape) != 3
-            or not all(isinstance(size, int) and size > 0 for size in input_shape)):
+            or not all(_is_positive_int(size) for size in input_shape)):
         raise ValueError(
             f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}")
-    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return tuple(int(size) for size in input_shape)
 
 
 def create_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int,
@@ -328,8 +342,10 @@ def create_model(name: str, *, input_shape: tuple[int, int, int], num_classes: i
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
-    _validate_shape_arguments(input_shape, num_classes)
-    input_shape = tuple(input_shape)
+    input_shape = _checked_input_shape(input_shape)
+    if not _is_positive_int(num_classes):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
     if name == "resnet18":
         return ResNet18(input_shape=input_shape, num_classes=num_classes, rngs=rngs)
     if name == "densenet121":
@@ -339,7 +355,7 @@ def create_model(name: str, *, input_shape: tuple[int, int, int], num_classes: i
 
 
 def _recording(operation: Callable, path: tuple, positions: dict) -> Callable:
-    """Wraps a conv/dot primitive so each call adds its number of output positions to ``positions``."""
+    """Wraps a conv/dot primitive so each call adds its output positions to ``positions[path]``."""
 
     def recorded(*args, **kwargs):
         output = operation(*args, **kwargs)
@@ -359,12 +375,16 @@ def _output_positions(model: nnx.Module, input_shape: tuple[int, int, int]) -> d
     ``nnx.Linear`` gets its ``conv_general_dilated`` / ``dot_general`` attribute (the hook Flax
     provides for swapping the primitive) wrapped in a recorder. Working on a copy leaves the
     caller's model, its mode and its BatchNorm statistics untouched, and no class is patched.
+    The copy runs in eval mode (same shapes, cheaper to trace).
     """
     graphdef, state = nnx.split(model)
     positions: dict[tuple, int] = collections.defaultdict(int)
 
     def forward(state, images):
         replica = nnx.merge(graphdef, state)
+        # Shapes are the same in both modes; eval mode skips tracing the running-statistic
+        # updates, which Flax makes costly under tracing (seconds for DenseNet-121).
+        replica.eval()
         for path, module in nnx.iter_modules(replica):
             if isinstance(module, nnx.Conv):
                 module.conv_general_dilated = _recording(module.conv_general_dilated, path,
@@ -398,8 +418,7 @@ def inference_flops(model: nnx.Module, input_shape: tuple[int, int, int]) -> tup
     Returns:
       ``(dense_flops, live_flops)`` as Python ints.
     """
-    _validate_shape_arguments(input_shape, None)
-    positions = _output_positions(model, tuple(input_shape))
+    positions = _output_positions(model, _checked_input_shape(input_shape))
     dense_flops = live_flops = 0
     for path, module in nnx.iter_modules(model):
         if isinstance(module, (nnx.Conv, nnx.Linear)) and path in positions:

@@ -144,8 +144,9 @@ def test_custom_criterion_prunes_lowest_scores():
   largest_first = lambda params, flips: jax.tree.map(lambda w: -jnp.abs(w), params)
   tx = flipout.prune(0.3, total_steps=4, criterion=largest_first)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for _ in range(4):
-    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
     params = optax.apply_updates(params, updates)
   live = np.asarray(flipout.masks(state)["w"]).ravel()
   np.testing.assert_array_equal(live, np.arange(100) < 70)
@@ -159,8 +160,9 @@ def test_random_criterion_prunes_exact_count_of_live_weights():
     state = tx.init(params)
     p = params
     history = []
+    update = jax.jit(tx.update)
     for _ in range(4):
-      updates, state = tx.update(jax.tree.map(jnp.zeros_like, p), state, p)
+      updates, state = update(jax.tree.map(jnp.zeros_like, p), state, p)
       p = optax.apply_updates(p, updates)
       history.append(np.asarray(flipout.masks(state)["w"]))
     assert history[1].sum() == 1000 and history[3].sum() == 500
@@ -219,3 +221,22 @@ def test_state_is_five_bytes_per_prunable_weight():
                     for x in jax.tree.leaves((state.masks, state.flips)))
   assert state_bytes == 5 * 3 * 3 * 16 * 32
   assert state.masks["conv"]["bias"] is None and state.flips["bn"]["scale"] is None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1e-6, 0.3, 0.5, 0.999, 1.0])
+def test_lowest_k_on_large_arrays_uses_exact_counts(fraction):
+  # Above 1M keys a random sample narrows the search first; k = 0 and k = N
+  # make the sampled bracket fail its check and exercise the full search.
+  rng = np.random.default_rng(7)
+  first = np.round(rng.normal(size=(700, 1000)), 2).astype(np.float32)  # many ties
+  second = rng.standard_exponential(size=1_300_000).astype(np.float32)
+  live = [rng.random(first.shape) < 0.9, np.ones(second.shape, bool)]
+  k = int(round(fraction * (live[0].sum() + live[1].sum())))
+  chosen = jax.jit(lambda a, b, la, lb, k: select.lowest_k(
+      [select.sortable_keys(a, la), select.sortable_keys(b, lb)], k))(
+          first, second, live[0], live[1], k)
+  want = np.zeros(first.size + second.size, bool)
+  want[reference._select_lowest(np.concatenate([first.ravel(), second]),
+                                np.concatenate([live[0].ravel(), live[1]]), k)] = True
+  np.testing.assert_array_equal(np.concatenate([np.asarray(chosen[0]).ravel(),
+                                                np.asarray(chosen[1])]), want)

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Larger than the key of any live score (the key of +inf is 0xFF800000), so
 # weights that are already pruned are chosen last and never counted twice.
 _PRUNED_KEY = 0xFFFFFFFF
 _SIGN_BIT = 0x80000000
+_SAMPLE_SIZE = 1 << 16
 
 
 def sortable_keys(scores: jax.Array, live: jax.Array) -> jax.Array:
@@ -45,6 +47,43 @@ def _count_at_most(keys: Sequence[jax.Array], threshold: jax.Array) -> jax.Array
   return sum(jnp.sum(k <= threshold, dtype=jnp.int32) for k in keys)
 
 
+def _sample(keys: Sequence[jax.Array], size: int) -> jax.Array:
+  """``size`` keys at fixed pseudo-random positions of the concatenation."""
+  sizes = [key.size for key in keys]
+  positions = np.sort(np.random.default_rng(0).choice(sum(sizes), size, replace=False))
+  starts = np.cumsum([0] + sizes)
+  parts = []
+  for key, start, stop in zip(keys, starts[:-1], starts[1:]):
+    inside = positions[(positions >= start) & (positions < stop)] - start
+    if inside.size:
+      parts.append(key.ravel()[inside])
+  return jnp.concatenate(parts)
+
+
+def _search_bounds(keys: Sequence[jax.Array], k: jax.Array):
+  """A narrow key range that surely holds the threshold, or the full range.
+
+  The k-th smallest of a random sample brackets the k-th smallest key; one
+  counting pass checks the bracket, so a bad sample only costs speed.
+  """
+  total = sum(key.size for key in keys)
+  if total <= 16 * _SAMPLE_SIZE:
+    return jnp.uint32(0), jnp.uint32(_PRUNED_KEY)
+  sample = jnp.sort(_sample(keys, _SAMPLE_SIZE))
+  rank = k.astype(jnp.float32) * (_SAMPLE_SIZE / total)
+  margin = 3 * np.sqrt(_SAMPLE_SIZE) + 16  # 6 sigma: a binomial std is <= sqrt(n)/2
+  low_index = jnp.floor(rank - margin).astype(jnp.int32)
+  high_index = jnp.ceil(rank + margin).astype(jnp.int32)
+  low = jnp.where(low_index < 0, jnp.uint32(0),
+                  sample[jnp.clip(low_index, 0, _SAMPLE_SIZE - 1)])
+  high = jnp.where(high_index >= _SAMPLE_SIZE, jnp.uint32(_PRUNED_KEY),
+                   sample[jnp.clip(high_index, 0, _SAMPLE_SIZE - 1)])
+  holds = ((sum(jnp.sum(key < low, dtype=jnp.int32) for key in keys) < k)
+           & (_count_at_most(keys, high) >= k))
+  return (jnp.where(holds, low, jnp.uint32(0)),
+          jnp.where(holds, high, jnp.uint32(_PRUNED_KEY)))
+
+
 def lowest_k(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
   """Boolean masks marking exactly the ``k`` smallest keys across all arrays.
 
@@ -57,22 +96,32 @@ def lowest_k(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
   """
   k = jnp.asarray(k, jnp.int32)
 
-  def halve(_, bounds):
+  def halve(bounds):
     low, high = bounds
     middle = low + (high - low) // 2
     enough = _count_at_most(keys, middle) >= k
     return (jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high))
 
   # Invariant: the smallest t with count(keys <= t) >= k lies in [low, high].
-  threshold, _ = jax.lax.fori_loop(
-      0, 32, halve, (jnp.uint32(0), jnp.uint32(_PRUNED_KEY)))
+  threshold, _ = jax.lax.while_loop(lambda bounds: bounds[0] < bounds[1], halve,
+                                    _search_bounds(keys, k))
   below = [key < threshold for key in keys]
+  ties = [key == threshold for key in keys]
   ties_wanted = k - sum(jnp.sum(b, dtype=jnp.int32) for b in below)
-  selected = []
-  ties_before = jnp.int32(0)
-  for key, key_below in zip(keys, below):
-    tie = key == threshold
-    tie_rank = ties_before + jnp.cumsum(tie.ravel(), dtype=jnp.int32).reshape(tie.shape)
-    selected.append(key_below | (tie & (tie_rank <= ties_wanted)))
-    ties_before = ties_before + jnp.sum(tie, dtype=jnp.int32)
-  return selected
+  ties_found = sum(jnp.sum(t, dtype=jnp.int32) for t in ties)
+  # Usually every key equal to the threshold is wanted; only otherwise rank the
+  # ties by position, since a cumulative sum costs several counting passes.
+  chosen_ties = jax.lax.cond(ties_found == ties_wanted, lambda: ties,
+                             lambda: _first_ties(ties, ties_wanted))
+  return [b | t for b, t in zip(below, chosen_ties)]
+
+
+def _first_ties(ties: Sequence[jax.Array], wanted: jax.Array) -> list[jax.Array]:
+  """The first ``wanted`` True entries of ``ties`` in leaf, then index, order."""
+  chosen = []
+  before = jnp.int32(0)
+  for tie in ties:
+    rank = before + jnp.cumsum(tie.ravel(), dtype=jnp.int32).reshape(tie.shape)
+    chosen.append(tie & (rank <= wanted))
+    before = before + jnp.sum(tie, dtype=jnp.int32)
+  return chosen
