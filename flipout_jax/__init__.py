@@ -17,6 +17,8 @@ from flipout_jax._src.baselines import snip
 from flipout_jax._src.criteria import flipout_scores
 from flipout_jax._src.criteria import magnitude_scores
 from flipout_jax._src.criteria import random_scores
+from flipout_jax._src.export import export
+from flipout_jax._src.export import load
 from flipout_jax._src.noise import GradientNoiseState
 from flipout_jax._src.noise import gradient_noise
 from flipout_jax._src.prune import PruneState
@@ -37,8 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "GradientNoiseState", "LayerReport", "PruneState", "Summary", "apply_masks",
-    "event_steps", "fixed_masks", "flip_counts", "flipout_scores",
-    "gradient_noise", "hoyer_square", "magnitude_scores", "masks",
+    "event_steps", "export", "fixed_masks", "flip_counts", "flipout_scores",
+    "gradient_noise", "hoyer_square", "load", "magnitude_scores", "masks",
     "num_events_for", "prune", "prune_below", "random_scores", "snip",
     "sparsity", "summary",
 )

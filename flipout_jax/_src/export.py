@@ -62,9 +62,9 @@ def export(params, path, *, int8: bool = False, compress: bool = True) -> int:
     scale_c = max_i |w[i, c]| / 127,   q[i, c] = round(w[i, c] / scale_c)
 
   so ``|w - q * scale| <= scale / 2``. Zero maps to zero, so every pruned
-  weight stays exactly zero; a live weight smaller than half a step
-  (``|w| < scale_c / 2``) rounds to zero too and is stored as pruned. The
-  bitmask of an int8 export holds the positions of the nonzero int8 values.
+  weight stays exactly zero; a live weight smaller than half a step, which
+  would round to zero, is stored as ``q = +-1`` instead (error below one
+  step), so the sparsity of an int8 export is exactly that of the params.
 
   Without ``int8`` the round trip is exact for float16/bfloat16/float32
   leaves (values are stored as float32, float64 leaves as float64); ``-0.0``
@@ -217,6 +217,8 @@ def _quantize_int8(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   # An all-zero channel keeps scale 0; dividing by 1 there keeps its q at 0.
   safe_scales = np.where(scales > 0, scales, np.float32(1.0))
   quantized = np.clip(np.rint(weights / safe_scales), -_INT8_MAX, _INT8_MAX)
+  # A live weight must not become a pruned one: keep it at the smallest step.
+  quantized = np.where((weights != 0) & (quantized == 0), np.sign(weights), quantized)
   return quantized.astype(np.int8), scales
 
 

@@ -243,22 +243,30 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
     step = state.count + 1
     _check_pruned_still_zero(step, state.masks, params)
 
-    # Pruned weights land on exactly 0; flips count only where still live.
-    new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
-                  for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)]
-    flips = [jnp.where(m, f + (jnp.sign(new) != jnp.sign(p)).astype(jnp.int32), 0)
-             for m, f, new, p in zip(mask_leaves, jax.tree.leaves(state.flips),
-                                     new_params, params_at_masks)]
-    masks = mask_leaves
-    if make_event is not None:
+    def counted_flips():
+      # Pruned weights stay at 0 -> 0, which never flips, so no mask is needed.
+      new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
+                    for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)]
+      flips = [f + (jnp.sign(new) != jnp.sign(p)).astype(jnp.int32)
+               for f, new, p in zip(jax.tree.leaves(state.flips), new_params, params_at_masks)]
+      return new_params, flips
+
+    def without_event():
+      return mask_leaves, counted_flips()[1]
+
+    def with_event():
+      new_params, flips = counted_flips()
+      masks = jax.tree.leaves(event(step, mask_structure.unflatten(new_params),
+                                    state.masks, mask_structure.unflatten(flips)))
+      return masks, [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
+
+    # Both branches recompute w + u from the operands, so outside an event
+    # nothing but the flip counts is written: the cheap branch fuses.
+    if make_event is None:
+      masks, flips = without_event()
+    else:
       is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
-      masks = jax.lax.cond(
-          is_event(step),
-          lambda: jax.tree.leaves(event(
-              step, mask_structure.unflatten(new_params),
-              state.masks, mask_structure.unflatten(flips))),
-          lambda: mask_leaves)
-      flips = [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
+      masks, flips = jax.lax.cond(is_event(step), with_event, without_event)
 
     masked_updates = [jnp.where(m, u, -p.astype(u.dtype))
                       for m, p, u in zip(masks, params_at_masks, updates_at_masks)]
