@@ -1,0 +1,390 @@
+"""Pieces shared by the benchmarks: models as pure functions, the optimizer chains compared,
+interleaved timing, tables and the command line.
+
+Nothing here imports ``tensorflow_datasets`` (directly or through
+``experiments.input_pipeline``/``experiments.train``): the GPU image has no tfds, and the cost
+benchmarks run there on synthetic arrays.
+
+Timing method (every cost figure is a ratio measured side by side in one process):
+
+* every variant is compiled and warmed up first (compilation and the first calls are never
+  timed);
+* each variant gets a number of calls per timed window so that a window lasts about
+  ``window_s`` seconds (one call at least), fixed before timing starts;
+* repetitions interleave the variants (ABC, BCA, CAB, ...: the order rotates so no variant is
+  always first after a pause), each window ends with ``jax.block_until_ready``;
+* a ratio is the median over repetitions of the per-repetition ratio of seconds per call, so a
+  slow spell of the shared machine hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import flipout_jax as flipout
+from experiments import models
+
+MNIST_SHAPE = (28, 28, 1)
+CIFAR_SHAPE = (32, 32, 3)
+
+# The optimizer chains compared. Coupled weight decay (added to the gradient before momentum),
+# as PyTorch's SGD, the paper and experiments.train do.
+DENSE = "dense"            # add_decayed_weights -> sgd(momentum)
+PRUNE = "prune"            # ... -> flipout.prune
+FLIPOUT = "flipout"        # gradient_noise -> ... -> flipout.prune (the paper's full chain)
+VARIANTS = (DENSE, PRUNE, FLIPOUT)
+
+LEARNING_RATE = 0.01  # small: synthetic labels, many steps; keeps the weights finite
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+TARGET_SPARSITY = 0.999
+# Target mode puts the first event at round(T / 11) for 99.9%: far beyond any timed window.
+STEADY_TOTAL_STEPS = 10**8
+
+
+class Case(NamedTuple):
+  """One model at one batch size."""
+  model: str
+  batch_size: int
+  input_shape: tuple[int, int, int]
+  num_classes: int = 10
+
+  @property
+  def label(self) -> str:
+    return f"{self.model} b{self.batch_size}"
+
+
+CPU_CASES = (Case("lenet300", 128, MNIST_SHAPE), Case("resnet18", 32, CIFAR_SHAPE),
+             Case("vgg19", 32, CIFAR_SHAPE))
+GPU_CASES = (Case("vgg19", 128, CIFAR_SHAPE), Case("resnet18", 128, CIFAR_SHAPE))
+TINY_CASES = (Case("lenet300", 16, MNIST_SHAPE),)
+
+
+def cases_for(device: str, tiny: bool) -> tuple[Case, ...]:
+  """The cases of the issue for ``device`` (``"cpu"``/``"gpu"``), or the tiny smoke cases."""
+  if tiny:
+    return TINY_CASES
+  return GPU_CASES if device == "gpu" else CPU_CASES
+
+
+def resolve_device(requested: str) -> str:
+  """``"auto"`` -> ``"gpu"`` when JAX's default backend is a GPU, else ``"cpu"``."""
+  if requested != "auto":
+    return requested
+  return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models as pure functions.
+# ---------------------------------------------------------------------------------------------
+
+
+class PureModel(NamedTuple):
+  """A Flax NNX model split into its graph definition and pure-dict params / batch stats."""
+  graphdef: Any
+  params: Any
+  batch_stats: Any
+
+
+def _create(case: Case, seed: int) -> nnx.Module:
+  return models.create_model(case.model, input_shape=case.input_shape,
+                             num_classes=case.num_classes, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(case: Case) -> PureModel:
+  """The model in train mode with ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
+  graphdef, params, batch_stats = nnx.split(
+      nnx.eval_shape(lambda: _create(case, 0)), nnx.Param, nnx.BatchStat)
+  return PureModel(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+
+
+def _initial_value(path, leaf: jax.ShapeDtypeStruct, rng: np.random.Generator) -> np.ndarray:
+  """He-normal kernels (std ``sqrt(2 / fan_in)``), unit BatchNorm scale and variance, else 0."""
+  name = getattr(path[-1], "key", None)
+  if len(leaf.shape) >= 2:
+    fan_in = math.prod(leaf.shape[:-1])
+    return rng.standard_normal(leaf.shape, np.float32) * np.float32(math.sqrt(2.0 / fan_in))
+  return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
+
+
+def init_model(case: Case, seed: int = 0) -> PureModel:
+  """The model in train mode with He-normal weights drawn by NumPy.
+
+  Timing does not depend on the exact initialisation, and NumPy needs no XLA compilation
+  (each JAX initializer compiles separately on CPU, seconds per leaf on a loaded machine).
+  """
+  graphdef, params, batch_stats = abstract_model(case)
+  rng = np.random.default_rng(seed)
+  fill = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(_initial_value(path, leaf, rng)), tree)
+  return PureModel(graphdef, fill(params), fill(batch_stats))
+
+
+def synthetic_batch(case: Case, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Standard-normal float32 images (as if normalised) and uniform int32 labels (NumPy-drawn)."""
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((case.batch_size, *case.input_shape), np.float32)
+  labels = rng.integers(0, case.num_classes, case.batch_size, dtype=np.int32)
+  return jnp.asarray(images), jnp.asarray(labels)
+
+
+def abstract_batch(case: Case) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """Shapes of :func:`synthetic_batch` without computing it."""
+  return (jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32),
+          jax.ShapeDtypeStruct((case.batch_size,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer chains and the train step.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_chain(variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
+               learning_rate: float = LEARNING_RATE, seed: int = 0
+               ) -> optax.GradientTransformation:
+  """The chain of ``variant`` (one of :data:`VARIANTS`); see the constants above.
+
+  Raises:
+    ValueError: unknown ``variant``.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+  links = [optax.add_decayed_weights(WEIGHT_DECAY),
+           optax.sgd(learning_rate, momentum=MOMENTUM)]
+  if variant == FLIPOUT:
+    links.insert(0, flipout.gradient_noise(1.0, seed=seed))
+  if variant in (PRUNE, FLIPOUT):
+    links.append(flipout.prune(TARGET_SPARSITY, total_steps=total_steps, seed=seed))
+  return optax.chain(*links)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool = True
+                    ) -> Callable:
+  """Jitted ``(state, images, labels) -> state``; ``state`` is ``(params, batch_stats, opt_state)``.
+
+  A plain SGD training step on softmax cross-entropy, the model rebuilt from its pure state
+  with ``nnx.merge`` inside the trace (BatchNorm in train mode updates its statistics).
+  The state is donated, as in a real training loop, unless ``donate`` is False.
+  """
+
+  def loss_fn(params, batch_stats, images, labels):
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits = model(images)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state = state
+    grads, new_batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_batch_stats, new_opt_state
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def chain_and_step(graphdef, variant: str, total_steps: int = STEADY_TOTAL_STEPS, seed: int = 0
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  """The chain of ``variant`` and its jitted train step, cached by their arguments.
+
+  One jitted function per (model, chain): its compilation (the slow part on CPU) is shared by
+  every benchmark in a process, ahead-of-time ``lower().compile()`` included.
+  """
+  # Always positional: lru_cache keys f(a) and f(a, default) differently.
+  return _cached_chain_and_step(graphdef, variant, total_steps, seed)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_chain_and_step(graphdef, variant, total_steps, seed):
+  tx = make_chain(variant, total_steps=total_steps, seed=seed)
+  return tx, make_train_step(graphdef, tx)
+
+
+class StepRunner:
+  """Runs ``n`` training steps of one variant on a fixed batch, then blocks.
+
+  Holds the evolving state, so consecutive windows continue the same run.
+  """
+
+  def __init__(self, case: Case, variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
+               seed: int = 0, model: PureModel | None = None):
+    model = init_model(case, seed) if model is None else model
+    self.tx, self.step = chain_and_step(model.graphdef, variant, total_steps, seed)
+    # Own copies (from the host): the state is donated, and runners may share one model.
+    params, batch_stats = (jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
+                           for tree in (model.params, model.batch_stats))
+    self.state = (params, batch_stats, jax.jit(self.tx.init)(params))
+    self.images, self.labels = synthetic_batch(case, seed)
+
+  def __call__(self, calls: int) -> None:
+    for _ in range(calls):
+      self.state = self.step(self.state, self.images, self.labels)
+    jax.block_until_ready(self.state)
+
+  def all_live(self) -> bool:
+    """Whether no weight is pruned yet: no pruning event ran (True for chains without one)."""
+    try:
+      masks = flipout.masks(self.state[2])
+    except ValueError:
+      return True
+    return all(np.asarray(m).all() for m in jax.tree.leaves(masks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved timing.
+# ---------------------------------------------------------------------------------------------
+
+
+class Timings(NamedTuple):
+  """Seconds per call of each variant in each repetition, and the calls per window."""
+  seconds: dict[str, list[float]]
+  calls: dict[str, int]
+
+
+def _time_window(run: Callable[[int], None], calls: int) -> float:
+  started = time.perf_counter()
+  run(calls)
+  return time.perf_counter() - started
+
+
+def interleaved_timings(runners: dict[str, Callable[[int], None]], *, repetitions: int,
+                        window_s: float, warmup_calls: int = 2) -> Timings:
+  """Times the runners side by side (see the module docstring for the method).
+
+  Args:
+    runners: name -> ``run(calls)``, which makes ``calls`` calls and blocks until done.
+    repetitions: timed windows per runner.
+    window_s: target length of one window in seconds.
+    warmup_calls: untimed calls per runner before calibration (the first one compiles).
+
+  Returns:
+    :class:`Timings`: per runner, ``repetitions`` values of seconds per call.
+  """
+  if repetitions < 1:
+    raise ValueError(f"repetitions must be >= 1, got {repetitions}")
+  names = list(runners)
+  calls = {}
+  for name in names:
+    runners[name](warmup_calls)
+    one_call = _time_window(runners[name], 1)
+    calls[name] = max(1, math.ceil(window_s / max(one_call, 1e-9)))
+  seconds: dict[str, list[float]] = {name: [] for name in names}
+  for repetition in range(repetitions):
+    shift = repetition % len(names)
+    for name in names[shift:] + names[:shift]:
+      seconds[name].append(_time_window(runners[name], calls[name]) / calls[name])
+  return Timings(seconds, calls)
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+  """Median over repetitions of ``numerator[i] / denominator[i]``."""
+  return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, float]:
+  """The 25th and 75th percentiles of the per-repetition ratios (the median's spread)."""
+  ratios = np.asarray(numerator) / np.asarray(denominator)
+  low, high = np.percentile(ratios, [25, 75])
+  return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A Markdown table (pipes), columns padded to their widest cell."""
+  cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+  line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+  rule = "| " + " | ".join("-" * w for w in widths) + " |"
+  return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def machine_info() -> dict[str, Any]:
+  """Where and when a benchmark ran: backend, device, CPU count, versions, UTC date."""
+  device = jax.devices()[0]
+  return {
+      "backend": jax.default_backend(),
+      "device": getattr(device, "device_kind", str(device)),
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  }
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+  """One line for the header of a printed table."""
+  return (f"{info['device']} ({info['backend']}, {info['device_count']} device(s)), "
+          f"{info['cpu_count']} CPU cores, jax {info['jax']}, {info['date']}")
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+  """Writes ``payload`` as indented JSON, atomically (a temporary file renamed into place)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(json.dumps(payload, indent=2) + "\n")
+  temporary.replace(path)
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one stderr line (no usage block) and exit status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(prog: str, message: str) -> int:
+  """Prints ``prog: error: message`` as one stderr line; returns exit status 2."""
+  print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+  return 2
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an int >= 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a float > 0."""
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+  return value
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, *, repetitions: int,
+                         window_s: float) -> None:
+  """``--repetitions``, ``--window_s``, ``--tiny`` and ``--json``, shared by the timed benchmarks."""
+  parser.add_argument("--repetitions", type=positive_int, default=repetitions,
+                      help="interleaved timed windows per variant")
+  parser.add_argument("--window_s", type=positive_float, default=window_s,
+                      help="target seconds of one timed window")
+  parser.add_argument("--tiny", action="store_true",
+                      help="tiny sizes and few repetitions: a smoke test, never a result")
+  parser.add_argument("--json", default=None, help="also write the results to this JSON file")

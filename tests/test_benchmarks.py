@@ -1,0 +1,244 @@
+"""Every benchmark runs on a tiny size and prints its table; no timing is asserted.
+
+What is asserted are facts with an independent reason: LeNet-300-100 has 784*300 + 300*100 +
+100*10 = 266,200 kernel weights; FlipOut's state is a bool mask and an int32 counter per
+prunable weight (5 bytes, FLIPOUT.md); a pruning event at target 0.5 prunes round(0.5 N)
+weights; a study grid's size follows from its definition; a mean and a sample standard
+deviation of known numbers.
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import _common, gpu_throughput, memory, mnist_real, prune_event, step_overhead
+from experiments import input_pipeline
+
+LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+
+
+def _read_json(path):
+  return json.loads(path.read_text())
+
+
+def _assert_one_line_error(capsys):
+  error = capsys.readouterr().err
+  assert error.count("\n") == 1 and "error:" in error, error
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_interleaved_timings_rotates_the_order_and_times_every_repetition():
+  order = []
+
+  def runner(name):
+    return lambda calls: order.extend([name] * calls)
+
+  timings = _common.interleaved_timings({"a": runner("a"), "b": runner("b"), "c": runner("c")},
+                                        repetitions=3, window_s=0.0, warmup_calls=1)
+  assert timings.calls == {"a": 1, "b": 1, "c": 1}
+  # Warm-up (1 call) and calibration (1 call) per runner, then three rotated repetitions.
+  assert order == ["a", "a", "b", "b", "c", "c"] + list("abc") + list("bca") + list("cab")
+  assert all(len(seconds) == 3 and min(seconds) >= 0 for seconds in timings.seconds.values())
+
+
+def test_median_ratio_and_spread():
+  numerator, denominator = [2.0, 3.0, 12.0], [1.0, 1.0, 2.0]  # ratios 2, 3, 6
+  assert _common.median_ratio(numerator, denominator) == 3.0
+  assert _common.ratio_spread(numerator, denominator) == (2.5, 4.5)
+
+
+def test_format_table_pads_columns():
+  table = _common.format_table(["a", "long header"], [[1, 2], ["wide cell", 3]])
+  lines = table.splitlines()
+  assert len({len(line) for line in lines}) == 1
+  assert lines[2].startswith("| 1         | 2 ")
+
+
+def test_make_chain_rejects_unknown_variant():
+  with pytest.raises(ValueError, match="variant"):
+    _common.make_chain("sparse")
+
+
+def test_init_model_matches_the_abstract_shapes():
+  case = _common.TINY_CASES[0]
+  model, abstract = _common.init_model(case), _common.abstract_model(case)
+  shapes = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
+  assert shapes(model.params) == shapes(abstract.params)
+  kernels = [leaf for leaf in jax.tree.leaves(model.params) if leaf.ndim >= 2]
+  assert sum(k.size for k in kernels) == LENET300_KERNEL_WEIGHTS
+  assert all(np.all(np.isfinite(k)) and np.std(k) > 0 for k in kernels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks, tiny.
+# ---------------------------------------------------------------------------------------------
+
+
+# The tiny benchmarks share their compiled steps (benchmarks._common.chain_and_step): the first
+# one pays for compiling the three chains, the others reuse them.
+
+
+def test_step_overhead_tiny(tmp_path, capsys):
+  output = tmp_path / "overhead.json"
+  assert step_overhead.main(["--tiny", "--json", str(output)]) == 0
+  printed = capsys.readouterr().out
+  assert "prune / dense" in printed and "flipout / dense" in printed
+  assert "| lenet300 | 16 " in printed
+  result, = _read_json(output)["results"]
+  for variant in ("prune", "flipout"):
+    ratio = result["ratios"][variant]
+    assert math.isfinite(ratio["median"]) and ratio["p25"] <= ratio["median"] <= ratio["p75"]
+  assert all(len(samples) == 3 for samples in result["samples"].values())
+
+
+@pytest.mark.parametrize("argv", [["--tiny", "--models", "vgg99"],
+                                  ["--tiny", "--variants", "dense"],
+                                  ["--tiny", "--variants", "dense,sparse"]])
+def test_step_overhead_bad_input_is_one_line(argv, capsys):
+  assert step_overhead.main(argv) == 2
+  _assert_one_line_error(capsys)
+
+
+def test_step_overhead_bad_flag_value_is_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    step_overhead.main(["--repetitions", "0"])
+  assert exit_info.value.code == 2
+  _assert_one_line_error(capsys)
+
+
+def test_gpu_throughput_tiny_with_the_full_chain(tmp_path, capsys):
+  output = tmp_path / "throughput.json"
+  assert gpu_throughput.main(["--tiny", "--variants", "dense,flipout", "--json", str(output)]) == 0
+  printed = capsys.readouterr().out
+  assert "images/s" in printed and "350-epoch run, hours" in printed
+  result, = _read_json(output)["results"]
+  rows = gpu_throughput.throughput_rows(result, ["dense", "flipout"])
+  seconds = result["seconds_per_step"]["flipout"]
+  # 50,000 // 16 = 3,125 steps per epoch, 350 epochs.
+  assert rows[1][4] == f"{16 / seconds:,.0f}"
+  assert rows[1][6] == f"{350 * 3125 * seconds / 3600:.2f}"
+
+
+def test_prune_event_tiny(tmp_path, capsys):
+  output = tmp_path / "event.json"
+  assert prune_event.main(["--tiny", "--json", str(output)]) == 0
+  printed = capsys.readouterr().out
+  assert "| 4,096 " in printed and "| 16,384 " in printed and "linearity" in printed
+  payload = _read_json(output)
+  assert [r["size"] for r in payload["results"]] == [4096, 16384]
+  assert [a["size"] for a in payload["argsort"]] == [4096, 16384]
+  assert all(r["event_update_seconds"] > 0 for r in payload["results"])
+
+
+def test_prune_event_problem_prunes_half_at_the_event():
+  problem = prune_event.make_problem(4096, leaves=4)  # 4 leaves of (4, 256), as in --tiny
+  assert problem.size == 4096
+  prune_event.check_branches(prune_event.event_update(), problem)
+
+
+def test_prune_event_check_fails_when_no_event_happens():
+  problem = prune_event.make_problem(4096, leaves=4)
+  no_event = problem._replace(event_state=problem.steady_state)
+  with pytest.raises(RuntimeError, match="expected the event to prune 2048"):
+    prune_event.check_branches(prune_event.event_update(), no_event)
+
+
+@pytest.mark.parametrize("text, expected", [("20M", 20_000_000), ("500k", 500_000),
+                                            ("1.5M", 1_500_000), ("1000", 1000)])
+def test_parse_size(text, expected):
+  assert prune_event.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("sizes", ["0", "2X", "1M,-5K"])
+def test_prune_event_bad_size_is_one_line(sizes, capsys):
+  assert prune_event.main(["--sizes", sizes]) == 2
+  _assert_one_line_error(capsys)
+
+
+def test_memory_tiny_counts_five_bytes_per_prunable_weight(tmp_path, capsys):
+  output = tmp_path / "memory.json"
+  assert memory.main(["--tiny", "--json", str(output)]) == 0
+  assert "prune state B/weight" in capsys.readouterr().out
+  result, = _read_json(output)["results"]
+  assert result["prunable_weights"] == LENET300_KERNEL_WEIGHTS
+  # bool mask + int32 flip counter per weight, plus one int32 step counter for the whole state.
+  assert result["state_bytes_per_prunable_weight"]["prune"] == pytest.approx(
+      5 + 4 / LENET300_KERNEL_WEIGHTS)
+  # gradient_noise adds one more int32 step counter.
+  assert result["state_bytes_per_prunable_weight"]["flipout"] == pytest.approx(
+      5 + 8 / LENET300_KERNEL_WEIGHTS)
+  # The pruning state is an input and an output of the step: strictly more memory than dense.
+  assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0
+
+
+def test_memory_rejects_a_baseline_other_than_dense(capsys):
+  assert memory.main(["--tiny", "--variants", "prune,dense"]) == 2
+  _assert_one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MNIST study.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_study_grid_size():
+  # 2 models x (4 pruning methods x 4 sparsities + dense once) x 3 seeds.
+  assert len(mnist_real.Study().runs()) == 2 * (4 * 4 + 1) * 3
+
+
+def test_accuracy_stats_mean_and_sample_std():
+  study = mnist_real.Study(models=("lenet5",), methods=("flipout",), sparsities=(0.9,),
+                           seeds=(0, 1, 2), epochs=(("lenet5", 3),))
+  record = lambda accuracy: {"test_accuracy": accuracy, "live_weights": 43_100}
+  runs = {mnist_real.Run("lenet5", "flipout", 0.9, seed, 3).name: record(accuracy)
+          for seed, accuracy in zip((0, 1, 2), (0.90, 0.92, 0.94))}
+  # A run of another length is not part of this study.
+  runs[mnist_real.Run("lenet5", "flipout", 0.9, 0, 5).name] = record(0.5)
+  group, = mnist_real.accuracy_groups({"runs": runs}, study)
+  assert (group.mean, len(group.accuracies)) == (pytest.approx(0.92), 3)
+  assert group.std == pytest.approx(0.02)  # sqrt(((-0.02)^2 + 0 + 0.02^2) / (3 - 1))
+  assert "92.00 ± 2.00" in mnist_real.accuracy_table({"runs": runs}, study)
+
+
+def test_mnist_real_skips_cleanly_without_data(tmp_path, capsys):
+  assert mnist_real.main(["--tiny", "--data_dir", str(tmp_path / "absent"),
+                          "--workdir", str(tmp_path / "work")]) == 0
+  assert "skipped" in capsys.readouterr().out
+  assert not (tmp_path / "work").exists()
+
+
+def test_mnist_real_rejects_unknown_method(capsys):
+  assert mnist_real.main(["--methods", "flipout,lottery"]) == 2
+  _assert_one_line_error(capsys)
+
+
+@pytest.mark.skipif(
+    not (input_pipeline.default_mnist_t10k_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="../shared/data/mnist-t10k is absent")
+def test_mnist_real_tiny_trains_resumes_and_retables(tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "study"
+  assert mnist_real.main(["--tiny", "--workdir", str(workdir)]) == 0
+  first = capsys.readouterr().out
+  assert "| lenet300 | global_magnitude " in first and "| lenet300 | dense (no pruning) " in first
+  runs = _read_json(workdir / "results.json")["runs"]
+  assert set(runs) == {"lenet300-global_magnitude-0.9-e1-seed0", "lenet300-dense-e1-seed0"}
+  pruned = runs["lenet300-global_magnitude-0.9-e1-seed0"]
+  assert pruned["achieved_sparsity"] == pytest.approx(0.9, abs=1e-5)
+  assert pruned["live_weights"] == round(0.1 * LENET300_KERNEL_WEIGHTS)
+  assert (workdir / "mnist_real.png").stat().st_size > 0
+
+  # Everything is done: running again trains nothing and prints the same table.
+  from experiments import train
+  monkeypatch.setattr(train, "train", lambda config: pytest.fail("retrained a finished run"))
+  assert mnist_real.main(["--tiny", "--workdir", str(workdir)]) == 0
+  again = capsys.readouterr().out
+  assert mnist_real.main(["--tiny", "--table_only", "--workdir", str(workdir)]) == 0
+  table = lambda text: [line for line in text.splitlines() if line.startswith("|")]
+  assert table(again) == table(first) == table(capsys.readouterr().out)
