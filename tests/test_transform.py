@@ -162,6 +162,10 @@ def test_fixed_masks_zero_dense_params_then_hold():
   for name in ("hidden", "out"):
     np.testing.assert_array_equal(np.asarray(params[name]["kernel"]) != 0,
                                   np.asarray(masks[name]["kernel"]))
+    # Zeroing the masked weights of the dense params on step 1 is not a flip.
+    flips = np.asarray(flipout.flip_counts(state)[name]["kernel"])
+    assert np.all(flips[~np.asarray(masks[name]["kernel"])] == 0)
+    assert flips.sum() > 0
 
 
 def test_prune_below_once_at_step():

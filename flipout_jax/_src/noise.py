@@ -33,7 +33,8 @@ def gradient_noise(scale: float = 1.0, seed: int = 0, where=None, *,
 
   Args:
     scale: the paper's lambda, ``>= 0``.
-    seed: base seed; the noise of step ``t`` uses ``fold_in(key(seed), t)``.
+    seed: base seed; step ``t`` draws one normal vector for all selected
+      leaves from ``fold_in(key(seed), t)`` and splits it in leaf order.
     where: leaves that get noise: ``None`` (all leaves), a pytree of bools or
       a predicate ``(path, leaf) -> bool``.
     prunable: leaves whose zeros are pruned weights; the same convention as
@@ -62,17 +63,22 @@ def gradient_noise(scale: float = 1.0, seed: int = 0, where=None, *,
                        "know which weights are pruned; call tx.update(g, state, params)")
     noisy = jax.tree.leaves(prunable_lib.prunable_tree(params, noisy_where))
     pruning = jax.tree.leaves(prunable_lib.prunable_tree(params, prunable))
-    step_key = jax.random.fold_in(jax.random.key(seed), state.count)
     grads, treedef = jax.tree.flatten(updates)
+    # One draw for all leaves, split afterwards: a draw per leaf compiles a
+    # separate random-number kernel for each (seconds per leaf on CPU).
+    sizes = [g.size if add_noise else 0 for g, add_noise in zip(grads, noisy)]
+    normals = jax.random.normal(jax.random.fold_in(jax.random.key(seed), state.count),
+                                (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
     new = []
-    for index, (g, w, add_noise, can_be_pruned) in enumerate(
-        zip(grads, treedef.flatten_up_to(params), noisy, pruning)):
+    for g, w, add_noise, can_be_pruned, start in zip(
+        grads, treedef.flatten_up_to(params), noisy, pruning, offsets):
       if not add_noise:
         new.append(g)
         continue
       live_grad = jnp.where(w != 0, g, 0) if can_be_pruned else g
       sigma = scale * jnp.linalg.norm(live_grad.ravel().astype(jnp.float32)) / np.sqrt(g.size)
-      noise = jax.random.normal(jax.random.fold_in(step_key, index), g.shape, jnp.float32)
+      noise = normals[start:start + g.size].reshape(g.shape)
       new.append((g + sigma * noise).astype(g.dtype))
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 

@@ -257,11 +257,13 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
     step = step + _pruned_still_zero(step, state.masks, params)
 
     def counted_flips():
-      # Pruned weights stay at 0 -> 0, which never flips, so no mask is needed.
       new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
                     for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)]
-      flips = [f + (jnp.sign(new) != jnp.sign(p)).astype(jnp.int32)
-               for f, new, p in zip(jax.tree.leaves(state.flips), new_params, params_at_masks)]
+      # `& m`: zeroing a masked weight of dense params (fixed_masks' first
+      # step) is not a flip; pruned weights keep a count of 0.
+      flips = [f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(jnp.int32)
+               for f, m, new, p in zip(jax.tree.leaves(state.flips), mask_leaves,
+                                       new_params, params_at_masks)]
       return new_params, flips
 
     def without_event():
