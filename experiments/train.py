@@ -850,7 +850,8 @@ def _quiet_absl_warnings():
         logger.setLevel(level)
 
 
-def _load_dataset(config: Config) -> input_pipeline.Dataset:
+def load_dataset(config: Config) -> input_pipeline.Dataset:
+    """The data set of ``config`` (split seeded by ``data_seed``, else ``seed``), loaded offline."""
     with _quiet_absl_warnings():
         return input_pipeline.load(
             config.dataset, data_dir=config.data_dir, synthetic=config.synthetic,
@@ -948,7 +949,7 @@ def train(config: Config) -> dict[str, Any]:
     workdir = Path(config.workdir)
     mesh = _make_mesh()
     replicated = NamedSharding(mesh, P())
-    dataset = _load_dataset(config)
+    dataset = load_dataset(config)
     plan = _plan(config, dataset, mesh)
     is_main = jax.process_index() == 0
 
@@ -1053,7 +1054,7 @@ def lower_train_step(config: Config) -> jax.stages.Lowered:
     memory analysis).
     """
     validate_config(config)
-    dataset = _load_dataset(dataclasses.replace(config, synthetic=True))
+    dataset = load_dataset(dataclasses.replace(config, synthetic=True))
     mesh = _make_mesh()
     plan = _plan(config, dataset, mesh)
     setup = _build_setup(config, plan.input_shape, dataset.num_classes, plan.steps_per_epoch,
