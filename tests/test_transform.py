@@ -80,9 +80,22 @@ def test_pruned_weights_stay_exactly_zero(name):
 
 def test_prune_first_in_chain_fails_loudly():
   tx = optax.chain(flipout.prune(0.5, total_steps=10), optax.sgd(0.1, momentum=0.9))
-  with pytest.raises(Exception, match="LAST in optax.chain"):
-    params, _, _ = _train(tx, steps=12)
-    jax.block_until_ready(params)
+  params, state, _ = _train(tx, steps=12)
+  # The first update after the event (step 6) finds pruned weights moved: the
+  # run stops with NaN params instead of going on as a dense model.
+  for name in ("hidden", "out"):
+    assert np.all(np.isnan(np.asarray(params[name]["kernel"])))
+  with pytest.raises(ValueError, match="LAST in optax.chain"):
+    flipout.masks(state)
+  with pytest.raises(ValueError, match="LAST in optax.chain"):
+    flipout.flip_counts(state)
+
+
+def test_prune_last_in_chain_never_trips_the_order_check():
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.5, total_steps=10))
+  params, state, _ = _train(tx, steps=30)
+  assert int(state[-1].count) == 30
+  assert not np.any(np.isnan(np.asarray(params["out"]["kernel"])))
 
 
 def test_inside_multisteps():

@@ -39,7 +39,8 @@ class PruneState(NamedTuple):
   """State of :func:`prune`, :func:`fixed_masks` and :func:`prune_below`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar).
+    count: number of updates applied so far (int32 scalar); -1 once the run
+      was stopped because pruned weights moved (``prune`` not last).
     masks: tree shaped like params, a bool array (True = live) at each prunable
       leaf and ``None`` elsewhere.
     flips: tree shaped like params, int32 sign-flip counts of live weights at
@@ -184,35 +185,30 @@ def _ranked_event(rule: criteria_lib._Rule, table: np.ndarray,
 
 
 _CHECKED_PER_LEAF = 1024
+# `count` of a state whose pruned weights moved between updates (prune was not
+# last in the chain); the run is stopped and reading the state raises.
+_NOT_LAST = -1
+_NOT_LAST_MESSAGE = (
+    "flipout: pruned weights moved between updates, so training was stopped "
+    "(params are NaN). Put flipout.prune (or fixed_masks / prune_below) LAST in "
+    "optax.chain, after the optimizer, so it sees the final update; and do not "
+    "modify params between tx.update calls.")
 
 
-def _raise_not_last():
-  raise ValueError(
-      "flipout: pruned weights are no longer zero at the start of an update. "
-      "Put flipout.prune (or fixed_masks / prune_below) LAST in optax.chain, "
-      "after the optimizer, so it sees the final update; and do not modify "
-      "params between tx.update calls.")
+def _pruned_weights_moved(step, masks, params) -> jax.Array:
+  """Whether a pruned weight is no longer zero: ``prune`` was not last.
 
-
-def _pruned_still_zero(step, masks, params) -> jax.Array:
-  """0, or fails the step when a pruned weight moved: prune was not last.
-
-  Skipped on the first update so ``fixed_masks`` can zero dense params. The
-  error is raised from a ``pure_callback`` that only runs when the check
-  fails; its (zero) result is used, so it is not pruned away, and unlike
-  ``jax.debug.callback`` it does not slow down every step's dispatch.
-  A misplaced ``prune`` moves nearly every pruned weight, so looking at
-  about 1024 evenly spaced weights per leaf finds it without a full pass.
+  Skipped on the first update so ``fixed_masks`` can zero dense params. A
+  misplaced ``prune`` moves nearly every pruned weight, so about 1024 evenly
+  spaced weights per leaf suffice. No host callback: one would slow down
+  every step's dispatch; the state and the params carry the failure instead.
   """
   def spaced(x):
     return x.ravel()[::max(1, x.size // _CHECKED_PER_LEAF)]
 
   moved = [jnp.any(~spaced(m) & (spaced(p) != 0)) for m, p in
            zip(jax.tree.leaves(masks), _leaves_at(masks, params))]
-  return jax.lax.cond(
-      (step > 1) & jnp.any(jnp.stack(moved)),
-      lambda: jax.pure_callback(_raise_not_last, jax.ShapeDtypeStruct((), jnp.int32)),
-      lambda: jnp.int32(0))
+  return ((step > 1) & jnp.any(jnp.stack(moved))) | (step <= _NOT_LAST + 1)
 
 
 def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
@@ -254,7 +250,7 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
             f"params do not match the pruning state: a prunable leaf has shape "
             f"{np.shape(param)} but its mask has shape {mask.shape}")
     step = state.count + 1
-    step = step + _pruned_still_zero(step, state.masks, params)
+    not_last = _pruned_weights_moved(step, state.masks, params)
 
     def counted_flips():
       new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
@@ -283,10 +279,12 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
       is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
       masks, flips = jax.lax.cond(is_event(step), with_event, without_event)
 
-    masked_updates = [jnp.where(m, u, -p.astype(u.dtype))
+    # A misplaced prune must never train a dense model silently: it stops the
+    # run with NaN params, and masks() / flip_counts() then say why.
+    masked_updates = [jnp.where(not_last, jnp.nan, jnp.where(m, u, -p.astype(u.dtype)))
                       for m, p, u in zip(masks, params_at_masks, updates_at_masks)]
     updates = _replace_at(updates, state.masks, masked_updates)
-    return updates, PruneState(count=step,
+    return updates, PruneState(count=jnp.where(not_last, _NOT_LAST, step),
                                masks=mask_structure.unflatten(masks),
                                flips=mask_structure.unflatten(flips))
 
@@ -487,6 +485,9 @@ def _prune_state(opt_state) -> PruneState:
     raise ValueError(
         f"opt_state: expected exactly one flipout pruning state in the optimizer "
         f"state, found {len(found)}")
+  count = jax.tree.leaves(found[0].count)[0]
+  if not isinstance(count, jax.core.Tracer) and int(count) == _NOT_LAST:
+    raise ValueError(_NOT_LAST_MESSAGE)
   return found[0]
 
 
