@@ -221,6 +221,8 @@ def test_state_is_five_bytes_per_prunable_weight():
                     for x in jax.tree.leaves((state.masks, state.flips)))
   assert state_bytes == 5 * 3 * 3 * 16 * 32
   assert state.masks["conv"]["bias"] is None and state.flips["bn"]["scale"] is None
+  # Reading an abstract state (jax.eval_shape) works too.
+  assert flipout.masks(state)["conv"]["kernel"].shape == (3, 3, 16, 32)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1e-6, 0.3, 0.5, 0.999, 1.0])

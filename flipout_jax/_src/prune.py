@@ -486,7 +486,10 @@ def _prune_state(opt_state) -> PruneState:
         f"opt_state: expected exactly one flipout pruning state in the optimizer "
         f"state, found {len(found)}")
   count = jax.tree.leaves(found[0].count)[0]
-  if not isinstance(count, jax.core.Tracer) and int(count) == _NOT_LAST:
+  # Only a concrete count can be read (not a tracer or a ShapeDtypeStruct).
+  concrete = (isinstance(count, (jax.Array, np.ndarray, np.integer, int))
+              and not isinstance(count, jax.core.Tracer))
+  if concrete and int(count) == _NOT_LAST:
     raise ValueError(_NOT_LAST_MESSAGE)
   return found[0]
 
