@@ -12,7 +12,6 @@ sparse float32 and sparse int8 (``flipout.export``). Results also go to
 ``RUN/quantize.json``; the exported files to ``RUN/export/``.
 """
 
-import argparse
 import json
 import sys
 import warnings
