@@ -277,7 +277,8 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
       masks, flips = without_event()
     else:
       is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
-      masks, flips = jax.lax.cond(is_event(step), with_event, without_event)
+      # A stopped run (count -1, so step 0) must not look like an event step.
+      masks, flips = jax.lax.cond(is_event(step) & ~not_last, with_event, without_event)
 
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
