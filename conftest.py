@@ -1,4 +1,5 @@
 """Keeps JAX on the CPU and quiet in tests, whatever accelerators exist."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

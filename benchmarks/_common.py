@@ -47,9 +47,9 @@ CIFAR_SHAPE = (32, 32, 3)
 
 # The optimizer chains compared. Coupled weight decay (added to the gradient before momentum),
 # as PyTorch's SGD, the paper and experiments.train do.
-DENSE = "dense"            # add_decayed_weights -> sgd(momentum)
-PRUNE = "prune"            # ... -> flipout.prune
-FLIPOUT = "flipout"        # gradient_noise -> ... -> flipout.prune (the paper's full chain)
+DENSE = "dense"  # add_decayed_weights -> sgd(momentum)
+PRUNE = "prune"  # ... -> flipout.prune
+FLIPOUT = "flipout"  # gradient_noise -> ... -> flipout.prune (the paper's full chain)
 VARIANTS = (DENSE, PRUNE, FLIPOUT)
 
 LEARNING_RATE = 0.01  # small: synthetic labels, many steps; keeps the weights finite
@@ -62,6 +62,7 @@ STEADY_TOTAL_STEPS = 10**8
 
 class Case(NamedTuple):
   """One model at one batch size."""
+
   model: str
   batch_size: int
   input_shape: tuple[int, int, int]
@@ -72,8 +73,11 @@ class Case(NamedTuple):
     return f"{self.model} b{self.batch_size}"
 
 
-CPU_CASES = (Case("lenet300", 128, MNIST_SHAPE), Case("resnet18", 32, CIFAR_SHAPE),
-             Case("vgg19", 32, CIFAR_SHAPE))
+CPU_CASES = (
+    Case("lenet300", 128, MNIST_SHAPE),
+    Case("resnet18", 32, CIFAR_SHAPE),
+    Case("vgg19", 32, CIFAR_SHAPE),
+)
 GPU_CASES = (Case("vgg19", 128, CIFAR_SHAPE), Case("resnet18", 128, CIFAR_SHAPE))
 TINY_CASES = (Case("lenet300", 16, MNIST_SHAPE),)
 
@@ -99,20 +103,23 @@ def resolve_device(requested: str) -> str:
 
 class PureModel(NamedTuple):
   """A Flax NNX model split into its graph definition and pure-dict params / batch stats."""
+
   graphdef: Any
   params: Any
   batch_stats: Any
 
 
 def _create(case: Case, seed: int) -> nnx.Module:
-  return models.create_model(case.model, input_shape=case.input_shape,
-                             num_classes=case.num_classes, rngs=nnx.Rngs(seed))
+  return models.create_model(
+      case.model, input_shape=case.input_shape, num_classes=case.num_classes, rngs=nnx.Rngs(seed)
+  )
 
 
 def abstract_model(case: Case) -> PureModel:
   """The model in train mode with ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
   graphdef, params, batch_stats = nnx.split(
-      nnx.eval_shape(lambda: _create(case, 0)), nnx.Param, nnx.BatchStat)
+      nnx.eval_shape(lambda: _create(case, 0)), nnx.Param, nnx.BatchStat
+  )
   return PureModel(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
 
 
@@ -134,7 +141,8 @@ def init_model(case: Case, seed: int = 0) -> PureModel:
   graphdef, params, batch_stats = abstract_model(case)
   rng = np.random.default_rng(seed)
   fill = lambda tree: jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.asarray(_initial_value(path, leaf, rng)), tree)
+      lambda path, leaf: jnp.asarray(_initial_value(path, leaf, rng)), tree
+  )
   return PureModel(graphdef, fill(params), fill(batch_stats))
 
 
@@ -148,8 +156,10 @@ def synthetic_batch(case: Case, seed: int = 0) -> tuple[jax.Array, jax.Array]:
 
 def abstract_batch(case: Case) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
   """Shapes of :func:`synthetic_batch` without computing it."""
-  return (jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32),
-          jax.ShapeDtypeStruct((case.batch_size,), jnp.int32))
+  return (
+      jax.ShapeDtypeStruct((case.batch_size, *case.input_shape), jnp.float32),
+      jax.ShapeDtypeStruct((case.batch_size,), jnp.int32),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +167,13 @@ def abstract_batch(case: Case) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStru
 # ---------------------------------------------------------------------------------------------
 
 
-def make_chain(variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
-               learning_rate: float = LEARNING_RATE, seed: int = 0
-               ) -> optax.GradientTransformation:
+def make_chain(
+    variant: str,
+    *,
+    total_steps: int = STEADY_TOTAL_STEPS,
+    learning_rate: float = LEARNING_RATE,
+    seed: int = 0,
+) -> optax.GradientTransformation:
   """The chain of ``variant`` (one of :data:`VARIANTS`); see the constants above.
 
   Raises:
@@ -167,8 +181,7 @@ def make_chain(variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-  links = [optax.add_decayed_weights(WEIGHT_DECAY),
-           optax.sgd(learning_rate, momentum=MOMENTUM)]
+  links = [optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(learning_rate, momentum=MOMENTUM)]
   if variant == FLIPOUT:
     links.insert(0, flipout.gradient_noise(1.0, seed=seed))
   if variant in (PRUNE, FLIPOUT):
@@ -176,8 +189,7 @@ def make_chain(variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
   return optax.chain(*links)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool = True
-                    ) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool = True) -> Callable:
   """Jitted ``(state, images, labels) -> state``; ``state`` is ``(params, batch_stats, opt_state)``.
 
   A plain SGD training step on softmax cross-entropy, the model rebuilt from its pure state
@@ -200,8 +212,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def chain_and_step(graphdef, variant: str, total_steps: int = STEADY_TOTAL_STEPS, seed: int = 0
-                   ) -> tuple[optax.GradientTransformation, Callable]:
+def chain_and_step(
+    graphdef, variant: str, total_steps: int = STEADY_TOTAL_STEPS, seed: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
   """The chain of ``variant`` and its jitted train step, cached by their arguments.
 
   One jitted function per (model, chain): its compilation (the slow part on CPU) is shared by
@@ -223,13 +236,22 @@ class StepRunner:
   Holds the evolving state, so consecutive windows continue the same run.
   """
 
-  def __init__(self, case: Case, variant: str, *, total_steps: int = STEADY_TOTAL_STEPS,
-               seed: int = 0, model: PureModel | None = None):
+  def __init__(
+      self,
+      case: Case,
+      variant: str,
+      *,
+      total_steps: int = STEADY_TOTAL_STEPS,
+      seed: int = 0,
+      model: PureModel | None = None,
+  ):
     model = init_model(case, seed) if model is None else model
     self.tx, self.step = chain_and_step(model.graphdef, variant, total_steps, seed)
     # Own copies (from the host): the state is donated, and runners may share one model.
-    params, batch_stats = (jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
-                           for tree in (model.params, model.batch_stats))
+    params, batch_stats = (
+        jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
+        for tree in (model.params, model.batch_stats)
+    )
     self.state = (params, batch_stats, jax.jit(self.tx.init)(params))
     self.images, self.labels = synthetic_batch(case, seed)
 
@@ -254,6 +276,7 @@ class StepRunner:
 
 class Timings(NamedTuple):
   """Seconds per call of each variant in each repetition, and the calls per window."""
+
   seconds: dict[str, list[float]]
   calls: dict[str, int]
 
@@ -264,8 +287,13 @@ def _time_window(run: Callable[[int], None], calls: int) -> float:
   return time.perf_counter() - started
 
 
-def interleaved_timings(runners: dict[str, Callable[[int], None]], *, repetitions: int,
-                        window_s: float, warmup_calls: int = 2) -> Timings:
+def interleaved_timings(
+    runners: dict[str, Callable[[int], None]],
+    *,
+    repetitions: int,
+    window_s: float,
+    warmup_calls: int = 2,
+) -> Timings:
   """Times the runners side by side (see the module docstring for the method).
 
   Args:
@@ -336,8 +364,10 @@ def machine_info() -> dict[str, Any]:
 
 def describe_machine(info: dict[str, Any]) -> str:
   """One line for the header of a printed table."""
-  return (f"{info['device']} ({info['backend']}, {info['device_count']} device(s)), "
-          f"{info['cpu_count']} CPU cores, jax {info['jax']}, {info['date']}")
+  return (
+      f"{info['device']} ({info['backend']}, {info['device_count']} device(s)), "
+      f"{info['cpu_count']} CPU cores, jax {info['jax']}, {info['date']}"
+  )
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -378,13 +408,22 @@ def positive_float(text: str) -> float:
   return value
 
 
-def add_timing_arguments(parser: argparse.ArgumentParser, *, repetitions: int,
-                         window_s: float) -> None:
+def add_timing_arguments(
+    parser: argparse.ArgumentParser, *, repetitions: int, window_s: float
+) -> None:
   """``--repetitions``, ``--window_s``, ``--tiny`` and ``--json``, shared by the timed benchmarks."""
-  parser.add_argument("--repetitions", type=positive_int, default=repetitions,
-                      help="interleaved timed windows per variant")
-  parser.add_argument("--window_s", type=positive_float, default=window_s,
-                      help="target seconds of one timed window")
-  parser.add_argument("--tiny", action="store_true",
-                      help="tiny sizes and few repetitions: a smoke test, never a result")
+  parser.add_argument(
+      "--repetitions",
+      type=positive_int,
+      default=repetitions,
+      help="interleaved timed windows per variant",
+  )
+  parser.add_argument(
+      "--window_s", type=positive_float, default=window_s, help="target seconds of one timed window"
+  )
+  parser.add_argument(
+      "--tiny",
+      action="store_true",
+      help="tiny sizes and few repetitions: a smoke test, never a result",
+  )
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -45,18 +45,38 @@ def throughput_rows(result: dict[str, Any], variants: Sequence[str]) -> list[lis
   rows = []
   for variant in variants:
     seconds = result["seconds_per_step"][variant]
-    ratio = ("1 (baseline)" if variant == variants[0]
-             else step_overhead.format_ratio(result["ratios"][variant]))
-    rows.append([result["model"], batch, variant, f"{1e3 * seconds:.2f}",
-                 f"{batch / seconds:,.0f}", ratio, f"{total_steps * seconds / 3600:.2f}"])
+    ratio = (
+        "1 (baseline)"
+        if variant == variants[0]
+        else step_overhead.format_ratio(result["ratios"][variant])
+    )
+    rows.append(
+        [
+            result["model"],
+            batch,
+            variant,
+            f"{1e3 * seconds:.2f}",
+            f"{batch / seconds:,.0f}",
+            ratio,
+            f"{total_steps * seconds / 3600:.2f}",
+        ]
+    )
   return rows
 
 
-def throughput_table(results: Sequence[dict[str, Any]], device: str,
-                     variants: Sequence[str]) -> str:
+def throughput_table(
+    results: Sequence[dict[str, Any]], device: str, variants: Sequence[str]
+) -> str:
   """The printed table, one row per (case, variant); says so when these are not GPU numbers."""
-  headers = ["model", "batch", "chain", "ms/step", "images/s", f"step time / {variants[0]}",
-             f"{PAPER_EPOCHS}-epoch run, hours"]
+  headers = [
+      "model",
+      "batch",
+      "chain",
+      "ms/step",
+      "images/s",
+      f"step time / {variants[0]}",
+      f"{PAPER_EPOCHS}-epoch run, hours",
+  ]
   rows = [row for result in results for row in throughput_rows(result, variants)]
   note = "" if device == "gpu" else "(no GPU: these are CPU numbers)\n"
   return note + _common.format_table(headers, rows)
@@ -65,8 +85,14 @@ def throughput_table(results: Sequence[dict[str, Any]], device: str,
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: measures the cases, prints the table, optionally writes ``--json``."""
   return step_overhead.run_command(
-      argv, benchmark="gpu_throughput", description=__doc__.splitlines()[0],
-      title="throughput (synthetic data)", repetitions=11, window_s=1.0, table=throughput_table)
+      argv,
+      benchmark="gpu_throughput",
+      description=__doc__.splitlines()[0],
+      title="throughput (synthetic data)",
+      repetitions=11,
+      window_s=1.0,
+      table=throughput_table,
+  )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ _MIB = 2**20
 
 def tree_bytes(tree) -> int:
   """Total bytes of the array (or ``ShapeDtypeStruct``) leaves of ``tree``."""
-  return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-             for leaf in jax.tree.leaves(tree))
+  return sum(
+      int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+  )
 
 
 def prunable_weight_count(opt_state) -> int:
@@ -50,16 +51,21 @@ def prunable_weight_count(opt_state) -> int:
 
 def step_peak_bytes(stats) -> int:
   """Peak device bytes of a compiled step from its ``memory_analysis()`` (see module docs)."""
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return (
+      stats.argument_size_in_bytes
+      + stats.output_size_in_bytes
+      - stats.alias_size_in_bytes
+      + stats.temp_size_in_bytes
+  )
 
 
 def analyse_variant(case: Case, variant: str, model: _common.PureModel) -> dict[str, Any]:
   """Optimizer-state bytes and the compiled step's memory analysis for one chain."""
   tx, step = _common.chain_and_step(model.graphdef, variant)
   opt_state = jax.eval_shape(tx.init, model.params)
-  compiled = step.lower((model.params, model.batch_stats, opt_state),
-                        *_common.abstract_batch(case)).compile()
+  compiled = step.lower(
+      (model.params, model.batch_stats, opt_state), *_common.abstract_batch(case)
+  ).compile()
   stats = compiled.memory_analysis()
   return {
       "opt_state_bytes": tree_bytes(opt_state),
@@ -78,14 +84,22 @@ def analyse_case(case: Case, variants: Sequence[str]) -> dict[str, Any]:
   analyses = {variant: analyse_variant(case, variant, model) for variant in variants}
   baseline = analyses[variants[0]]
   prunable = next((a["prunable_weights"] for a in analyses.values() if a["prunable_weights"]), None)
-  extra_state = {v: (a["opt_state_bytes"] - baseline["opt_state_bytes"]) / prunable
-                 for v, a in analyses.items() if prunable and v != variants[0]}
+  extra_state = {
+      v: (a["opt_state_bytes"] - baseline["opt_state_bytes"]) / prunable
+      for v, a in analyses.items()
+      if prunable and v != variants[0]
+  }
   return {
-      "model": case.model, "batch_size": case.batch_size,
-      "params_bytes": tree_bytes(model.params), "prunable_weights": prunable,
+      "model": case.model,
+      "batch_size": case.batch_size,
+      "params_bytes": tree_bytes(model.params),
+      "prunable_weights": prunable,
       "state_bytes_per_prunable_weight": extra_state,
-      "peak_ratio": {v: a["peak_bytes"] / baseline["peak_bytes"]
-                     for v, a in analyses.items() if v != variants[0]},
+      "peak_ratio": {
+          v: a["peak_bytes"] / baseline["peak_bytes"]
+          for v, a in analyses.items()
+          if v != variants[0]
+      },
       "variants": analyses,
   }
 
@@ -93,16 +107,20 @@ def analyse_case(case: Case, variants: Sequence[str]) -> dict[str, Any]:
 def memory_table(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
   """The printed table, one row per case."""
   base = variants[0]
-  headers = (["model", "batch", "prunable weights"]
-             + [f"{v} state B/weight" for v in variants[1:]]
-             + [f"{v} peak MiB" for v in variants]
-             + [f"{v} / {base} peak" for v in variants[1:]])
+  headers = (
+      ["model", "batch", "prunable weights"]
+      + [f"{v} state B/weight" for v in variants[1:]]
+      + [f"{v} peak MiB" for v in variants]
+      + [f"{v} / {base} peak" for v in variants[1:]]
+  )
   rows = []
   for r in results:
-    rows.append([r["model"], r["batch_size"], f"{r['prunable_weights']:,}"]
-                + [f"{r['state_bytes_per_prunable_weight'][v]:.4f}" for v in variants[1:]]
-                + [f"{r['variants'][v]['peak_bytes'] / _MIB:.1f}" for v in variants]
-                + [f"{r['peak_ratio'][v]:.3f}x" for v in variants[1:]])
+    rows.append(
+        [r["model"], r["batch_size"], f"{r['prunable_weights']:,}"]
+        + [f"{r['state_bytes_per_prunable_weight'][v]:.4f}" for v in variants[1:]]
+        + [f"{r['variants'][v]['peak_bytes'] / _MIB:.1f}" for v in variants]
+        + [f"{r['peak_ratio'][v]:.3f}x" for v in variants[1:]]
+    )
   return _common.format_table(headers, rows)
 
 
@@ -110,12 +128,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command line: analyses the cases, prints the table, optionally writes ``--json``."""
   prog = "python -m benchmarks.memory"
   parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
-  parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                      help="which case list (auto: gpu when JAX's backend is a GPU)")
-  parser.add_argument("--models", default=None,
-                      help="comma-separated subset of the device's models (default: all)")
-  parser.add_argument("--variants", default=",".join(_common.VARIANTS),
-                      help="comma-separated chains; the first (dense) is the baseline")
+  parser.add_argument(
+      "--device",
+      choices=("auto", "cpu", "gpu"),
+      default="auto",
+      help="which case list (auto: gpu when JAX's backend is a GPU)",
+  )
+  parser.add_argument(
+      "--models", default=None, help="comma-separated subset of the device's models (default: all)"
+  )
+  parser.add_argument(
+      "--variants",
+      default=",".join(_common.VARIANTS),
+      help="comma-separated chains; the first (dense) is the baseline",
+  )
   parser.add_argument("--tiny", action="store_true", help="LeNet-300-100 at batch 16 only")
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = parser.parse_args(argv)
@@ -126,18 +152,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as error:
     return _common.fail(prog, error)
   if variants[0] != DENSE:
-    return _common.fail(prog, f"--variants must start with {DENSE} (the baseline); "
-                              f"got {args.variants!r}")
+    return _common.fail(
+        prog, f"--variants must start with {DENSE} (the baseline); " f"got {args.variants!r}"
+    )
   info = _common.machine_info()
-  print(f"memory on {_common.describe_machine(info)}; peak = arguments + outputs - aliased + "
-        "temporaries of the compiled step (state donated)"
-        + (" [TINY: not a result]" if args.tiny else ""), flush=True)
+  print(
+      f"memory on {_common.describe_machine(info)}; peak = arguments + outputs - aliased + "
+      "temporaries of the compiled step (state donated)"
+      + (" [TINY: not a result]" if args.tiny else ""),
+      flush=True,
+  )
   results = [analyse_case(case, variants) for case in cases]
   print(memory_table(results, variants))
   print(f"goal: <= {GOAL_BYTES_PER_WEIGHT:g} bytes of pruning state per prunable weight")
   if args.json:
-    _common.write_json(args.json, {"benchmark": "memory", "machine": info, "device": device,
-                                   "tiny": args.tiny, "results": results})
+    _common.write_json(
+        args.json,
+        {
+            "benchmark": "memory",
+            "machine": info,
+            "device": device,
+            "tiny": args.tiny,
+            "results": results,
+        },
+    )
   return 0
 
 

@@ -49,6 +49,7 @@ _SPLIT_SEED_FIELD = "data_seed"
 
 class Run(NamedTuple):
   """One training run of the study."""
+
   model: str
   method: str
   sparsity: float  # target; 0.0 for dense
@@ -65,6 +66,7 @@ class Run(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Study:
   """What the study trains: the grid and the number of epochs per model."""
+
   models: tuple[str, ...] = MODELS
   methods: tuple[str, ...] = METHODS
   sparsities: tuple[float, ...] = SPARSITIES
@@ -74,15 +76,22 @@ class Study:
   def runs(self) -> list[Run]:
     """Every run of the grid; dense once per model and seed."""
     epochs = dict(self.epochs)
-    return [Run(model, method, sparsity, seed, epochs[model])
-            for model in self.models
-            for method in self.methods
-            for sparsity in ((0.0,) if method == DENSE else self.sparsities)
-            for seed in self.seeds]
+    return [
+        Run(model, method, sparsity, seed, epochs[model])
+        for model in self.models
+        for method in self.methods
+        for sparsity in ((0.0,) if method == DENSE else self.sparsities)
+        for seed in self.seeds
+    ]
 
 
-TINY_STUDY = Study(models=("lenet300",), methods=("global_magnitude", DENSE),
-                   sparsities=(0.9,), seeds=(0,), epochs=(("lenet300", 1),))
+TINY_STUDY = Study(
+    models=("lenet300",),
+    methods=("global_magnitude", DENSE),
+    sparsities=(0.9,),
+    seeds=(0,),
+    epochs=(("lenet300", 1),),
+)
 
 
 def run_config(run: Run, workdir: Path, data_dir: str):
@@ -90,10 +99,21 @@ def run_config(run: Run, workdir: Path, data_dir: str):
   from experiments import mnist
 
   fields = dict(
-      dataset="mnist_t10k", model=run.model, method=run.method, sparsity=run.sparsity,
-      seed=run.seed, epochs=run.epochs, milestones=_milestones(run.epochs),
-      workdir=str(workdir / "runs" / run.name), data_dir=data_dir, resume=True,
-      progress=False, tensorboard=False, checkpoint_every_epochs=0, keep_checkpoints=1)
+      dataset="mnist_t10k",
+      model=run.model,
+      method=run.method,
+      sparsity=run.sparsity,
+      seed=run.seed,
+      epochs=run.epochs,
+      milestones=_milestones(run.epochs),
+      workdir=str(workdir / "runs" / run.name),
+      data_dir=data_dir,
+      resume=True,
+      progress=False,
+      tensorboard=False,
+      checkpoint_every_epochs=0,
+      keep_checkpoints=1,
+  )
   if split_is_fixed():
     fields[_SPLIT_SEED_FIELD] = SPLIT_SEED
   return dataclasses.replace(mnist.DEFAULTS, **fields)
@@ -138,28 +158,35 @@ def load_results(workdir: Path) -> dict[str, Any]:
   if stored["settings"] != _settings():
     raise ValueError(
         f"{path} holds results of other settings ({stored['settings']}, now "
-        f"{_settings()}); use another --workdir")
+        f"{_settings()}); use another --workdir"
+    )
   return stored
 
 
 def record_run(results: dict[str, Any], run: Run, summary: dict[str, Any]) -> None:
   """Adds one finished run (from the trainer's summary) to ``results``."""
   results["runs"][run.name] = {
-      **run._asdict(), "test_accuracy": summary["test_accuracy"],
-      "achieved_sparsity": summary["sparsity"], "live_weights": summary["live_weights"],
-      "prunable_weights": summary["prunable_weights"], "seconds": summary["seconds"],
+      **run._asdict(),
+      "test_accuracy": summary["test_accuracy"],
+      "achieved_sparsity": summary["sparsity"],
+      "live_weights": summary["live_weights"],
+      "prunable_weights": summary["prunable_weights"],
+      "seconds": summary["seconds"],
   }
 
 
-def run_study(study: Study, workdir: Path, data_dir: str, *, keep_checkpoints: bool = False,
-              log=print) -> dict[str, Any]:
+def run_study(
+    study: Study, workdir: Path, data_dir: str, *, keep_checkpoints: bool = False, log=print
+) -> dict[str, Any]:
   """Trains every run of ``study`` not yet in ``<workdir>/results.json``; returns the results."""
   from experiments import train
 
   results = load_results(workdir)
   pending = [run for run in study.runs() if run.name not in results["runs"]]
-  log(f"{len(study.runs()) - len(pending)} of {len(study.runs())} runs already done; "
-      f"{len(pending)} to train (epochs: {_epochs_text(study)})")
+  log(
+      f"{len(study.runs()) - len(pending)} of {len(study.runs())} runs already done; "
+      f"{len(pending)} to train (epochs: {_epochs_text(study)})"
+  )
   for index, run in enumerate(pending, 1):
     config = run_config(run, workdir, data_dir)
     summary = train.train(config)
@@ -167,9 +194,12 @@ def run_study(study: Study, workdir: Path, data_dir: str, *, keep_checkpoints: b
     _common.write_json(workdir / _RESULTS_FILE, results)
     if not keep_checkpoints:
       shutil.rmtree(Path(config.workdir) / "checkpoints", ignore_errors=True)
-    log(f"  [{index}/{len(pending)}] {run.name}: test accuracy "
+    log(
+        f"  [{index}/{len(pending)}] {run.name}: test accuracy "
         f"{summary['test_accuracy']:.4f}, sparsity {summary['sparsity']:.4%}, "
-        f"{summary['seconds']:.1f}s", flush=True)
+        f"{summary['seconds']:.1f}s",
+        flush=True,
+    )
   return results
 
 
@@ -191,11 +221,19 @@ def accuracy_groups(results: dict[str, Any], study: Study) -> list:
   for run in study.runs():
     record = results["runs"].get(run.name)
     if record is not None:
-      summaries.append({
-          "config": {"dataset": "mnist_t10k", "model": run.model, "method": run.method,
-                     "sparsity": run.sparsity},
-          "test_accuracy": record["test_accuracy"], "live_weights": record["live_weights"],
-          "synthetic": False})
+      summaries.append(
+          {
+              "config": {
+                  "dataset": "mnist_t10k",
+                  "model": run.model,
+                  "method": run.method,
+                  "sparsity": run.sparsity,
+              },
+              "test_accuracy": record["test_accuracy"],
+              "live_weights": record["live_weights"],
+              "synthetic": False,
+          }
+      )
   return plot.group_runs(summaries)
 
 
@@ -216,10 +254,15 @@ def accuracy_table(results: dict[str, Any], study: Study) -> str:
   rows = []
   for model in study.models:
     for method in study.methods:
-      keys = ([(model, DENSE, 0.0)] * len(study.sparsities) if method == DENSE
-              else [(model, method, s) for s in study.sparsities])
-      rows.append([model, "dense (no pruning)" if method == DENSE else method]
-                  + [_cell(groups.get(key), len(study.seeds)) for key in keys])
+      keys = (
+          [(model, DENSE, 0.0)] * len(study.sparsities)
+          if method == DENSE
+          else [(model, method, s) for s in study.sparsities]
+      )
+      rows.append(
+          [model, "dense (no pruning)" if method == DENSE else method]
+          + [_cell(groups.get(key), len(study.seeds)) for key in keys]
+      )
   return _common.format_table(headers, rows)
 
 
@@ -244,8 +287,10 @@ def write_report(results: dict[str, Any], study: Study, workdir: Path) -> str:
 def _choices(text: str, allowed: Sequence[str], name: str) -> tuple[str, ...]:
   values = tuple(part for part in text.split(",") if part)
   if not values or any(value not in allowed for value in values):
-    raise ValueError(f"--{name} must be a comma-separated subset of "
-                     f"{','.join(str(a) for a in allowed)}; got {text!r}")
+    raise ValueError(
+        f"--{name} must be a comma-separated subset of "
+        f"{','.join(str(a) for a in allowed)}; got {text!r}"
+    )
   return values
 
 
@@ -259,15 +304,21 @@ def study_from_args(args) -> Study:
     return TINY_STUDY
   sparsities = tuple(float(part) for part in args.sparsities.split(",") if part)
   if not sparsities or any(not 0.0 < s < 1.0 for s in sparsities):
-    raise ValueError(f"--sparsities must be comma-separated fractions in (0, 1); "
-                     f"got {args.sparsities!r}")
+    raise ValueError(
+        f"--sparsities must be comma-separated fractions in (0, 1); " f"got {args.sparsities!r}"
+    )
   seeds = tuple(int(part) for part in args.seeds.split(",") if part)
   if not seeds or any(seed < 0 for seed in seeds):
     raise ValueError(f"--seeds must be comma-separated non-negative ints; got {args.seeds!r}")
   models = _choices(args.models, MODELS, "models")
   epochs = tuple((model, args.epochs or EPOCHS[model]) for model in models)
-  return Study(models=models, methods=_choices(args.methods, METHODS, "methods"),
-               sparsities=sparsities, seeds=seeds, epochs=epochs)
+  return Study(
+      models=models,
+      methods=_choices(args.methods, METHODS, "methods"),
+      sparsities=sparsities,
+      seeds=seeds,
+      epochs=epochs,
+  )
 
 
 def _data_missing(data_dir: Path) -> bool:
@@ -280,24 +331,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   prog = "python -m benchmarks.mnist_real"
   parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
-                      help="results.json, table, plot and the runs' folders go here")
-  parser.add_argument("--data_dir", default=None,
-                      help="folder with the MNIST t10k IDX files (default ../shared/data/mnist-t10k)")
+  parser.add_argument(
+      "--workdir",
+      default=DEFAULT_WORKDIR,
+      help="results.json, table, plot and the runs' folders go here",
+  )
+  parser.add_argument(
+      "--data_dir",
+      default=None,
+      help="folder with the MNIST t10k IDX files (default ../shared/data/mnist-t10k)",
+  )
   parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-  parser.add_argument("--sparsities", default=",".join(f"{s:.10g}" for s in SPARSITIES),
-                      help="comma-separated target sparsities")
+  parser.add_argument(
+      "--sparsities",
+      default=",".join(f"{s:.10g}" for s in SPARSITIES),
+      help="comma-separated target sparsities",
+  )
   parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
-  parser.add_argument("--epochs", type=_common.positive_int, default=None,
-                      help="epochs of every run (default: " +
-                           ", ".join(f"{m} {e}" for m, e in EPOCHS.items()) + ")")
-  parser.add_argument("--tiny", action="store_true",
-                      help="lenet300, global_magnitude and dense, 90%%, seed 0, 1 epoch: a smoke test")
-  parser.add_argument("--table_only", action="store_true",
-                      help="train nothing; re-print the table and plot from results.json")
-  parser.add_argument("--keep_checkpoints", action="store_true",
-                      help="keep each run's final checkpoint (deleted by default to save disk)")
+  parser.add_argument(
+      "--epochs",
+      type=_common.positive_int,
+      default=None,
+      help="epochs of every run (default: "
+      + ", ".join(f"{m} {e}" for m, e in EPOCHS.items())
+      + ")",
+  )
+  parser.add_argument(
+      "--tiny",
+      action="store_true",
+      help="lenet300, global_magnitude and dense, 90%%, seed 0, 1 epoch: a smoke test",
+  )
+  parser.add_argument(
+      "--table_only",
+      action="store_true",
+      help="train nothing; re-print the table and plot from results.json",
+  )
+  parser.add_argument(
+      "--keep_checkpoints",
+      action="store_true",
+      help="keep each run's final checkpoint (deleted by default to save disk)",
+  )
   args = parser.parse_args(argv)
   data_dir = Path(args.data_dir) if args.data_dir else input_pipeline.default_mnist_t10k_dir()
   workdir = Path(args.workdir)
@@ -306,23 +380,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table_only:
       results = load_results(workdir)
     elif _data_missing(data_dir):
-      print(f"{prog}: skipped: the MNIST test set is not in {data_dir} "
-            "(expected t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz)")
+      print(
+          f"{prog}: skipped: the MNIST test set is not in {data_dir} "
+          "(expected t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz)"
+      )
       return 0
     else:
       if not split_is_fixed():
-        print("note: the trainer splits the data with each run's seed; the spread includes "
-              "the split")
+        print(
+            "note: the trainer splits the data with each run's seed; the spread includes "
+            "the split"
+        )
       results = run_study(study, workdir, str(data_dir), keep_checkpoints=args.keep_checkpoints)
   except (ValueError, input_pipeline.DatasetUnavailableError) as error:
     return _common.fail(prog, error)
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted; finished runs are in {workdir / _RESULTS_FILE}, run the same "
-          "command again to continue", file=sys.stderr)
+    print(
+        f"{prog}: interrupted; finished runs are in {workdir / _RESULTS_FILE}, run the same "
+        "command again to continue",
+        file=sys.stderr,
+    )
     return 130
-  print(f"MNIST test set 8,000 train / 2,000 held out; epochs: {_epochs_text(study)}; test accuracy (%), "
-        f"mean ± std over seeds {','.join(map(str, study.seeds))}"
-        + (" [TINY: not a result]" if args.tiny else ""))
+  print(
+      f"MNIST test set 8,000 train / 2,000 held out; epochs: {_epochs_text(study)}; test accuracy (%), "
+      f"mean ± std over seeds {','.join(map(str, study.seeds))}"
+      + (" [TINY: not a result]" if args.tiny else "")
+  )
   print(write_report(results, study, workdir))
   written = [workdir / name for name in (_TABLE_FILE, _PLOT_FILE) if (workdir / name).exists()]
   print(f"wrote {' and '.join(map(str, written))}")

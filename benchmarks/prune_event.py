@@ -45,6 +45,7 @@ GOAL_AT_20M = 0.25  # issue 5: an event costs <= 0.25 of a VGG19 step at 20M wei
 
 class EventProblem(NamedTuple):
   """Synthetic weights with their gradients and the states before an event / a plain step."""
+
   params: dict[str, jax.Array]
   grads: dict[str, jax.Array]
   event_state: flipout.PruneState
@@ -78,8 +79,9 @@ def make_problem(size: int, leaves: int, seed: int = 0) -> EventProblem:
   rows = max(1, round(size / leaves / _COLUMNS))
   rng = np.random.default_rng(seed)
   names = [f"layer{index}" for index in range(leaves)]
-  draw = lambda scale: {n: jnp.asarray(scale * rng.standard_normal((rows, _COLUMNS), np.float32))
-                        for n in names}
+  draw = lambda scale: {
+      n: jnp.asarray(scale * rng.standard_normal((rows, _COLUMNS), np.float32)) for n in names
+  }
   params, grads = draw(np.float32(1.0)), draw(np.float32(0.01))
   flips = {n: jnp.asarray(rng.integers(0, 8, (rows, _COLUMNS), np.int32)) for n in names}
   masks = {n: jnp.ones((rows, _COLUMNS), bool) for n in names}
@@ -95,7 +97,9 @@ def event_update():
 
 
 def _pruned_count(state: flipout.PruneState) -> int:
-  return sum(int(np.size(m) - np.count_nonzero(np.asarray(m))) for m in jax.tree.leaves(state.masks))
+  return sum(
+      int(np.size(m) - np.count_nonzero(np.asarray(m))) for m in jax.tree.leaves(state.masks)
+  )
 
 
 def check_branches(update, problem: EventProblem) -> None:
@@ -110,7 +114,8 @@ def check_branches(update, problem: EventProblem) -> None:
   if _pruned_count(after_event) != expected or _pruned_count(after_steady) != 0:
     raise RuntimeError(
         f"prune_event: expected the event to prune {expected} of {problem.size} weights and the "
-        f"steady update none; got {_pruned_count(after_event)} and {_pruned_count(after_steady)}")
+        f"steady update none; got {_pruned_count(after_event)} and {_pruned_count(after_steady)}"
+    )
 
 
 def _update_runner(update, problem: EventProblem, state: flipout.PruneState):
@@ -119,6 +124,7 @@ def _update_runner(update, problem: EventProblem, state: flipout.PruneState):
     for _ in range(calls):
       outputs = update(problem.grads, state, problem.params)
     jax.block_until_ready(outputs)
+
   return run
 
 
@@ -131,6 +137,7 @@ def _argsort_runner(size: int, seed: int):
     for _ in range(calls):
       outputs = argsort(scores)
     jax.block_until_ready(outputs)
+
   return run
 
 
@@ -138,21 +145,33 @@ def _differences(minuend: Sequence[float], subtrahend: Sequence[float]) -> list[
   return [a - b for a, b in zip(minuend, subtrahend, strict=True)]
 
 
-def measure_size(size: int, *, leaves: int, reference: _common.StepRunner, repetitions: int,
-                 window_s: float, seed: int = 0) -> dict[str, Any]:
+def measure_size(
+    size: int,
+    *,
+    leaves: int,
+    reference: _common.StepRunner,
+    repetitions: int,
+    window_s: float,
+    seed: int = 0,
+) -> dict[str, Any]:
   """Times the event and steady updates of ``size`` weights against the reference step."""
   problem = make_problem(size, leaves, seed)
   update = event_update()
   check_branches(update, problem)
   timings = _common.interleaved_timings(
-      {"reference": reference,
-       "event": _update_runner(update, problem, problem.event_state),
-       "steady": _update_runner(update, problem, problem.steady_state)},
-      repetitions=repetitions, window_s=window_s)
+      {
+          "reference": reference,
+          "event": _update_runner(update, problem, problem.event_state),
+          "steady": _update_runner(update, problem, problem.steady_state),
+      },
+      repetitions=repetitions,
+      window_s=window_s,
+  )
   seconds = timings.seconds
   event_cost = _differences(seconds["event"], seconds["steady"])
   return {
-      "size": problem.size, "leaves": leaves,
+      "size": problem.size,
+      "leaves": leaves,
       "reference_seconds": statistics.median(seconds["reference"]),
       "event_update_seconds": statistics.median(seconds["event"]),
       "steady_update_seconds": statistics.median(seconds["steady"]),
@@ -164,16 +183,23 @@ def measure_size(size: int, *, leaves: int, reference: _common.StepRunner, repet
   }
 
 
-def measure_argsort(size: int, *, reference: _common.StepRunner, repetitions: int,
-                    seed: int = 0) -> dict[str, Any]:
+def measure_argsort(
+    size: int, *, reference: _common.StepRunner, repetitions: int, seed: int = 0
+) -> dict[str, Any]:
   """Times ``jnp.argsort`` of ``size`` float32 scores against the reference step."""
   timings = _common.interleaved_timings(
       {"reference": reference, "argsort": _argsort_runner(size, seed)},
-      repetitions=repetitions, window_s=0.0, warmup_calls=1)
-  return {"size": size,
-          "argsort_seconds": statistics.median(timings.seconds["argsort"]),
-          "argsort_in_steps": _common.median_ratio(timings.seconds["argsort"],
-                                                   timings.seconds["reference"])}
+      repetitions=repetitions,
+      window_s=0.0,
+      warmup_calls=1,
+  )
+  return {
+      "size": size,
+      "argsort_seconds": statistics.median(timings.seconds["argsort"]),
+      "argsort_in_steps": _common.median_ratio(
+          timings.seconds["argsort"], timings.seconds["reference"]
+      ),
+  }
 
 
 def linearity(results: Sequence[dict[str, Any]]) -> float:
@@ -182,22 +208,36 @@ def linearity(results: Sequence[dict[str, Any]]) -> float:
   return ordered[-1]["ns_per_weight"] / ordered[0]["ns_per_weight"]
 
 
-def event_table(results: Sequence[dict[str, Any]], argsorts: dict[int, dict[str, Any]],
-                reference_label: str) -> str:
+def event_table(
+    results: Sequence[dict[str, Any]], argsorts: dict[int, dict[str, Any]], reference_label: str
+) -> str:
   """The printed table, one row per size."""
-  headers = ["prunable weights", "event update ms", "steady update ms", "event cost ms",
-             f"event / {reference_label} step [IQR]", "ns per weight", "argsort ms",
-             f"argsort / {reference_label} step"]
+  headers = [
+      "prunable weights",
+      "event update ms",
+      "steady update ms",
+      "event cost ms",
+      f"event / {reference_label} step [IQR]",
+      "ns per weight",
+      "argsort ms",
+      f"argsort / {reference_label} step",
+  ]
   rows = []
   for r in results:
     low, high = r["event_cost_in_steps_p25_p75"]
     argsort = argsorts.get(r["size"])
-    rows.append([f"{r['size']:,}", f"{1e3 * r['event_update_seconds']:.1f}",
-                 f"{1e3 * r['steady_update_seconds']:.1f}", f"{1e3 * r['event_cost_seconds']:.1f}",
-                 f"{r['event_cost_in_steps']:.3f} [{low:.3f}-{high:.3f}]",
-                 f"{r['ns_per_weight']:.2f}",
-                 "-" if argsort is None else f"{1e3 * argsort['argsort_seconds']:.0f}",
-                 "-" if argsort is None else f"{argsort['argsort_in_steps']:.2f}"])
+    rows.append(
+        [
+            f"{r['size']:,}",
+            f"{1e3 * r['event_update_seconds']:.1f}",
+            f"{1e3 * r['steady_update_seconds']:.1f}",
+            f"{1e3 * r['event_cost_seconds']:.1f}",
+            f"{r['event_cost_in_steps']:.3f} [{low:.3f}-{high:.3f}]",
+            f"{r['ns_per_weight']:.2f}",
+            "-" if argsort is None else f"{1e3 * argsort['argsort_seconds']:.0f}",
+            "-" if argsort is None else f"{argsort['argsort_in_steps']:.2f}",
+        ]
+    )
   return _common.format_table(headers, rows)
 
 
@@ -205,19 +245,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command line: measures each size, prints the table, optionally writes ``--json``."""
   prog = "python -m benchmarks.prune_event"
   parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="1M,20M,100M",
-                      help="comma-separated prunable weight counts (K/M/G suffixes)")
-  parser.add_argument("--leaves", type=_common.positive_int, default=4,
-                      help="number of 2-D leaves the weights are split over")
-  parser.add_argument("--argsort_max", default="20M",
-                      help="time jnp.argsort for sizes up to this count (0: never)")
-  parser.add_argument("--argsort_repetitions", type=_common.positive_int, default=2,
-                      help="timed argsort calls per size")
+  parser.add_argument(
+      "--sizes",
+      default="1M,20M,100M",
+      help="comma-separated prunable weight counts (K/M/G suffixes)",
+  )
+  parser.add_argument(
+      "--leaves",
+      type=_common.positive_int,
+      default=4,
+      help="number of 2-D leaves the weights are split over",
+  )
+  parser.add_argument(
+      "--argsort_max", default="20M", help="time jnp.argsort for sizes up to this count (0: never)"
+  )
+  parser.add_argument(
+      "--argsort_repetitions",
+      type=_common.positive_int,
+      default=2,
+      help="timed argsort calls per size",
+  )
   _common.add_timing_arguments(parser, repetitions=7, window_s=1.0)
   args = parser.parse_args(argv)
   try:
-    sizes = ([4_096, 16_384] if args.tiny
-             else [parse_size(text) for text in args.sizes.split(",") if text])
+    sizes = (
+        [4_096, 16_384]
+        if args.tiny
+        else [parse_size(text) for text in args.sizes.split(",") if text]
+    )
     argsort_max = parse_size(args.argsort_max) if args.argsort_max not in ("0", "") else 0
   except ValueError as error:
     return _common.fail(prog, error)
@@ -226,31 +281,53 @@ def main(argv: Sequence[str] | None = None) -> int:
   repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
   reference_case = TINY_REFERENCE if args.tiny else REFERENCE
   info = _common.machine_info()
-  print(f"pruning event cost on {_common.describe_machine(info)}; unit: one dense "
-        f"{reference_case.label} training step; median of {repetitions} interleaved "
-        "repetitions" + (" [TINY: not a result]" if args.tiny else ""), flush=True)
+  print(
+      f"pruning event cost on {_common.describe_machine(info)}; unit: one dense "
+      f"{reference_case.label} training step; median of {repetitions} interleaved "
+      "repetitions" + (" [TINY: not a result]" if args.tiny else ""),
+      flush=True,
+  )
   reference = _common.StepRunner(reference_case, _common.DENSE)
   results, argsorts = [], {}
   for size in sizes:
-    results.append(measure_size(size, leaves=args.leaves, reference=reference,
-                                repetitions=repetitions, window_s=window_s))
+    results.append(
+        measure_size(
+            size,
+            leaves=args.leaves,
+            reference=reference,
+            repetitions=repetitions,
+            window_s=window_s,
+        )
+    )
     actual = results[-1]["size"]
     if actual <= argsort_max:
-      argsorts[actual] = measure_argsort(actual, reference=reference,
-                                         repetitions=args.argsort_repetitions)
+      argsorts[actual] = measure_argsort(
+          actual, reference=reference, repetitions=args.argsort_repetitions
+      )
     print(f"  measured {actual:,} weights", flush=True)
   reference_ms = 1e3 * statistics.median(r["reference_seconds"] for r in results)
   print(f"{reference_case.label} dense training step: {reference_ms:.1f} ms (median)")
   print(event_table(results, argsorts, reference_case.model))
   growth = linearity(results)
-  print(f"linearity: time per weight at {max(r['size'] for r in results):,} / at "
-        f"{min(r['size'] for r in results):,} = {growth:.2f} (1.00 = linear); "
-        f"goal: <= {GOAL_AT_20M} {REFERENCE.label} step at 20M")
+  print(
+      f"linearity: time per weight at {max(r['size'] for r in results):,} / at "
+      f"{min(r['size'] for r in results):,} = {growth:.2f} (1.00 = linear); "
+      f"goal: <= {GOAL_AT_20M} {REFERENCE.label} step at 20M"
+  )
   if args.json:
-    _common.write_json(args.json, {
-        "benchmark": "prune_event", "machine": info, "tiny": args.tiny,
-        "reference": reference_case._asdict(), "repetitions": repetitions,
-        "results": results, "argsort": list(argsorts.values()), "linearity": growth})
+    _common.write_json(
+        args.json,
+        {
+            "benchmark": "prune_event",
+            "machine": info,
+            "tiny": args.tiny,
+            "reference": reference_case._asdict(),
+            "repetitions": repetitions,
+            "results": results,
+            "argsort": list(argsorts.values()),
+            "linearity": growth,
+        },
+    )
   return 0
 
 

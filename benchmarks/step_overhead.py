@@ -25,13 +25,23 @@ from benchmarks import _common
 from benchmarks._common import DENSE, FLIPOUT, PRUNE, Case
 
 # (device, model) -> the issue's goal for the overhead ratio.
-GOALS = {("cpu", "lenet300"): 1.10, ("cpu", "vgg19"): 1.02,
-         ("gpu", "vgg19"): 1.03, ("gpu", "resnet18"): 1.03}
+GOALS = {
+    ("cpu", "lenet300"): 1.10,
+    ("cpu", "vgg19"): 1.02,
+    ("gpu", "vgg19"): 1.03,
+    ("gpu", "resnet18"): 1.03,
+}
 
 
-def measure_case(case: Case, *, variants: Sequence[str] = (DENSE, PRUNE, FLIPOUT),
-                 repetitions: int, window_s: float,
-                 total_steps: int = _common.STEADY_TOTAL_STEPS, seed: int = 0) -> dict[str, Any]:
+def measure_case(
+    case: Case,
+    *,
+    variants: Sequence[str] = (DENSE, PRUNE, FLIPOUT),
+    repetitions: int,
+    window_s: float,
+    total_steps: int = _common.STEADY_TOTAL_STEPS,
+    seed: int = 0,
+) -> dict[str, Any]:
   """Times one training step of ``case`` with each chain of ``variants``, interleaved.
 
   The first variant is the baseline of the ratios.
@@ -44,21 +54,27 @@ def measure_case(case: Case, *, variants: Sequence[str] = (DENSE, PRUNE, FLIPOUT
     RuntimeError: a pruning event happened inside the timed steps (``total_steps`` too small).
   """
   model = _common.init_model(case, seed)
-  runners = {variant: _common.StepRunner(case, variant, total_steps=total_steps, seed=seed,
-                                         model=model)
-             for variant in variants}
+  runners = {
+      variant: _common.StepRunner(case, variant, total_steps=total_steps, seed=seed, model=model)
+      for variant in variants
+  }
   timings = _common.interleaved_timings(runners, repetitions=repetitions, window_s=window_s)
   if not all(runner.all_live() for runner in runners.values()):
     raise RuntimeError(
-        f"{case.label}: a pruning event fell inside the timed steps; raise total_steps")
+        f"{case.label}: a pruning event fell inside the timed steps; raise total_steps"
+    )
   baseline = timings.seconds[variants[0]]
   ratios = {}
   for variant in variants[1:]:
     low, high = _common.ratio_spread(timings.seconds[variant], baseline)
-    ratios[variant] = {"median": _common.median_ratio(timings.seconds[variant], baseline),
-                       "p25": low, "p75": high}
+    ratios[variant] = {
+        "median": _common.median_ratio(timings.seconds[variant], baseline),
+        "p25": low,
+        "p75": high,
+    }
   return {
-      "model": case.model, "batch_size": case.batch_size,
+      "model": case.model,
+      "batch_size": case.batch_size,
       "seconds_per_step": {v: statistics.median(s) for v, s in timings.seconds.items()},
       "steps_per_window": timings.calls,
       "ratios": ratios,
@@ -71,32 +87,46 @@ def format_ratio(ratio: dict[str, float]) -> str:
   return f"{ratio['median']:.3f}x [{ratio['p25']:.3f}-{ratio['p75']:.3f}]"
 
 
-def overhead_table(results: Sequence[dict[str, Any]], device: str,
-                   variants: Sequence[str]) -> str:
+def overhead_table(results: Sequence[dict[str, Any]], device: str, variants: Sequence[str]) -> str:
   """The printed table: ms per step of each variant, ratios to the first, and the goal."""
-  headers = (["model", "batch"] + [f"{v} ms/step" for v in variants]
-             + [f"{v} / {variants[0]}" for v in variants[1:]] + ["goal"])
+  headers = (
+      ["model", "batch"]
+      + [f"{v} ms/step" for v in variants]
+      + [f"{v} / {variants[0]}" for v in variants[1:]]
+      + ["goal"]
+  )
   rows = []
   for result in results:
     goal = GOALS.get((device, result["model"]))
-    rows.append([result["model"], result["batch_size"]]
-                + [f"{1e3 * result['seconds_per_step'][v]:.2f}" for v in variants]
-                + [format_ratio(result["ratios"][v]) for v in variants[1:]]
-                + ["-" if goal is None else f"<= {goal:.2f}x"])
+    rows.append(
+        [result["model"], result["batch_size"]]
+        + [f"{1e3 * result['seconds_per_step'][v]:.2f}" for v in variants]
+        + [format_ratio(result["ratios"][v]) for v in variants[1:]]
+        + ["-" if goal is None else f"<= {goal:.2f}x"]
+    )
   return _common.format_table(headers, rows)
 
 
-def build_parser(prog: str, description: str, *, repetitions: int, window_s: float
-                 ) -> _common.OneLineParser:
+def build_parser(
+    prog: str, description: str, *, repetitions: int, window_s: float
+) -> _common.OneLineParser:
   """The command line shared with ``gpu_throughput``: device, models, variants, timing."""
   parser = _common.OneLineParser(prog=prog, description=description)
-  parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                      help="which case list to run (auto: gpu when JAX's backend is a GPU)")
-  parser.add_argument("--models", default=None,
-                      help="comma-separated subset of the device's models (default: all)")
-  parser.add_argument("--variants", default=",".join(_common.VARIANTS),
-                      help=f"comma-separated chains among {','.join(_common.VARIANTS)}; "
-                           "the first is the baseline of the ratios")
+  parser.add_argument(
+      "--device",
+      choices=("auto", "cpu", "gpu"),
+      default="auto",
+      help="which case list to run (auto: gpu when JAX's backend is a GPU)",
+  )
+  parser.add_argument(
+      "--models", default=None, help="comma-separated subset of the device's models (default: all)"
+  )
+  parser.add_argument(
+      "--variants",
+      default=",".join(_common.VARIANTS),
+      help=f"comma-separated chains among {','.join(_common.VARIANTS)}; "
+      "the first is the baseline of the ratios",
+  )
   _common.add_timing_arguments(parser, repetitions=repetitions, window_s=window_s)
   return parser
 
@@ -114,8 +144,10 @@ def selected_cases(args, device: str) -> tuple[Case, ...]:
   available = [case.model for case in cases]
   unknown = [name for name in wanted if name not in available]
   if unknown or not wanted:
-    raise ValueError(f"--models must be a comma-separated subset of {','.join(available)}; "
-                     f"got {args.models!r}")
+    raise ValueError(
+        f"--models must be a comma-separated subset of {','.join(available)}; "
+        f"got {args.models!r}"
+    )
   return tuple(case for case in cases if case.model in wanted)
 
 
@@ -126,16 +158,28 @@ def selected_variants(args) -> tuple[str, ...]:
     ValueError: unknown, repeated or fewer than two variants.
   """
   variants = tuple(name for name in args.variants.split(",") if name)
-  if (len(variants) < 2 or len(set(variants)) != len(variants)
-      or any(v not in _common.VARIANTS for v in variants)):
-    raise ValueError(f"--variants must be two or more distinct names among "
-                     f"{','.join(_common.VARIANTS)}; got {args.variants!r}")
+  if (
+      len(variants) < 2
+      or len(set(variants)) != len(variants)
+      or any(v not in _common.VARIANTS for v in variants)
+  ):
+    raise ValueError(
+        f"--variants must be two or more distinct names among "
+        f"{','.join(_common.VARIANTS)}; got {args.variants!r}"
+    )
   return variants
 
 
-def run_command(argv: Sequence[str] | None, *, benchmark: str, description: str, title: str,
-                repetitions: int, window_s: float,
-                table: Callable[[Sequence[dict[str, Any]], str, Sequence[str]], str]) -> int:
+def run_command(
+    argv: Sequence[str] | None,
+    *,
+    benchmark: str,
+    description: str,
+    title: str,
+    repetitions: int,
+    window_s: float,
+    table: Callable[[Sequence[dict[str, Any]], str, Sequence[str]], str],
+) -> int:
   """The command line of the timed-step benchmarks (this one and ``gpu_throughput``).
 
   Parses ``argv``, measures every selected case with :func:`measure_case`, prints a header
@@ -143,8 +187,9 @@ def run_command(argv: Sequence[str] | None, *, benchmark: str, description: str,
   Returns the exit status (2 with one stderr line for bad input).
   """
   prog = f"python -m benchmarks.{benchmark}"
-  args = build_parser(prog, description, repetitions=repetitions,
-                      window_s=window_s).parse_args(argv)
+  args = build_parser(prog, description, repetitions=repetitions, window_s=window_s).parse_args(
+      argv
+  )
   device = _common.resolve_device(args.device)
   try:
     cases, variants = selected_cases(args, device), selected_variants(args)
@@ -152,26 +197,44 @@ def run_command(argv: Sequence[str] | None, *, benchmark: str, description: str,
     return _common.fail(prog, error)
   repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
   info = _common.machine_info()
-  print(f"{title} on {_common.describe_machine(info)}; median of {repetitions} interleaved "
-        "repetitions [25th-75th percentile]" + (" [TINY: not a result]" if args.tiny else ""),
-        flush=True)
+  print(
+      f"{title} on {_common.describe_machine(info)}; median of {repetitions} interleaved "
+      "repetitions [25th-75th percentile]" + (" [TINY: not a result]" if args.tiny else ""),
+      flush=True,
+  )
   results = []
   for case in cases:
-    results.append(measure_case(case, variants=variants, repetitions=repetitions,
-                                window_s=window_s))
+    results.append(
+        measure_case(case, variants=variants, repetitions=repetitions, window_s=window_s)
+    )
     print(f"  measured {case.label}", flush=True)
   print(table(results, device, variants))
   if args.json:
-    _common.write_json(args.json, {"benchmark": benchmark, "machine": info, "device": device,
-                                   "tiny": args.tiny, "repetitions": repetitions,
-                                   "results": results})
+    _common.write_json(
+        args.json,
+        {
+            "benchmark": benchmark,
+            "machine": info,
+            "device": device,
+            "tiny": args.tiny,
+            "repetitions": repetitions,
+            "results": results,
+        },
+    )
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: runs the cases, prints the table, optionally writes ``--json``."""
-  return run_command(argv, benchmark="step_overhead", description=__doc__.splitlines()[0],
-                     title="step overhead", repetitions=11, window_s=0.5, table=overhead_table)
+  return run_command(
+      argv,
+      benchmark="step_overhead",
+      description=__doc__.splitlines()[0],
+      title="step overhead",
+      repetitions=11,
+      window_s=0.5,
+      table=overhead_table,
+  )
 
 
 if __name__ == "__main__":

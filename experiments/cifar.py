@@ -14,16 +14,27 @@ from experiments import train
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18")
 
 DEFAULTS = train.Config(
-    dataset="cifar10", model="vgg19", method="flipout", sparsity=0.999,
-    epochs=350, batch_size=128, eval_batch_size=1000, lr=0.1, milestones=(150, 250),
-    momentum=0.9, weight_decay=5e-4, noise_scale=1.0, p=2.0, prune_rate=0.5,
+    dataset="cifar10",
+    model="vgg19",
+    method="flipout",
+    sparsity=0.999,
+    epochs=350,
+    batch_size=128,
+    eval_batch_size=1000,
+    lr=0.1,
+    milestones=(150, 250),
+    momentum=0.9,
+    weight_decay=5e-4,
+    noise_scale=1.0,
+    p=2.0,
+    prune_rate=0.5,
 )
 
 
 def main(argv=None) -> int:
-    """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    return train.main(argv, DEFAULTS, MODELS, prog="python -m experiments.cifar")
+  """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  return train.main(argv, DEFAULTS, MODELS, prog="python -m experiments.cifar")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -32,116 +32,166 @@ METHODS = (*PRUNING_METHODS, "dense")
 # reaches about 97% in a few seconds. Hoyer-Square's weight is larger than on CIFAR because
 # LeNet-300-100 has few layers (the regulariser sums one term per layer).
 DEFAULTS = train.Config(
-    dataset="digits", model="lenet300", method="flipout", sparsity=0.9,
-    epochs=20, batch_size=64, eval_batch_size=512, lr=0.05, milestones=(15,),
-    momentum=0.9, weight_decay=5e-4, noise_scale=1.0, p=2.0, prune_rate=0.5,
-    hoyer_lambda=1e-4, seed=0, data_seed=0, checkpoint_every_epochs=0, keep_checkpoints=1,
-    progress=False, tensorboard=False,
+    dataset="digits",
+    model="lenet300",
+    method="flipout",
+    sparsity=0.9,
+    epochs=20,
+    batch_size=64,
+    eval_batch_size=512,
+    lr=0.05,
+    milestones=(15,),
+    momentum=0.9,
+    weight_decay=5e-4,
+    noise_scale=1.0,
+    p=2.0,
+    prune_rate=0.5,
+    hoyer_lambda=1e-4,
+    seed=0,
+    data_seed=0,
+    checkpoint_every_epochs=0,
+    keep_checkpoints=1,
+    progress=False,
+    tensorboard=False,
 )
 
 
 def _fraction_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated fractions like 0.9,0.99; got {text!r}") from None
-    if not values or not all(0.0 < value < 1.0 for value in values):
-        raise argparse.ArgumentTypeError(f"sparsities must be in (0, 1); got {text!r}")
-    return values
+  try:
+    values = tuple(float(part) for part in text.split(",") if part.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated fractions like 0.9,0.99; got {text!r}"
+    ) from None
+  if not values or not all(0.0 < value < 1.0 for value in values):
+    raise argparse.ArgumentTypeError(f"sparsities must be in (0, 1); got {text!r}")
+  return values
 
 
 def _method_list(text: str) -> tuple[str, ...]:
-    values = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [value for value in values if value not in METHODS]
-    if not values or unknown:
-        raise argparse.ArgumentTypeError(
-            f"methods must be a comma-separated subset of {','.join(METHODS)}; got {text!r}")
-    return values
+  values = tuple(part.strip() for part in text.split(",") if part.strip())
+  unknown = [value for value in values if value not in METHODS]
+  if not values or unknown:
+    raise argparse.ArgumentTypeError(
+        f"methods must be a comma-separated subset of {','.join(METHODS)}; got {text!r}"
+    )
+  return values
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's flags: epochs, seed, workdir, and which methods and sparsities to run."""
-    parser = train.OneLineParser(
-        prog="python -m experiments.digits",
-        description="FlipOut and its baselines on scikit-learn's 8x8 digits (offline demo).")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
-                        help=f"epochs per run (default {DEFAULTS.epochs})")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
-                        help=f"seed of every run (default {DEFAULTS.seed})")
-    parser.add_argument("--workdir", default=None,
-                        help="output folder (default runs/digits-e<epochs>-seed<seed>)")
-    parser.add_argument("--methods", type=_method_list, default=",".join(METHODS),
-                        help=f"comma-separated methods to run (default {','.join(METHODS)})")
-    sparsities = ",".join(f"{sparsity:g}" for sparsity in SPARSITIES)
-    parser.add_argument("--sparsities", type=_fraction_list, default=sparsities,
-                        help=f"comma-separated target sparsities of the pruning methods "
-                             f"(default {sparsities})")
-    return parser
+  """The demo's flags: epochs, seed, workdir, and which methods and sparsities to run."""
+  parser = train.OneLineParser(
+      prog="python -m experiments.digits",
+      description="FlipOut and its baselines on scikit-learn's 8x8 digits (offline demo).",
+  )
+  parser.add_argument(
+      "--epochs",
+      type=int,
+      default=DEFAULTS.epochs,
+      help=f"epochs per run (default {DEFAULTS.epochs})",
+  )
+  parser.add_argument(
+      "--seed", type=int, default=DEFAULTS.seed, help=f"seed of every run (default {DEFAULTS.seed})"
+  )
+  parser.add_argument(
+      "--workdir", default=None, help="output folder (default runs/digits-e<epochs>-seed<seed>)"
+  )
+  parser.add_argument(
+      "--methods",
+      type=_method_list,
+      default=",".join(METHODS),
+      help=f"comma-separated methods to run (default {','.join(METHODS)})",
+  )
+  sparsities = ",".join(f"{sparsity:g}" for sparsity in SPARSITIES)
+  parser.add_argument(
+      "--sparsities",
+      type=_fraction_list,
+      default=sparsities,
+      help=f"comma-separated target sparsities of the pruning methods " f"(default {sparsities})",
+  )
+  return parser
 
 
-def run_configs(epochs: int, seed: int, workdir: Path, methods: Sequence[str],
-                sparsities: Sequence[float]) -> list[train.Config]:
-    """One config per (method, sparsity); ``dense`` once, at sparsity 0."""
-    configs = []
-    for method in methods:
-        for sparsity in ((0.0,) if method == "dense" else sparsities):
-            name = "dense" if method == "dense" else f"{method}-{sparsity:g}"
-            configs.append(dataclasses.replace(
-                DEFAULTS, method=method, sparsity=sparsity, epochs=epochs, seed=seed,
-                workdir=str(workdir / name), resume=True))
-    return configs
+def run_configs(
+    epochs: int, seed: int, workdir: Path, methods: Sequence[str], sparsities: Sequence[float]
+) -> list[train.Config]:
+  """One config per (method, sparsity); ``dense`` once, at sparsity 0."""
+  configs = []
+  for method in methods:
+    for sparsity in ((0.0,) if method == "dense" else sparsities):
+      name = "dense" if method == "dense" else f"{method}-{sparsity:g}"
+      configs.append(
+          dataclasses.replace(
+              DEFAULTS,
+              method=method,
+              sparsity=sparsity,
+              epochs=epochs,
+              seed=seed,
+              workdir=str(workdir / name),
+              resume=True,
+          )
+      )
+  return configs
 
 
 def format_table(results: Sequence[tuple[train.Config, dict]], epochs: int, seed: int) -> str:
-    """Methods as rows, sparsities as columns; each cell ``accuracy (live weights)``."""
-    columns = sorted({config.sparsity for config, _ in results})
-    cells = {(config.method, config.sparsity):
-             f"{summary['test_accuracy']:.1%} ({summary['live_weights']:,})"
-             for config, summary in results}
-    methods = list(dict.fromkeys(config.method for config, _ in results))
-    prunable = results[0][1]["prunable_weights"]
-    width = max(14, *(len(cell) for cell in cells.values()))
-    header = f"{'method':<18}" + "".join(f"{f'{sparsity:.0%}':>{width + 2}}"
-                                         for sparsity in columns)
-    lines = [f"Test accuracy (live weights of {prunable:,}) of LeNet-300-100 on sklearn 8x8 "
-             f"digits, {epochs} epochs, seed {seed}",
-             header, "-" * len(header)]
-    for method in methods:
-        row = "".join(f"{cells.get((method, sparsity), '-'):>{width + 2}}" for sparsity in columns)
-        lines.append(f"{method:<18}{row}")
-    return "\n".join(lines)
+  """Methods as rows, sparsities as columns; each cell ``accuracy (live weights)``."""
+  columns = sorted({config.sparsity for config, _ in results})
+  cells = {
+      (
+          config.method,
+          config.sparsity,
+      ): f"{summary['test_accuracy']:.1%} ({summary['live_weights']:,})"
+      for config, summary in results
+  }
+  methods = list(dict.fromkeys(config.method for config, _ in results))
+  prunable = results[0][1]["prunable_weights"]
+  width = max(14, *(len(cell) for cell in cells.values()))
+  header = f"{'method':<18}" + "".join(f"{f'{sparsity:.0%}':>{width + 2}}" for sparsity in columns)
+  lines = [
+      f"Test accuracy (live weights of {prunable:,}) of LeNet-300-100 on sklearn 8x8 "
+      f"digits, {epochs} epochs, seed {seed}",
+      header,
+      "-" * len(header),
+  ]
+  for method in methods:
+    row = "".join(f"{cells.get((method, sparsity), '-'):>{width + 2}}" for sparsity in columns)
+    lines.append(f"{method:<18}{row}")
+  return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the demo and prints the table; returns the exit status (2 on bad flags)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:
-        return int(exit_request.code or 0)
-    if args.epochs < 1 or args.seed < 0:
-        print(f"{parser.prog}: error: --epochs must be >= 1 and --seed >= 0", file=sys.stderr)
-        return 2
-    workdir = Path(args.workdir or f"runs/digits-e{args.epochs}-seed{args.seed}")
-    configs = run_configs(args.epochs, args.seed, workdir, args.methods, args.sparsities)
-    started = time.perf_counter()
-    results = []
-    try:
-        for index, config in enumerate(configs, 1):
-            run_started = time.perf_counter()
-            summary = train.train(config)
-            results.append((config, summary))
-            print(f"[{index}/{len(configs)}] {config.method} at {config.sparsity:g}: "
-                  f"{summary['test_accuracy']:.1%} ({time.perf_counter() - run_started:.1f}s)",
-                  file=sys.stderr, flush=True)
-    except train.ConfigError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(results, args.epochs, args.seed))
-    print(f"{len(configs)} runs in {time.perf_counter() - started:.0f}s; results in {workdir}/")
-    return 0
+  """Runs the demo and prints the table; returns the exit status (2 on bad flags)."""
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as exit_request:
+    return int(exit_request.code or 0)
+  if args.epochs < 1 or args.seed < 0:
+    print(f"{parser.prog}: error: --epochs must be >= 1 and --seed >= 0", file=sys.stderr)
+    return 2
+  workdir = Path(args.workdir or f"runs/digits-e{args.epochs}-seed{args.seed}")
+  configs = run_configs(args.epochs, args.seed, workdir, args.methods, args.sparsities)
+  started = time.perf_counter()
+  results = []
+  try:
+    for index, config in enumerate(configs, 1):
+      run_started = time.perf_counter()
+      summary = train.train(config)
+      results.append((config, summary))
+      print(
+          f"[{index}/{len(configs)}] {config.method} at {config.sparsity:g}: "
+          f"{summary['test_accuracy']:.1%} ({time.perf_counter() - run_started:.1f}s)",
+          file=sys.stderr,
+          flush=True,
+      )
+  except train.ConfigError as error:
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 2
+  print(format_table(results, args.epochs, args.seed))
+  print(f"{len(configs)} runs in {time.perf_counter() - started:.0f}s; results in {workdir}/")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -16,14 +16,15 @@ MODELS = ("densenet121",)
 
 # The CIFAR recipe on 224x224 Imagenette (the authors' job script: same optimizer, schedule,
 # batch and pruning settings; their test batch was 500).
-DEFAULTS = dataclasses.replace(cifar.DEFAULTS, dataset="imagenette", model="densenet121",
-                               eval_batch_size=500)
+DEFAULTS = dataclasses.replace(
+    cifar.DEFAULTS, dataset="imagenette", model="densenet121", eval_batch_size=500
+)
 
 
 def main(argv=None) -> int:
-    """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    return train.main(argv, DEFAULTS, MODELS, prog="python -m experiments.imagenette")
+  """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  return train.main(argv, DEFAULTS, MODELS, prog="python -m experiments.imagenette")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -152,14 +152,12 @@ def load(
     DatasetUnavailableError: the data set cannot be read offline.
   """
   if name not in DATASET_NAMES:
-    raise ValueError(
-        f"name must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
+    raise ValueError(f"name must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
   _check_non_negative_int("seed", seed)
   if synthetic:
     _check_positive_int("synthetic_train", synthetic_train)
     _check_positive_int("synthetic_test", synthetic_test)
-    splits = _synthetic_splits(
-        _IMAGE_SPECS[name], seed, synthetic_train, synthetic_test)
+    splits = _synthetic_splits(_IMAGE_SPECS[name], seed, synthetic_train, synthetic_test)
   elif name == "digits":
     splits = _digits_splits(seed)
   elif name == "mnist_t10k":
@@ -181,9 +179,7 @@ def load(
 
 
 @functools.partial(jax.jit, static_argnames=("pad", "flip"))
-def augment(
-    images: jax.Array, key: jax.Array, *, pad: int, flip: bool
-) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, *, pad: int, flip: bool) -> jax.Array:
   """Random crop after zero padding, and random horizontal flip, per image.
 
   Each image ``x`` of shape ``(H, W, C)`` is zero-padded to
@@ -206,8 +202,7 @@ def augment(
     ``(B, H, W, C)`` uint8.
   """
   if images.ndim != 4:
-    raise ValueError(
-        f"images must have shape (B, H, W, C); got shape {images.shape}")
+    raise ValueError(f"images must have shape (B, H, W, C); got shape {images.shape}")
   if images.dtype != jnp.uint8:
     raise TypeError(f"images must be uint8; got {images.dtype}")
   _check_non_negative_int("pad", pad)
@@ -218,14 +213,12 @@ def augment(
     offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * pad + 1)
 
     def crop(image, offset):
-      return jax.lax.dynamic_slice(
-          image, (offset[0], offset[1], 0), (height, width, channels))
+      return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
 
     images = jax.vmap(crop)(padded, offsets)
   if flip:
     flipped = jax.random.bernoulli(flip_key, 0.5, (batch,))
-    images = jnp.where(
-        flipped[:, None, None, None], images[:, :, ::-1, :], images)
+    images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
   return images
 
 
@@ -245,9 +238,7 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def batch_indices(
-    seed: int, epoch: int, num_examples: int, batch_size: int
-) -> np.ndarray:
+def batch_indices(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
   """The example order of one epoch, as batches of indices.
 
   The order is ``np.random.default_rng((seed, epoch)).permutation(n)``: it
@@ -270,11 +261,11 @@ def batch_indices(
   _check_positive_int("batch_size", batch_size)
   if batch_size > num_examples:
     raise ValueError(
-        f"batch_size must be at most num_examples={num_examples}; "
-        f"got {batch_size}")
+        f"batch_size must be at most num_examples={num_examples}; " f"got {batch_size}"
+    )
   steps = num_examples // batch_size
   order = np.random.default_rng((seed, epoch)).permutation(num_examples)
-  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+  return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
 def _is_int(value) -> bool:
@@ -283,8 +274,7 @@ def _is_int(value) -> bool:
 
 def _check_non_negative_int(argument: str, value) -> None:
   if not _is_int(value) or value < 0:
-    raise ValueError(
-        f"{argument} must be a non-negative integer; got {value!r}")
+    raise ValueError(f"{argument} must be a non-negative integer; got {value!r}")
 
 
 def _check_positive_int(argument: str, value) -> None:
@@ -303,7 +293,7 @@ def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   total_squares = np.zeros(channels, np.float64)
   chunk = 1024
   for start in range(0, len(images), chunk):
-    scaled = images[start:start + chunk].reshape(-1, channels) / 255.0
+    scaled = images[start : start + chunk].reshape(-1, channels) / 255.0
     total += scaled.sum(axis=0)
     total_squares += np.square(scaled).sum(axis=0)
   count = images.size // channels
@@ -320,14 +310,12 @@ def _split_by_permutation(images, labels, train_size: int, seed: int):
   return images[train], labels[train], images[test], labels[test]
 
 
-def _synthetic_splits(spec: _ImageSpec, seed: int, train_size: int,
-                      test_size: int):
+def _synthetic_splits(spec: _ImageSpec, seed: int, train_size: int, test_size: int):
   rng = np.random.default_rng(seed)
   total = train_size + test_size
   images = rng.integers(0, 256, (total, *spec.shape), dtype=np.uint8)
   labels = rng.integers(0, spec.num_classes, total, dtype=np.int32)
-  return (images[:train_size], labels[:train_size],
-          images[train_size:], labels[train_size:])
+  return (images[:train_size], labels[:train_size], images[train_size:], labels[train_size:])
 
 
 def _digits_splits(seed: int):
@@ -342,24 +330,32 @@ def _digits_splits(seed: int):
 
 
 def _mnist_t10k_splits(folder: Path, seed: int):
-  missing = [file for file in (_MNIST_T10K_IMAGES, _MNIST_T10K_LABELS)
-             if not (folder / file).is_file()]
+  missing = [
+      file for file in (_MNIST_T10K_IMAGES, _MNIST_T10K_LABELS) if not (folder / file).is_file()
+  ]
   if missing:
     raise DatasetUnavailableError(
         f"mnist_t10k needs {' and '.join(missing)} (the MNIST test set in IDX "
         f"format) in {folder}: put them there or pass data_dir=<folder with "
-        "them>, or use --synthetic for smoke tests")
+        "them>, or use --synthetic for smoke tests"
+    )
   images = _read_idx(folder / _MNIST_T10K_IMAGES, _IDX_IMAGES_MAGIC, ndim=3)
   labels = _read_idx(folder / _MNIST_T10K_LABELS, _IDX_LABELS_MAGIC, ndim=1)
-  if (images.shape[1:] != (28, 28) or len(images) != len(labels)
-      or len(labels) <= _MNIST_T10K_TRAIN_SIZE or labels.max() >= 10):
+  if (
+      images.shape[1:] != (28, 28)
+      or len(images) != len(labels)
+      or len(labels) <= _MNIST_T10K_TRAIN_SIZE
+      or labels.max() >= 10
+  ):
     raise DatasetUnavailableError(
         f"mnist_t10k in {folder} has images {images.shape} and labels "
         f"{labels.shape} up to {labels.max()}; expected (N, 28, 28) and (N,) "
         f"with N > {_MNIST_T10K_TRAIN_SIZE} and labels 0..9: replace the "
-        "files with the originals")
+        "files with the originals"
+    )
   return _split_by_permutation(
-      images[..., None], labels.astype(np.int32), _MNIST_T10K_TRAIN_SIZE, seed)
+      images[..., None], labels.astype(np.int32), _MNIST_T10K_TRAIN_SIZE, seed
+  )
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -376,28 +372,29 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     found = header[0] if len(header) else "none"
     raise DatasetUnavailableError(
         f"{path} is not an IDX file of {ndim} dimensions (magic number "
-        f"{found}, expected {magic}): replace it with the original file")
+        f"{found}, expected {magic}): replace it with the original file"
+    )
   shape = tuple(int(size) for size in header[1:])
   data = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
   if data.size != int(np.prod(shape)):
     raise DatasetUnavailableError(
         f"{path} holds {data.size} data bytes but its header says shape "
-        f"{shape}: replace it with the original file")
+        f"{shape}: replace it with the original file"
+    )
   return data.reshape(shape)
 
 
 def _tfds_splits(name: str, data_dir: str | None):
   source = _TFDS_SOURCES[name]
   image_shape = _IMAGE_SPECS[name].shape
-  train = _read_tfds_split(
-      source.tfds_name, source.train_split, data_dir, image_shape)
-  test = _read_tfds_split(
-      source.tfds_name, source.test_split, data_dir, image_shape)
+  train = _read_tfds_split(source.tfds_name, source.train_split, data_dir, image_shape)
+  test = _read_tfds_split(source.tfds_name, source.test_split, data_dir, image_shape)
   return (*train, *test)
 
 
-def _read_tfds_split(tfds_name: str, split: str, data_dir: str | None,
-                     image_shape: tuple[int, int, int]):
+def _read_tfds_split(
+    tfds_name: str, split: str, data_dir: str | None, image_shape: tuple[int, int, int]
+):
   """Reads every record of one split into NumPy, resizing odd-sized images."""
   from tqdm.auto import tqdm
 
@@ -405,8 +402,12 @@ def _read_tfds_split(tfds_name: str, split: str, data_dir: str | None,
   count = len(records)
   images = np.empty((count, *image_shape), np.uint8)
   labels = np.empty(count, np.int32)
-  progress = tqdm(range(count), desc=f"reading {tfds_name} {split}",
-                  unit="img", disable=count < _PROGRESS_BAR_MIN_RECORDS)
+  progress = tqdm(
+      range(count),
+      desc=f"reading {tfds_name} {split}",
+      unit="img",
+      disable=count < _PROGRESS_BAR_MIN_RECORDS,
+  )
   for index in progress:
     example = records[index]
     image = np.asarray(example["image"], np.uint8)
@@ -424,18 +425,15 @@ def _open_tfds_split(tfds_name: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
 
   try:
-    return tfds.data_source(
-        tfds_name, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
   # tfds says "not prepared" with KeyError (no splits), NotImplementedError
   # (no random-access files), AssertionError or a file error, depending on
   # what it finds on disk.
   except (KeyError, NotImplementedError, AssertionError, OSError) as error:
-    raise DatasetUnavailableError(
-        _tfds_unavailable_message(tfds_name, data_dir, error)) from error
+    raise DatasetUnavailableError(_tfds_unavailable_message(tfds_name, data_dir, error)) from error
 
 
-def _tfds_unavailable_message(tfds_name: str, data_dir: str | None,
-                              error: Exception) -> str:
+def _tfds_unavailable_message(tfds_name: str, data_dir: str | None, error: Exception) -> str:
   """One line: what is missing, where tfds looked, how to prepare it."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import file_adapters
@@ -447,20 +445,21 @@ def _tfds_unavailable_message(tfds_name: str, data_dir: str | None,
       f"tensorflow-datasets && tfds build {tfds_name} "
       "--file_format=array_record --data_dir=DIR` (preparing needs "
       "TensorFlow, reading does not), copy DIR here and pass it as data_dir "
-      "(or set TFDS_DATA_DIR); use --synthetic for smoke tests")
+      "(or set TFDS_DATA_DIR); use --synthetic for smoke tests"
+  )
   if not builder.is_prepared():
-    return (f"{tfds_name} is not prepared at {where} and nothing is "
-            f"downloaded here: {how}")
+    return f"{tfds_name} is not prepared at {where} and nothing is " f"downloaded here: {how}"
   file_format = builder.info.file_format
   if file_format not in file_adapters.FileFormat.with_random_access():
-    return (f"{tfds_name} at {where} is stored as {file_format.value}, which "
-            f"tfds.data_source cannot read: {how}")
+    return (
+        f"{tfds_name} at {where} is stored as {file_format.value}, which "
+        f"tfds.data_source cannot read: {how}"
+    )
   reason = " ".join(f"{type(error).__name__}: {error}".split())
   return f"{tfds_name} at {where} cannot be read ({reason}): {how}"
 
 
-def _resize_shorter_side_and_center_crop(image: np.ndarray,
-                                         size: int) -> np.ndarray:
+def _resize_shorter_side_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes ``(H, W, 3)`` uint8 so its shorter side is ``size``, aspect kept,
   then crops the central ``size x size`` (the usual ImageNet eval transform;
   no distortion)."""
@@ -470,8 +469,7 @@ def _resize_shorter_side_and_center_crop(image: np.ndarray,
   scale = size / min(height, width)
   new_height = max(size, round(height * scale))
   new_width = max(size, round(width * scale))
-  resized = Image.fromarray(image).resize(
-      (new_width, new_height), Image.Resampling.BILINEAR)
+  resized = Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR)
   top = (new_height - size) // 2
   left = (new_width - size) // 2
-  return np.asarray(resized)[top:top + size, left:left + size]
+  return np.asarray(resized)[top : top + size, left : left + size]

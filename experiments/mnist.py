@@ -19,15 +19,22 @@ from experiments import cifar, train
 MODELS = ("lenet300", "lenet5", "conv6")
 DATASETS = ("mnist", "mnist_t10k")
 
-DEFAULTS = dataclasses.replace(cifar.DEFAULTS, dataset="mnist", model="lenet300", sparsity=0.99,
-                               epochs=100, milestones=(50, 75))
+DEFAULTS = dataclasses.replace(
+    cifar.DEFAULTS,
+    dataset="mnist",
+    model="lenet300",
+    sparsity=0.99,
+    epochs=100,
+    milestones=(50, 75),
+)
 
 
 def main(argv=None) -> int:
-    """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    return train.main(argv, DEFAULTS, MODELS, allowed_datasets=DATASETS,
-                      prog="python -m experiments.mnist")
+  """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  return train.main(
+      argv, DEFAULTS, MODELS, allowed_datasets=DATASETS, prog="python -m experiments.mnist"
+  )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -27,147 +27,182 @@ SUMMARY_FILE = "summary.json"
 
 
 class Group(NamedTuple):
-    """Runs of one (dataset, model, method, target sparsity) across seeds."""
+  """Runs of one (dataset, model, method, target sparsity) across seeds."""
 
-    dataset: str
-    model: str
-    method: str
-    sparsity: float
-    accuracies: tuple[float, ...]
-    live_weights: tuple[int, ...]
-    synthetic: bool
+  dataset: str
+  model: str
+  method: str
+  sparsity: float
+  accuracies: tuple[float, ...]
+  live_weights: tuple[int, ...]
+  synthetic: bool
 
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.accuracies)
+  @property
+  def mean(self) -> float:
+    return statistics.fmean(self.accuracies)
 
-    @property
-    def std(self) -> float:
-        """Sample standard deviation over seeds (0 for one seed)."""
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+  @property
+  def std(self) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
 
 def find_summaries(folders: Sequence[str | Path]) -> list[Path]:
-    """Every summary.json in or under ``folders`` (sorted, without duplicates)."""
-    found = set()
-    for folder in map(Path, folders):
-        if folder.is_file() and folder.name == SUMMARY_FILE:
-            found.add(folder.resolve())
-        elif folder.is_dir():
-            found.update(path.resolve() for path in folder.rglob(SUMMARY_FILE))
-    return sorted(found)
+  """Every summary.json in or under ``folders`` (sorted, without duplicates)."""
+  found = set()
+  for folder in map(Path, folders):
+    if folder.is_file() and folder.name == SUMMARY_FILE:
+      found.add(folder.resolve())
+    elif folder.is_dir():
+      found.update(path.resolve() for path in folder.rglob(SUMMARY_FILE))
+  return sorted(found)
 
 
 def group_runs(summaries: Sequence[dict], include_synthetic: bool = False) -> list[Group]:
-    """Groups summary dicts by (dataset, model, method, target sparsity); dense ignores sparsity."""
-    runs = defaultdict(list)
-    for summary in summaries:
-        if summary.get("synthetic") and not include_synthetic:
-            continue
-        config = summary["config"]
-        sparsity = 0.0 if config["method"] == "dense" else float(config["sparsity"])
-        key = (config["dataset"], config["model"], config["method"], sparsity,
-               bool(summary.get("synthetic")))
-        runs[key].append(summary)
-    return [Group(dataset, model, method, sparsity,
-                  tuple(float(run["test_accuracy"]) for run in members),
-                  tuple(int(run["live_weights"]) for run in members), synthetic)
-            for (dataset, model, method, sparsity, synthetic), members in sorted(runs.items())]
+  """Groups summary dicts by (dataset, model, method, target sparsity); dense ignores sparsity."""
+  runs = defaultdict(list)
+  for summary in summaries:
+    if summary.get("synthetic") and not include_synthetic:
+      continue
+    config = summary["config"]
+    sparsity = 0.0 if config["method"] == "dense" else float(config["sparsity"])
+    key = (
+        config["dataset"],
+        config["model"],
+        config["method"],
+        sparsity,
+        bool(summary.get("synthetic")),
+    )
+    runs[key].append(summary)
+  return [
+      Group(
+          dataset,
+          model,
+          method,
+          sparsity,
+          tuple(float(run["test_accuracy"]) for run in members),
+          tuple(int(run["live_weights"]) for run in members),
+          synthetic,
+      )
+      for (dataset, model, method, sparsity, synthetic), members in sorted(runs.items())
+  ]
 
 
 def format_table(groups: Sequence[Group]) -> str:
-    """One line per group: accuracy mean +- std over seeds (in %), seeds, mean live weights."""
-    header = (f"{'dataset':<12}{'model':<13}{'method':<18}{'sparsity':>10}"
-              f"{'test accuracy (%)':>22}{'seeds':>7}{'live weights':>15}")
-    lines = [header, "-" * len(header)]
-    for group in groups:
-        accuracy = f"{100 * group.mean:.2f} ± {100 * group.std:.2f}"
-        tag = " [SYNTHETIC]" if group.synthetic else ""
-        lines.append(
-            f"{group.dataset:<12}{group.model:<13}{group.method:<18}{group.sparsity:>10.4%}"
-            f"{accuracy:>22}{len(group.accuracies):>7}"
-            f"{round(statistics.fmean(group.live_weights)):>15,}{tag}")
-    return "\n".join(lines)
+  """One line per group: accuracy mean +- std over seeds (in %), seeds, mean live weights."""
+  header = (
+      f"{'dataset':<12}{'model':<13}{'method':<18}{'sparsity':>10}"
+      f"{'test accuracy (%)':>22}{'seeds':>7}{'live weights':>15}"
+  )
+  lines = [header, "-" * len(header)]
+  for group in groups:
+    accuracy = f"{100 * group.mean:.2f} ± {100 * group.std:.2f}"
+    tag = " [SYNTHETIC]" if group.synthetic else ""
+    lines.append(
+        f"{group.dataset:<12}{group.model:<13}{group.method:<18}{group.sparsity:>10.4%}"
+        f"{accuracy:>22}{len(group.accuracies):>7}"
+        f"{round(statistics.fmean(group.live_weights)):>15,}{tag}"
+    )
+  return "\n".join(lines)
 
 
 def _sparsity_axis(sparsity: float) -> float:
-    """``-log10(1 - s)``: 90% -> 1, 99% -> 2, 99.9% -> 3."""
-    return -math.log10(1.0 - sparsity)
+  """``-log10(1 - s)``: 90% -> 1, 99% -> 2, 99.9% -> 3."""
+  return -math.log10(1.0 - sparsity)
 
 
 def draw(groups: Sequence[Group], output: Path) -> None:
-    """One panel per (dataset, model): accuracy vs sparsity per method, dense as a line."""
-    import matplotlib
+  """One panel per (dataset, model): accuracy vs sparsity per method, dense as a line."""
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    panels = sorted({(group.dataset, group.model) for group in groups})
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for axis, (dataset, model) in zip(axes[0], panels):
-        members = [group for group in groups if (group.dataset, group.model) == (dataset, model)]
-        pruned = [group for group in members if group.method != "dense"]
-        for method in dict.fromkeys(group.method for group in pruned):
-            points = sorted((group for group in pruned if group.method == method),
-                            key=lambda group: group.sparsity)
-            axis.errorbar([_sparsity_axis(group.sparsity) for group in points],
-                          [100 * group.mean for group in points],
-                          yerr=[100 * group.std for group in points],
-                          marker="o", capsize=3, label=method)
-        for group in members:
-            if group.method == "dense":
-                axis.axhline(100 * group.mean, color="gray", linestyle="--",
-                             label=f"dense ({100 * group.mean:.1f}%)")
-        ticks = sorted({group.sparsity for group in pruned})
-        axis.set_xticks([_sparsity_axis(sparsity) for sparsity in ticks])
-        axis.set_xticklabels([f"{sparsity:.4g}" for sparsity in
-                              (100 * sparsity for sparsity in ticks)], rotation=45)
-        axis.set_xlabel("sparsity (%)")
-        axis.set_ylabel("test accuracy (%)")
-        axis.set_title(f"{model} / {dataset}")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
+  panels = sorted({(group.dataset, group.model) for group in groups})
+  figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for axis, (dataset, model) in zip(axes[0], panels):
+    members = [group for group in groups if (group.dataset, group.model) == (dataset, model)]
+    pruned = [group for group in members if group.method != "dense"]
+    for method in dict.fromkeys(group.method for group in pruned):
+      points = sorted(
+          (group for group in pruned if group.method == method), key=lambda group: group.sparsity
+      )
+      axis.errorbar(
+          [_sparsity_axis(group.sparsity) for group in points],
+          [100 * group.mean for group in points],
+          yerr=[100 * group.std for group in points],
+          marker="o",
+          capsize=3,
+          label=method,
+      )
+    for group in members:
+      if group.method == "dense":
+        axis.axhline(
+            100 * group.mean, color="gray", linestyle="--", label=f"dense ({100 * group.mean:.1f}%)"
+        )
+    ticks = sorted({group.sparsity for group in pruned})
+    axis.set_xticks([_sparsity_axis(sparsity) for sparsity in ticks])
+    axis.set_xticklabels(
+        [f"{sparsity:.4g}" for sparsity in (100 * sparsity for sparsity in ticks)], rotation=45
+    )
+    axis.set_xlabel("sparsity (%)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{model} / {dataset}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  figure.tight_layout()
+  output.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(output, dpi=120)
+  plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Prints the table and writes the PNG; returns 2 (one stderr line) when nothing is found."""
-    from experiments.train import OneLineParser  # pylint: disable=import-outside-toplevel
+  """Prints the table and writes the PNG; returns 2 (one stderr line) when nothing is found."""
+  from experiments.train import OneLineParser  # pylint: disable=import-outside-toplevel
 
-    parser = OneLineParser(prog="python -m experiments.plot",
-                            description="Test accuracy against sparsity per method.")
-    parser.add_argument("workdirs", nargs="+", help="run folders or folders above them")
-    parser.add_argument("--output", default=None,
-                        help="PNG to write (default: accuracy_vs_sparsity.png in the first folder)")
-    parser.add_argument("--include_synthetic", action="store_true",
-                        help="also show runs on synthetic data (marked [SYNTHETIC])")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:
-        return int(exit_request.code or 0)
-    paths = find_summaries(args.workdirs)
-    try:
-        summaries = [json.loads(path.read_text()) for path in paths]
-        groups = group_runs(summaries, args.include_synthetic)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        print(f"{parser.prog}: error: a summary.json is malformed ({error}); "
-              "rerun that run or remove it", file=sys.stderr)
-        return 2
-    if not groups:
-        skipped = " (only synthetic runs; add --include_synthetic)" if paths else ""
-        print(f"{parser.prog}: error: no {SUMMARY_FILE} of a finished run under "
-              f"{' '.join(args.workdirs)}{skipped}", file=sys.stderr)
-        return 2
-    output = (Path(args.output) if args.output
-              else Path(args.workdirs[0]) / "accuracy_vs_sparsity.png")
-    print(format_table(groups))
-    draw(groups, output)
-    print(f"plot: {output}")
-    return 0
+  parser = OneLineParser(
+      prog="python -m experiments.plot", description="Test accuracy against sparsity per method."
+  )
+  parser.add_argument("workdirs", nargs="+", help="run folders or folders above them")
+  parser.add_argument(
+      "--output",
+      default=None,
+      help="PNG to write (default: accuracy_vs_sparsity.png in the first folder)",
+  )
+  parser.add_argument(
+      "--include_synthetic",
+      action="store_true",
+      help="also show runs on synthetic data (marked [SYNTHETIC])",
+  )
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as exit_request:
+    return int(exit_request.code or 0)
+  paths = find_summaries(args.workdirs)
+  try:
+    summaries = [json.loads(path.read_text()) for path in paths]
+    groups = group_runs(summaries, args.include_synthetic)
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    print(
+        f"{parser.prog}: error: a summary.json is malformed ({error}); "
+        "rerun that run or remove it",
+        file=sys.stderr,
+    )
+    return 2
+  if not groups:
+    skipped = " (only synthetic runs; add --include_synthetic)" if paths else ""
+    print(
+        f"{parser.prog}: error: no {SUMMARY_FILE} of a finished run under "
+        f"{' '.join(args.workdirs)}{skipped}",
+        file=sys.stderr,
+    )
+    return 2
+  output = Path(args.output) if args.output else Path(args.workdirs[0]) / "accuracy_vs_sparsity.png"
+  print(format_table(groups))
+  draw(groups, output)
+  print(f"plot: {output}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -38,9 +38,16 @@ from flipout_jax._src import export as export_lib
 
 # Every conv/dense op of the model: weights and input activations int8, the
 # activations with a static (calibrated) symmetric range.
-_RULES = (qwix.QuantizationRule(
-    module_path=".*", weight_qtype=jnp.int8, weight_calibration_method="absmax",
-    act_qtype=jnp.int8, act_calibration_method="absmax", act_static_scale=True),)
+_RULES = (
+    qwix.QuantizationRule(
+        module_path=".*",
+        weight_qtype=jnp.int8,
+        weight_calibration_method="absmax",
+        act_qtype=jnp.int8,
+        act_calibration_method="absmax",
+        act_static_scale=True,
+    ),
+)
 
 
 class Int8Sparsity(NamedTuple):
@@ -55,6 +62,7 @@ class Int8Sparsity(NamedTuple):
       (``|w| < scale / 2``); 0 means the zero positions are identical.
     size: number of weights compared.
   """
+
   float_sparsity: float
   int8_sparsity: float
   zeros_lost: int
@@ -69,6 +77,7 @@ class Int8Sparsity(NamedTuple):
 
 class FileSizes(NamedTuple):
   """Bytes on disk of one set of params written three ways."""
+
   dense_float32: int
   sparse_float32: int
   sparse_int8: int
@@ -112,8 +121,10 @@ def quantize_model(model: nnx.Module, calibration_batches: Iterable) -> nnx.Modu
     # qwix cannot quantize.
     nnx.eval_shape(lambda module, inputs: module(inputs), float_model, batches[0])
   except Exception as error:  # whatever the model raises on such input
-    raise ValueError(f"calibration_batches: the model cannot run on a batch of shape "
-                     f"{batches[0].shape}: {type(error).__name__}: {_first_line(error)}") from error
+    raise ValueError(
+        f"calibration_batches: the model cannot run on a batch of shape "
+        f"{batches[0].shape}: {type(error).__name__}: {_first_line(error)}"
+    ) from error
   try:
     calibrating = qwix.quantize_model(float_model, qwix.QtProvider(_RULES), batches[0])
     for batch in batches:
@@ -122,7 +133,8 @@ def quantize_model(model: nnx.Module, calibration_batches: Iterable) -> nnx.Modu
   except Exception as error:  # qwix fails in many ways on layers it cannot handle.
     raise ValueError(
         f"qwix cannot quantize layer {_failing_layer(error)}: "
-        f"{type(error).__name__}: {_first_line(error)}") from error
+        f"{type(error).__name__}: {_first_line(error)}"
+    ) from error
   _check_kernels_quantized(quantized)
   return quantized
 
@@ -148,15 +160,18 @@ def evaluate(apply_fn: Callable | nnx.Module, images, labels, batch_size: int) -
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   labels = np.asarray(labels)
   if len(images) != len(labels) or len(labels) == 0:
-    raise ValueError(f"images and labels must be non-empty and of equal length, "
-                     f"got {len(images)} and {len(labels)}")
+    raise ValueError(
+        f"images and labels must be non-empty and of equal length, "
+        f"got {len(images)} and {len(labels)}"
+    )
   if isinstance(apply_fn, nnx.Module):
     apply_fn = _jitted_module_call(apply_fn)
   correct = 0
   for start in range(0, len(labels), batch_size):
-    logits = apply_fn(jnp.asarray(images[start:start + batch_size]))
-    correct += int(np.sum(np.argmax(np.asarray(logits), axis=-1)
-                          == labels[start:start + batch_size]))
+    logits = apply_fn(jnp.asarray(images[start : start + batch_size]))
+    correct += int(
+        np.sum(np.argmax(np.asarray(logits), axis=-1) == labels[start : start + batch_size])
+    )
   return correct / len(labels)
 
 
@@ -188,8 +203,9 @@ def int8_weight_sparsity(float_model: nnx.Module, quantized_model: nnx.Module) -
   Returns:
     An :class:`Int8Sparsity` over all quantized kernels.
   """
-  float_params = {"/".join(map(str, path)): value
-                  for path, value in _flat_state(float_model, nnx.Param).items()}
+  float_params = {
+      "/".join(map(str, path)): value for path, value in _flat_state(float_model, nnx.Param).items()
+  }
   size = float_zeros = int8_zeros = zeros_lost = zeros_gained = 0
   for name, int8_values in quantized_kernels(quantized_model).items():
     float_zero = np.asarray(float_params[name]).reshape(int8_values.shape) == 0
@@ -199,9 +215,13 @@ def int8_weight_sparsity(float_model: nnx.Module, quantized_model: nnx.Module) -
     int8_zeros += int(int8_zero.sum())
     zeros_lost += int((float_zero & ~int8_zero).sum())
     zeros_gained += int((~float_zero & int8_zero).sum())
-  return Int8Sparsity(float_sparsity=float_zeros / max(size, 1),
-                      int8_sparsity=int8_zeros / max(size, 1),
-                      zeros_lost=zeros_lost, zeros_gained=zeros_gained, size=size)
+  return Int8Sparsity(
+      float_sparsity=float_zeros / max(size, 1),
+      int8_sparsity=int8_zeros / max(size, 1),
+      zeros_lost=zeros_lost,
+      zeros_gained=zeros_gained,
+      size=size,
+  )
 
 
 def model_file_sizes(params: Mapping, directory) -> FileSizes:
@@ -227,14 +247,17 @@ def model_file_sizes(params: Mapping, directory) -> FileSizes:
   return FileSizes(
       dense_float32=os.path.getsize(dense_path),
       sparse_float32=export_lib.export(params, os.path.join(directory, "sparse_float32.npz")),
-      sparse_int8=export_lib.export(params, os.path.join(directory, "sparse_int8.npz"), int8=True))
+      sparse_int8=export_lib.export(params, os.path.join(directory, "sparse_int8.npz"), int8=True),
+  )
 
 
 def _check_batch_shapes(batches: list[jax.Array]) -> None:
   shapes = {batch.shape[1:] for batch in batches}
   if any(batch.ndim == 0 or batch.shape[0] == 0 for batch in batches) or len(shapes) > 1:
-    raise ValueError("calibration_batches: need non-empty batches of one example shape, "
-                     f"got shapes {sorted({batch.shape for batch in batches})}")
+    raise ValueError(
+        "calibration_batches: need non-empty batches of one example shape, "
+        f"got shapes {sorted({batch.shape for batch in batches})}"
+    )
 
 
 def _jitted_module_call(module: nnx.Module) -> Callable:
@@ -244,8 +267,10 @@ def _jitted_module_call(module: nnx.Module) -> Callable:
 
 def _flat_state(model: nnx.Module, *filters) -> dict[tuple, jax.Array]:
   state = nnx.to_pure_dict(nnx.state(model, *filters))
-  return {tuple(_key_name(key) for key in path): value
-          for path, value in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return {
+      tuple(_key_name(key) for key in path): value
+      for path, value in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
 
 
 def _key_name(key) -> str | int:
@@ -282,4 +307,5 @@ def _check_kernels_quantized(quantized: nnx.Module) -> None:
   if left_float:
     raise ValueError(
         "qwix cannot quantize layer(s) whose kernels it did not see used by a "
-        "convolution, dot or einsum, left float: " + ", ".join(left_float))
+        "convolution, dot or einsum, left float: " + ", ".join(left_float)
+    )

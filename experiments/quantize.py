@@ -29,8 +29,9 @@ from experiments import train
 _RESULT_FILE = "quantize.json"
 
 
-def quantize_run(workdir, *, calibration_batches: int = 8, batch_size: int = 128,
-                 epoch: int | None = None) -> dict[str, Any]:
+def quantize_run(
+    workdir, *, calibration_batches: int = 8, batch_size: int = 128, epoch: int | None = None
+) -> dict[str, Any]:
   """Quantizes the run in ``workdir`` and returns (and writes) the report.
 
   Args:
@@ -56,23 +57,32 @@ def quantize_run(workdir, *, calibration_batches: int = 8, batch_size: int = 128
     return input_pipeline.normalize(images, dataset.mean, dataset.std)
 
   test_images = normalized(dataset.test_images)
-  calibration = [normalized(dataset.train_images[start:start + batch_size])
-                 for start in range(0, min(calibration_batches * batch_size,
-                                           len(dataset.train_images)), batch_size)]
+  calibration = [
+      normalized(dataset.train_images[start : start + batch_size])
+      for start in range(
+          0, min(calibration_batches * batch_size, len(dataset.train_images)), batch_size
+      )
+  ]
   quantized = quantization.quantize_model(run.model, calibration)
   zeros = quantization.int8_weight_sparsity(run.model, quantized)
   params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   (workdir / "export").mkdir(exist_ok=True)
   sizes = quantization.model_file_sizes(params, workdir / "export")
   report = {
-      "workdir": str(workdir), "epoch": run.epoch, "synthetic": run.config.synthetic,
-      "model": run.config.model, "method": run.config.method,
-      "float32_accuracy": quantization.evaluate(run.model, test_images,
-                                                dataset.test_labels, batch_size),
-      "int8_accuracy": quantization.evaluate(quantized, test_images,
-                                             dataset.test_labels, batch_size),
+      "workdir": str(workdir),
+      "epoch": run.epoch,
+      "synthetic": run.config.synthetic,
+      "model": run.config.model,
+      "method": run.config.method,
+      "float32_accuracy": quantization.evaluate(
+          run.model, test_images, dataset.test_labels, batch_size
+      ),
+      "int8_accuracy": quantization.evaluate(
+          quantized, test_images, dataset.test_labels, batch_size
+      ),
       "prunable_sparsity": flipout.sparsity(params),
-      "float32_sparsity": zeros.float_sparsity, "int8_sparsity": zeros.int8_sparsity,
+      "float32_sparsity": zeros.float_sparsity,
+      "int8_sparsity": zeros.int8_sparsity,
       "pruned_weights_kept_zero": zeros.zeros_lost == 0,
       "live_weights_rounded_to_zero": zeros.zeros_gained,
       "calibration_batches": len(calibration),
@@ -86,25 +96,32 @@ def format_report(report: dict[str, Any]) -> str:
   """The report as a few aligned lines."""
   sizes = report["bytes"]
   synthetic = "  [SYNTHETIC DATA: not a result]" if report["synthetic"] else ""
-  return "\n".join([
-      f"{report['model']} / {report['method']} (epoch {report['epoch']}){synthetic}",
-      f"{'':<22}{'float32':>14}{'int8':>14}",
-      f"{'test accuracy':<22}{report['float32_accuracy']:>14.2%}{report['int8_accuracy']:>14.2%}",
-      f"{'sparsity (conv+dense)':<22}{report['float32_sparsity']:>14.4%}"
-      f"{report['int8_sparsity']:>14.4%}",
-      f"live weights that rounded to int8 zero: {report['live_weights_rounded_to_zero']}",
-      f"bytes on disk: dense float32 {sizes['dense_float32']:,}, sparse float32 "
-      f"{sizes['sparse_float32']:,}, sparse int8 {sizes['sparse_int8']:,}",
-  ])
+  return "\n".join(
+      [
+          f"{report['model']} / {report['method']} (epoch {report['epoch']}){synthetic}",
+          f"{'':<22}{'float32':>14}{'int8':>14}",
+          f"{'test accuracy':<22}{report['float32_accuracy']:>14.2%}{report['int8_accuracy']:>14.2%}",
+          f"{'sparsity (conv+dense)':<22}{report['float32_sparsity']:>14.4%}"
+          f"{report['int8_sparsity']:>14.4%}",
+          f"live weights that rounded to int8 zero: {report['live_weights_rounded_to_zero']}",
+          f"bytes on disk: dense float32 {sizes['dense_float32']:,}, sparse float32 "
+          f"{sizes['sparse_float32']:,}, sparse int8 {sizes['sparse_int8']:,}",
+      ]
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: bad input prints one line and returns 2."""
-  parser = train.OneLineParser(prog="python -m experiments.quantize",
-                               description=__doc__.split("\n\n")[0])
+  parser = train.OneLineParser(
+      prog="python -m experiments.quantize", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--workdir", required=True, help="a trained run's folder")
-  parser.add_argument("--calibration_batches", type=int, default=8,
-                      help="training batches that calibrate activation ranges")
+  parser.add_argument(
+      "--calibration_batches",
+      type=int,
+      default=8,
+      help="training batches that calibrate activation ranges",
+  )
   parser.add_argument("--batch_size", type=int, default=128, help="calibration/eval batch size")
   parser.add_argument("--epoch", type=int, default=None, help="checkpoint (default: newest)")
   # qwix 0.1.8 uses Flax APIs that Flax 0.12 deprecates: noise for users.
@@ -114,8 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except SystemExit as exit_request:
     return int(exit_request.code or 0)
   try:
-    report = quantize_run(args.workdir, calibration_batches=args.calibration_batches,
-                          batch_size=args.batch_size, epoch=args.epoch)
+    report = quantize_run(
+        args.workdir,
+        calibration_batches=args.calibration_batches,
+        batch_size=args.batch_size,
+        epoch=args.epoch,
+    )
   except (ValueError, FileNotFoundError) as error:  # ConfigError, DatasetUnavailableError too
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"{parser.prog}: error: {message}", file=sys.stderr)

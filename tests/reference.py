@@ -39,8 +39,17 @@ def _select_lowest(scores, live, count):
   return live_index[order[:count]]
 
 
-def simulate(weights, updates, *, target=None, total_steps=None, prune_every=None,
-             rate=0.5, p=2.0, criterion="flipout"):
+def simulate(
+    weights,
+    updates,
+    *,
+    target=None,
+    total_steps=None,
+    prune_every=None,
+    rate=0.5,
+    p=2.0,
+    criterion="flipout",
+):
   """Runs prune as the last link of a chain whose updates are given.
 
   Args:
@@ -54,19 +63,26 @@ def simulate(weights, updates, *, target=None, total_steps=None, prune_every=Non
   flips = [np.zeros(w.shape, np.int32) for w in weights]
   events = reference_events(target, total_steps, prune_every, rate)
   for step, step_updates in enumerate(updates, start=1):
-    new = [np.where(m, (w + u).astype(np.float32), np.float32(0))
-           for w, u, m in zip(weights, step_updates, masks)]
-    flips = [np.where(m, f + (np.sign(n) != np.sign(w)), 0).astype(np.int32)
-             for f, n, w, m in zip(flips, new, weights, masks)]
+    new = [
+        np.where(m, (w + u).astype(np.float32), np.float32(0))
+        for w, u, m in zip(weights, step_updates, masks)
+    ]
+    flips = [
+        np.where(m, f + (np.sign(n) != np.sign(w)), 0).astype(np.int32)
+        for f, n, w, m in zip(flips, new, weights, masks)
+    ]
     if step in events:
       final = events[step] == "final"
       if criterion == "flipout":
-        scores = [(np.abs(n) ** np.float32(p) / (f + 1).astype(np.float32)).astype(np.float32)
-                  for n, f in zip(new, flips)]
+        scores = [
+            (np.abs(n) ** np.float32(p) / (f + 1).astype(np.float32)).astype(np.float32)
+            for n, f in zip(new, flips)
+        ]
       else:
         scores = [np.abs(n) for n in new]
-      groups = ([[i] for i in range(len(new))] if criterion == "magnitude"
-                else [list(range(len(new)))])
+      groups = (
+          [[i] for i in range(len(new))] if criterion == "magnitude" else [list(range(len(new)))]
+      )
       for group in groups:
         size = sum(new[i].size for i in group)
         pruned = sum(int((~masks[i]).sum()) for i in group)
@@ -78,7 +94,7 @@ def simulate(weights, updates, *, target=None, total_steps=None, prune_every=Non
         flat_masks[chosen] = False
         offset = 0
         for i in group:
-          masks[i] = flat_masks[offset:offset + new[i].size].reshape(new[i].shape)
+          masks[i] = flat_masks[offset : offset + new[i].size].reshape(new[i].shape)
           offset += new[i].size
       flips = [np.where(m, f, 0).astype(np.int32) for f, m in zip(flips, masks)]
       new = [np.where(m, n, np.float32(0)) for n, m in zip(new, masks)]

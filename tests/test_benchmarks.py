@@ -40,8 +40,12 @@ def test_interleaved_timings_rotates_the_order_and_times_every_repetition():
   def runner(name):
     return lambda calls: order.extend([name] * calls)
 
-  timings = _common.interleaved_timings({"a": runner("a"), "b": runner("b"), "c": runner("c")},
-                                        repetitions=3, window_s=0.0, warmup_calls=1)
+  timings = _common.interleaved_timings(
+      {"a": runner("a"), "b": runner("b"), "c": runner("c")},
+      repetitions=3,
+      window_s=0.0,
+      warmup_calls=1,
+  )
   assert timings.calls == {"a": 1, "b": 1, "c": 1}
   # Warm-up (1 call) and calibration (1 call) per runner, then three rotated repetitions.
   assert order == ["a", "a", "b", "b", "c", "c"] + list("abc") + list("bca") + list("cab")
@@ -91,16 +95,21 @@ def test_step_overhead_tiny(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "prune / dense" in printed and "flipout / dense" in printed
   assert "| lenet300 | 16 " in printed
-  result, = _read_json(output)["results"]
+  (result,) = _read_json(output)["results"]
   for variant in ("prune", "flipout"):
     ratio = result["ratios"][variant]
     assert math.isfinite(ratio["median"]) and ratio["p25"] <= ratio["median"] <= ratio["p75"]
   assert all(len(samples) == 3 for samples in result["samples"].values())
 
 
-@pytest.mark.parametrize("argv", [["--tiny", "--models", "vgg99"],
-                                  ["--tiny", "--variants", "dense"],
-                                  ["--tiny", "--variants", "dense,sparse"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tiny", "--models", "vgg99"],
+        ["--tiny", "--variants", "dense"],
+        ["--tiny", "--variants", "dense,sparse"],
+    ],
+)
 def test_step_overhead_bad_input_is_one_line(argv, capsys):
   assert step_overhead.main(argv) == 2
   _assert_one_line_error(capsys)
@@ -118,7 +127,7 @@ def test_gpu_throughput_tiny_with_the_full_chain(tmp_path, capsys):
   assert gpu_throughput.main(["--tiny", "--variants", "dense,flipout", "--json", str(output)]) == 0
   printed = capsys.readouterr().out
   assert "images/s" in printed and "350-epoch run, hours" in printed
-  result, = _read_json(output)["results"]
+  (result,) = _read_json(output)["results"]
   rows = gpu_throughput.throughput_rows(result, ["dense", "flipout"])
   seconds = result["seconds_per_step"]["flipout"]
   # 50,000 // 16 = 3,125 steps per epoch, 350 epochs.
@@ -150,8 +159,9 @@ def test_prune_event_check_fails_when_no_event_happens():
     prune_event.check_branches(prune_event.event_update(), no_event)
 
 
-@pytest.mark.parametrize("text, expected", [("20M", 20_000_000), ("500k", 500_000),
-                                            ("1.5M", 1_500_000), ("1000", 1000)])
+@pytest.mark.parametrize(
+    "text, expected", [("20M", 20_000_000), ("500k", 500_000), ("1.5M", 1_500_000), ("1000", 1000)]
+)
 def test_parse_size(text, expected):
   assert prune_event.parse_size(text) == expected
 
@@ -166,14 +176,16 @@ def test_memory_tiny_counts_five_bytes_per_prunable_weight(tmp_path, capsys):
   output = tmp_path / "memory.json"
   assert memory.main(["--tiny", "--json", str(output)]) == 0
   assert "prune state B/weight" in capsys.readouterr().out
-  result, = _read_json(output)["results"]
+  (result,) = _read_json(output)["results"]
   assert result["prunable_weights"] == LENET300_KERNEL_WEIGHTS
   # bool mask + int32 flip counter per weight, plus one int32 step counter for the whole state.
   assert result["state_bytes_per_prunable_weight"]["prune"] == pytest.approx(
-      5 + 4 / LENET300_KERNEL_WEIGHTS)
+      5 + 4 / LENET300_KERNEL_WEIGHTS
+  )
   # gradient_noise adds one more int32 step counter.
   assert result["state_bytes_per_prunable_weight"]["flipout"] == pytest.approx(
-      5 + 8 / LENET300_KERNEL_WEIGHTS)
+      5 + 8 / LENET300_KERNEL_WEIGHTS
+  )
   # The pruning state is an input and an output of the step: strictly more memory than dense.
   assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0
 
@@ -194,22 +206,33 @@ def test_full_study_grid_size():
 
 
 def test_accuracy_stats_mean_and_sample_std():
-  study = mnist_real.Study(models=("lenet5",), methods=("flipout",), sparsities=(0.9,),
-                           seeds=(0, 1, 2), epochs=(("lenet5", 3),))
+  study = mnist_real.Study(
+      models=("lenet5",),
+      methods=("flipout",),
+      sparsities=(0.9,),
+      seeds=(0, 1, 2),
+      epochs=(("lenet5", 3),),
+  )
   record = lambda accuracy: {"test_accuracy": accuracy, "live_weights": 43_100}
-  runs = {mnist_real.Run("lenet5", "flipout", 0.9, seed, 3).name: record(accuracy)
-          for seed, accuracy in zip((0, 1, 2), (0.90, 0.92, 0.94))}
+  runs = {
+      mnist_real.Run("lenet5", "flipout", 0.9, seed, 3).name: record(accuracy)
+      for seed, accuracy in zip((0, 1, 2), (0.90, 0.92, 0.94))
+  }
   # A run of another length is not part of this study.
   runs[mnist_real.Run("lenet5", "flipout", 0.9, 0, 5).name] = record(0.5)
-  group, = mnist_real.accuracy_groups({"runs": runs}, study)
+  (group,) = mnist_real.accuracy_groups({"runs": runs}, study)
   assert (group.mean, len(group.accuracies)) == (pytest.approx(0.92), 3)
   assert group.std == pytest.approx(0.02)  # sqrt(((-0.02)^2 + 0 + 0.02^2) / (3 - 1))
   assert "92.00 ± 2.00" in mnist_real.accuracy_table({"runs": runs}, study)
 
 
 def test_mnist_real_skips_cleanly_without_data(tmp_path, capsys):
-  assert mnist_real.main(["--tiny", "--data_dir", str(tmp_path / "absent"),
-                          "--workdir", str(tmp_path / "work")]) == 0
+  assert (
+      mnist_real.main(
+          ["--tiny", "--data_dir", str(tmp_path / "absent"), "--workdir", str(tmp_path / "work")]
+      )
+      == 0
+  )
   assert "skipped" in capsys.readouterr().out
   assert not (tmp_path / "work").exists()
 
@@ -221,7 +244,8 @@ def test_mnist_real_rejects_unknown_method(capsys):
 
 @pytest.mark.skipif(
     not (input_pipeline.default_mnist_t10k_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="../shared/data/mnist-t10k is absent")
+    reason="../shared/data/mnist-t10k is absent",
+)
 def test_mnist_real_tiny_trains_resumes_and_retables(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "study"
   assert mnist_real.main(["--tiny", "--workdir", str(workdir)]) == 0
@@ -236,6 +260,7 @@ def test_mnist_real_tiny_trains_resumes_and_retables(tmp_path, capsys, monkeypat
 
   # Everything is done: running again trains nothing and prints the same table.
   from experiments import train
+
   monkeypatch.setattr(train, "train", lambda config: pytest.fail("retrained a finished run"))
   assert mnist_real.main(["--tiny", "--workdir", str(workdir)]) == 0
   again = capsys.readouterr().out

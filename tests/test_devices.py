@@ -20,8 +20,14 @@ import pytest
 
 from experiments import digits, train
 
-_ARGS = ["--method=flipout", "--sparsity=0.9", "--epochs=3", "--batch_size=64",
-         "--no-progress", "--no-tensorboard"]
+_ARGS = [
+    "--method=flipout",
+    "--sparsity=0.9",
+    "--epochs=3",
+    "--batch_size=64",
+    "--no-progress",
+    "--no-tensorboard",
+]
 _FOUR_DEVICES = """
 import sys
 import jax
@@ -38,47 +44,55 @@ _LOSS_RTOL = 1e-4
 
 
 def _state(workdir):
-    run = train.load_run(workdir)
-    params = train.nnx.to_pure_dict(train.nnx.state(run.model, train.nnx.Param))
-    return ([np.asarray(leaf) for leaf in jax.tree.leaves(params)],
-            [np.asarray(leaf) for leaf in jax.tree.leaves(run.masks)])
+  run = train.load_run(workdir)
+  params = train.nnx.to_pure_dict(train.nnx.state(run.model, train.nnx.Param))
+  return (
+      [np.asarray(leaf) for leaf in jax.tree.leaves(params)],
+      [np.asarray(leaf) for leaf in jax.tree.leaves(run.masks)],
+  )
 
 
 def _metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_four_devices_prune_like_one(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
-                         + " --xla_force_host_platform_device_count=4").strip()}
-    four = tmp_path / "four"
-    # The 4-device run goes alongside the 1-device run of this process.
-    process = subprocess.Popen([sys.executable, "-c", _FOUR_DEVICES, *_ARGS, f"--workdir={four}"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    assert jax.device_count() == 1
-    one = tmp_path / "one"
-    assert train.main([*_ARGS, f"--workdir={one}"], digits.DEFAULTS, ("lenet300",)) == 0
-    _, errors = process.communicate(timeout=600)
-    assert process.returncode == 0, errors
-    assert "--batch_size=62 must be divisible by the 4 devices" in errors
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": (
+          os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+      ).strip(),
+  }
+  four = tmp_path / "four"
+  # The 4-device run goes alongside the 1-device run of this process.
+  process = subprocess.Popen(
+      [sys.executable, "-c", _FOUR_DEVICES, *_ARGS, f"--workdir={four}"],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  assert jax.device_count() == 1
+  one = tmp_path / "one"
+  assert train.main([*_ARGS, f"--workdir={one}"], digits.DEFAULTS, ("lenet300",)) == 0
+  _, errors = process.communicate(timeout=600)
+  assert process.returncode == 0, errors
+  assert "--batch_size=62 must be divisible by the 4 devices" in errors
 
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, four)]
-    assert [summary["devices"] for summary in summaries] == [1, 4]
-    params_one, masks_one = _state(one)
-    params_four, masks_four = _state(four)
-    assert len(masks_one) == 3
-    for mask_one, mask_four in zip(masks_one, masks_four):
-        np.testing.assert_array_equal(mask_one, mask_four)
-    assert summaries[0]["sparsity"] == summaries[1]["sparsity"] == 0.9
-    for weights_one, weights_four in zip(params_one, params_four):
-        np.testing.assert_allclose(weights_four, weights_one, rtol=_WEIGHT_RTOL,
-                                   atol=_WEIGHT_ATOL)
-    for record_one, record_four in zip(_metrics(one), _metrics(four), strict=True):
-        assert record_four["train_loss"] == pytest.approx(record_one["train_loss"],
-                                                          rel=_LOSS_RTOL)
-        assert record_four["test_loss"] == pytest.approx(record_one["test_loss"], rel=_LOSS_RTOL)
-        # At most one of the 360 test images may change its predicted class.
-        assert abs(record_four["test_accuracy"] - record_one["test_accuracy"]) <= 1 / 360 + 1e-9
-        assert record_four["sparsity"] == record_one["sparsity"]
+  summaries = [json.loads((run / "summary.json").read_text()) for run in (one, four)]
+  assert [summary["devices"] for summary in summaries] == [1, 4]
+  params_one, masks_one = _state(one)
+  params_four, masks_four = _state(four)
+  assert len(masks_one) == 3
+  for mask_one, mask_four in zip(masks_one, masks_four):
+    np.testing.assert_array_equal(mask_one, mask_four)
+  assert summaries[0]["sparsity"] == summaries[1]["sparsity"] == 0.9
+  for weights_one, weights_four in zip(params_one, params_four):
+    np.testing.assert_allclose(weights_four, weights_one, rtol=_WEIGHT_RTOL, atol=_WEIGHT_ATOL)
+  for record_one, record_four in zip(_metrics(one), _metrics(four), strict=True):
+    assert record_four["train_loss"] == pytest.approx(record_one["train_loss"], rel=_LOSS_RTOL)
+    assert record_four["test_loss"] == pytest.approx(record_one["test_loss"], rel=_LOSS_RTOL)
+    # At most one of the 360 test images may change its predicted class.
+    assert abs(record_four["test_accuracy"] - record_one["test_accuracy"]) <= 1 / 360 + 1e-9
+    assert record_four["sparsity"] == record_one["sparsity"]

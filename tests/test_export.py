@@ -30,18 +30,22 @@ def _sparse(rng, shape, sparsity, dtype=np.float32):
   """Normal weights with exactly round(sparsity * size) zeros."""
   weights = rng.normal(size=shape).astype(dtype)
   flat = weights.reshape(-1)
-  flat[rng.permutation(flat.size)[:round(sparsity * flat.size)]] = 0
+  flat[rng.permutation(flat.size)[: round(sparsity * flat.size)]] = 0
   return weights
 
 
 def _params(rng, sparsity=0.95):
   """A Linen-like tree plus an nnx-like branch with int keys."""
   return {
-      "conv": {"kernel": _sparse(rng, (3, 3, 4, 8), sparsity),
-               "bias": rng.normal(size=(8,)).astype(np.float32)},
+      "conv": {
+          "kernel": _sparse(rng, (3, 3, 4, 8), sparsity),
+          "bias": rng.normal(size=(8,)).astype(np.float32),
+      },
       "bn": {"scale": np.ones(8, np.float32), "mean": np.zeros(8, np.float32)},
-      "layers": {0: {"kernel": _sparse(rng, (32, 10), sparsity)},
-                 1: {"kernel": jnp.asarray(_sparse(rng, (10, 10), sparsity), jnp.bfloat16)}},
+      "layers": {
+          0: {"kernel": _sparse(rng, (32, 10), sparsity)},
+          1: {"kernel": jnp.asarray(_sparse(rng, (10, 10), sparsity), jnp.bfloat16)},
+      },
   }
 
 
@@ -72,16 +76,22 @@ def test_float32_round_trip_is_bit_exact(tmp_path):
 
 
 def test_round_trip_keeps_int_keys_and_str_keys_apart(tmp_path):
-  params = {"layers": {0: {"w": np.ones((2, 2), np.float32)}},
-            "0": {"w": np.zeros((2, 2), np.float32)}}
+  params = {
+      "layers": {0: {"w": np.ones((2, 2), np.float32)}},
+      "0": {"w": np.zeros((2, 2), np.float32)},
+  }
   export_lib.export(params, tmp_path / "m.npz")
   loaded = export_lib.load(tmp_path / "m.npz")
   assert list(loaded["layers"]) == [0] and "0" in loaded
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
-       sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), int8=st.booleans())
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    sparsity=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    int8=st.booleans(),
+)
 def test_round_trip_over_shapes_and_sparsities(shape, sparsity, seed, int8):
   weights = _sparse(np.random.default_rng(seed), tuple(shape), sparsity)
   with tempfile.TemporaryDirectory() as directory:
@@ -129,7 +139,7 @@ def test_int8_round_trip_within_half_a_step_and_zeros_kept(tmp_path):
 def test_int8_keeps_tiny_live_weights_live(tmp_path):
   weights = np.zeros((4, 3), np.float32)
   weights[0] = 1.0
-  weights[1] = [1e-4, -1e-6, 3e-3]     # far below half a step (1 / 254)
+  weights[1] = [1e-4, -1e-6, 3e-3]  # far below half a step (1 / 254)
   export_lib.export({"w": weights}, tmp_path / "t.npz", int8=True)
   loaded = export_lib.load(tmp_path / "t.npz")["w"]
   np.testing.assert_array_equal(loaded == 0, weights == 0)
@@ -174,21 +184,27 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["m.npz"]
 
 
-@pytest.mark.parametrize("params, match", [
-    ([np.ones(2)], "params must be a nested dict"),
-    ({"w": [1.0, 2.0]}, "leaf 'w' is a list"),
-    ({"w": np.ones((2, 2), np.int32)}, "leaf 'w' has dtype int32"),
-    ({"a": {(1, 2): np.ones(2)}}, "must be a str or an int"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ([np.ones(2)], "params must be a nested dict"),
+        ({"w": [1.0, 2.0]}, "leaf 'w' is a list"),
+        ({"w": np.ones((2, 2), np.int32)}, "leaf 'w' has dtype int32"),
+        ({"a": {(1, 2): np.ones(2)}}, "must be a str or an int"),
+    ],
+)
 def test_export_refuses_other_structures_with_type_error(tmp_path, params, match):
   with pytest.raises(TypeError, match=match):
     export_lib.export(params, tmp_path / "m.npz")
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"a/b": np.ones(2)}, "contains '/'"),
-    ({"layers": {0: np.ones(2), "0": np.ones(2)}}, "two keys print as '0'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"a/b": np.ones(2)}, "contains '/'"),
+        ({"layers": {0: np.ones(2), "0": np.ones(2)}}, "two keys print as '0'"),
+    ],
+)
 def test_export_refuses_ambiguous_keys(tmp_path, params, match):
   with pytest.raises(ValueError, match=match):
     export_lib.export(params, tmp_path / "m.npz")
@@ -209,7 +225,7 @@ def test_truncated_and_corrupted_files_are_refused(tmp_path):
   _assert_refused(truncated, "")
   corrupted = tmp_path / "corrupted.npz"
   middle = len(contents) // 3
-  corrupted.write_bytes(contents[:middle] + bytes(64) + contents[middle + 64:])
+  corrupted.write_bytes(contents[:middle] + bytes(64) + contents[middle + 64 :])
   _assert_refused(corrupted, "")
   empty = tmp_path / "empty.npz"
   empty.write_bytes(b"")
@@ -226,13 +242,14 @@ def test_pickle_files_are_refused_without_running_code(tmp_path):
 
 def test_object_arrays_inside_the_archive_are_never_unpickled(tmp_path):
   path = tmp_path / "evil.npz"
-  manifest = {"format": export_lib.FORMAT_NAME, "version": export_lib.FORMAT_VERSION,
-              "leaves": [{"path": ["b"], "shape": [1], "dtype": "float32",
-                          "encoding": "dense"}]}
+  manifest = {
+      "format": export_lib.FORMAT_NAME,
+      "version": export_lib.FORMAT_VERSION,
+      "leaves": [{"path": ["b"], "shape": [1], "dtype": "float32", "encoding": "dense"}],
+  }
   payload = np.empty(1, dtype=object)
   payload[0] = _Exploit()
-  np.savez(path, **{"__flipout_jax_export__": np.array(json.dumps(manifest)),
-                    "b:values": payload})
+  np.savez(path, **{"__flipout_jax_export__": np.array(json.dumps(manifest)), "b:values": payload})
   _assert_refused(path, "")
   assert not _EXPLOITED
 
@@ -263,18 +280,21 @@ def _set(key, value):
   return lambda manifest: manifest["leaves"][0].__setitem__(key, value)
 
 
-@pytest.mark.parametrize("edit_manifest, edit_members, reason", [
-    (lambda m: m.__setitem__("version", 99), None, "unsupported format version 99"),
-    (lambda m: m.__setitem__("format", "else"), None, "does not name the format"),
-    (None, lambda a: a.pop("w:values"), "missing entry 'w:values'"),
-    (None, lambda a: a.__setitem__("w:values", a["w:values"][:-1]), "w: values is float32"),
-    (None, lambda a: a.__setitem__("w:mask", a["w:mask"][:-1]), "w: mask is uint8"),
-    (_set("shape", [5, 7]), None, "w: mask is uint8"),
-    (_set("shape", [4, -1]), None, "bad shape"),
-    (_set("dtype", "object"), None, "unsupported dtype 'object'"),
-    (_set("encoding", "dense"), None, "bad encoding 'dense'"),
-    (_set("path", []), None, "bad leaf path"),
-])
+@pytest.mark.parametrize(
+    "edit_manifest, edit_members, reason",
+    [
+        (lambda m: m.__setitem__("version", 99), None, "unsupported format version 99"),
+        (lambda m: m.__setitem__("format", "else"), None, "does not name the format"),
+        (None, lambda a: a.pop("w:values"), "missing entry 'w:values'"),
+        (None, lambda a: a.__setitem__("w:values", a["w:values"][:-1]), "w: values is float32"),
+        (None, lambda a: a.__setitem__("w:mask", a["w:mask"][:-1]), "w: mask is uint8"),
+        (_set("shape", [5, 7]), None, "w: mask is uint8"),
+        (_set("shape", [4, -1]), None, "bad shape"),
+        (_set("dtype", "object"), None, "unsupported dtype 'object'"),
+        (_set("encoding", "dense"), None, "bad encoding 'dense'"),
+        (_set("path", []), None, "bad leaf path"),
+    ],
+)
 def test_manifest_and_member_mismatches_are_refused(tmp_path, edit_manifest, edit_members, reason):
   path = tmp_path / "m.npz"
   export_lib.export({"w": _sparse(np.random.default_rng(4), (4, 6), 0.5)}, path)

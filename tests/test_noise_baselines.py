@@ -12,10 +12,12 @@ import flipout_jax as flipout
 def _noise_setup():
   rng = np.random.default_rng(0)
   kernel = rng.normal(size=(200, 500)).astype(np.float32)
-  kernel[:, :150] = 0.0                       # 30% pruned
+  kernel[:, :150] = 0.0  # 30% pruned
   params = {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(20000)}  # zero bias is live
-  grads = {"kernel": jnp.asarray(rng.normal(size=(200, 500)) + 1.0, jnp.float32),
-           "bias": jnp.asarray(rng.normal(size=20000) * 0.5, jnp.float32)}
+  grads = {
+      "kernel": jnp.asarray(rng.normal(size=(200, 500)) + 1.0, jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=20000) * 0.5, jnp.float32),
+  }
   return params, grads
 
 
@@ -28,12 +30,12 @@ def test_noise_sigma_uses_live_weights_only():
   want_kernel_sigma = 2.0 * np.linalg.norm(g * live) / np.sqrt(g.size)
   dense_sigma = 2.0 * np.linalg.norm(g) / np.sqrt(g.size)
   noise = np.asarray(noisy["kernel"], np.float64) - g
-  assert abs(noise.std() / want_kernel_sigma - 1) < 0.01       # 100k samples: ~0.2% error
+  assert abs(noise.std() / want_kernel_sigma - 1) < 0.01  # 100k samples: ~0.2% error
   assert abs(noise.mean()) < 0.01 * want_kernel_sigma
-  assert abs(noise.std() / dense_sigma - 1) > 0.05              # the mask matters here
+  assert abs(noise.std() / dense_sigma - 1) > 0.05  # the mask matters here
   bias_noise = np.asarray(noisy["bias"], np.float64) - np.asarray(grads["bias"])
   want_bias_sigma = 2.0 * np.linalg.norm(np.asarray(grads["bias"], np.float64)) / np.sqrt(20000)
-  assert abs(bias_noise.std() / want_bias_sigma - 1) < 0.03     # zero biases are not "pruned"
+  assert abs(bias_noise.std() / want_bias_sigma - 1) < 0.03  # zero biases are not "pruned"
 
 
 def test_noise_is_seeded_per_step_and_respects_where():
@@ -48,22 +50,31 @@ def test_noise_is_seeded_per_step_and_respects_where():
   assert np.any(np.asarray(first["kernel"]) != np.asarray(second["kernel"]))
   np.testing.assert_array_equal(first["bias"], grads["bias"])
   silent = flipout.gradient_noise(0.0)
-  np.testing.assert_array_equal(silent.update(grads, silent.init(params), params)[0]["kernel"],
-                                grads["kernel"])
+  np.testing.assert_array_equal(
+      silent.update(grads, silent.init(params), params)[0]["kernel"], grads["kernel"]
+  )
 
 
 def test_snip_keeps_largest_connection_sensitivity():
   rng = np.random.default_rng(1)
-  params = {"a": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "bias": jnp.ones(4)}
+  params = {
+      "a": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+      "bias": jnp.ones(4),
+  }
   coefficients = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32), params)
-  loss = lambda p, batch: sum(jnp.sum(w * c) * batch for w, c in
-                              zip(jax.tree.leaves(p), jax.tree.leaves(coefficients)))
+  loss = lambda p, batch: sum(
+      jnp.sum(w * c) * batch for w, c in zip(jax.tree.leaves(p), jax.tree.leaves(coefficients))
+  )
   masks = flipout.snip(loss, params, 2.0, 0.75)
   assert masks["bias"] is None
-  scores = np.concatenate([np.abs(2.0 * np.asarray(coefficients[k]) * np.asarray(params[k])).ravel()
-                           for k in ("a", "b")])
-  pruned = np.argsort(scores, kind="stable")[:round(0.75 * scores.size)]
+  scores = np.concatenate(
+      [
+          np.abs(2.0 * np.asarray(coefficients[k]) * np.asarray(params[k])).ravel()
+          for k in ("a", "b")
+      ]
+  )
+  pruned = np.argsort(scores, kind="stable")[: round(0.75 * scores.size)]
   want = np.ones(scores.size, bool)
   want[pruned] = False
   got = np.concatenate([np.asarray(masks[k]).ravel() for k in ("a", "b")])
@@ -72,10 +83,13 @@ def test_snip_keeps_largest_connection_sensitivity():
 
 def test_hoyer_square_matches_formula():
   rng = np.random.default_rng(2)
-  params = {"a": rng.normal(size=(5, 7)).astype(np.float32),
-            "b": np.zeros((3, 3), np.float32), "bias": np.ones(7, np.float32)}
+  params = {
+      "a": rng.normal(size=(5, 7)).astype(np.float32),
+      "b": np.zeros((3, 3), np.float32),
+      "bias": np.ones(7, np.float32),
+  }
   a = params["a"].astype(np.float64)
-  want = np.abs(a).sum() ** 2 / (a ** 2).sum()
+  want = np.abs(a).sum() ** 2 / (a**2).sum()
   got = flipout.hoyer_square(jax.tree.map(jnp.asarray, params))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   assert np.isfinite(float(jax.grad(flipout.hoyer_square)(params)["b"].sum()))
@@ -83,8 +97,8 @@ def test_hoyer_square_matches_formula():
 
 def test_summary_counts_dead_units():
   kernel = np.ones((3, 4), np.float32)
-  kernel[:, 2] = 0.0      # output unit 2 has no live input: dead
-  kernel[0, :] = 0.0      # input unit 0 feeds nothing: dead
+  kernel[:, 2] = 0.0  # output unit 2 has no live input: dead
+  kernel[0, :] = 0.0  # input unit 0 feeds nothing: dead
   conv = np.zeros((3, 3, 2, 5), np.float32)
   conv[1, 1, 0, 4] = 1.0  # only filter 4 has a live weight, only input channel 0 is used
   report = flipout.summary({"dense": {"kernel": kernel, "bias": np.zeros(4)}, "conv": conv})

@@ -17,17 +17,28 @@ SHAPES = {"conv": (3, 3, 2, 4), "dense": (12, 5), "head": (5, 3)}
 
 def _params(seed):
   rng = np.random.default_rng(seed)
-  params = {name: {"kernel": rng.normal(size=shape).astype(np.float32),
-                   "bias": rng.normal(size=shape[-1]).astype(np.float32)}
-            for name, shape in SHAPES.items()}
+  params = {
+      name: {
+          "kernel": rng.normal(size=shape).astype(np.float32),
+          "bias": rng.normal(size=shape[-1]).astype(np.float32),
+      }
+      for name, shape in SHAPES.items()
+  }
   return params
 
 
 def _updates(seed, steps, scale=0.6):
   rng = np.random.default_rng(seed + 1000)
-  return [{name: {"kernel": (scale * rng.normal(size=shape)).astype(np.float32),
-                  "bias": (scale * rng.normal(size=shape[-1])).astype(np.float32)}
-           for name, shape in SHAPES.items()} for _ in range(steps)]
+  return [
+      {
+          name: {
+              "kernel": (scale * rng.normal(size=shape)).astype(np.float32),
+              "bias": (scale * rng.normal(size=shape[-1])).astype(np.float32),
+          }
+          for name, shape in SHAPES.items()
+      }
+      for _ in range(steps)
+  ]
 
 
 def _kernels(tree):
@@ -39,8 +50,9 @@ def _run_and_compare(tx, steps, seed=0, **reference_kwargs):
   updates = _updates(seed, steps)
   state = tx.init(params)
   step_fn = jax.jit(tx.update)
-  expected = reference.simulate(_kernels(params), [_kernels(u) for u in updates],
-                                **reference_kwargs)
+  expected = reference.simulate(
+      _kernels(params), [_kernels(u) for u in updates], **reference_kwargs
+  )
   events_seen = 0
   bias = _params(seed)["head"]["bias"]
   for step, (u, (want_w, want_m, want_f)) in enumerate(zip(updates, expected), start=1):
@@ -61,9 +73,15 @@ def _run_and_compare(tx, steps, seed=0, **reference_kwargs):
   return params, state
 
 
-@pytest.mark.parametrize("criterion,p,target", [
-    ("flipout", 2.0, 0.9), ("flipout", 1.0, 0.75), ("global_magnitude", 2.0, 0.95),
-    ("magnitude", 2.0, 0.8)])
+@pytest.mark.parametrize(
+    "criterion,p,target",
+    [
+        ("flipout", 2.0, 0.9),
+        ("flipout", 1.0, 0.75),
+        ("global_magnitude", 2.0, 0.95),
+        ("magnitude", 2.0, 0.8),
+    ],
+)
 def test_target_mode_matches_reference(criterion, p, target):
   tx = flipout.prune(target, total_steps=40, p=p, criterion=criterion)
   _run_and_compare(tx, 40, target=target, total_steps=40, p=p, criterion=criterion)
@@ -77,8 +95,13 @@ def test_rate_mode_matches_reference(rate, target, total_steps):
 
 def test_paper_schedule_table():
   # FLIPOUT.md: E = 350 epochs, f = 117, 70, 50, 39, 32 for 75% ... 99.90%.
-  for target, interval in [(0.75, 117), (0.9375, 70), (0.984375, 50),
-                           (0.99609375, 39), (0.999, 32)]:
+  for target, interval in [
+      (0.75, 117),
+      (0.9375, 70),
+      (0.984375, 50),
+      (0.99609375, 39),
+      (0.999, 32),
+  ]:
     steps = flipout.event_steps(target, 350)
     assert steps[0] == interval and np.all(np.diff(steps) == interval)
   assert len(flipout.event_steps(0.999, 350)) == 10
@@ -86,8 +109,10 @@ def test_paper_schedule_table():
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.98, 0.999, 0.3333])
 def test_exact_target_sparsity(target):
-  params = {"a": jnp.asarray(np.random.default_rng(1).normal(size=(97, 31)), jnp.float32),
-            "b": jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 7, 11)), jnp.float32)}
+  params = {
+      "a": jnp.asarray(np.random.default_rng(1).normal(size=(97, 31)), jnp.float32),
+      "b": jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 7, 11)), jnp.float32),
+  }
   num_prunable = 97 * 31 + 3 * 3 * 7 * 11
   tx = flipout.prune(target, total_steps=60)
   state = tx.init(params)
@@ -108,13 +133,14 @@ def test_rate_mode_reproduces_paper_sparsity():
   for _ in range(21):
     updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
     params = optax.apply_updates(params, updates)
-  assert flipout.sparsity(params) == 1 - 0.5 ** 4
+  assert flipout.sparsity(params) == 1 - 0.5**4
 
 
 def test_whole_run_traces_once():
   traces = []
-  tx = optax.chain(flipout.gradient_noise(1.0), optax.sgd(0.1, momentum=0.9),
-                   flipout.prune(0.9, total_steps=30))
+  tx = optax.chain(
+      flipout.gradient_noise(1.0), optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=30)
+  )
   params = _params(0)
 
   @jax.jit
@@ -190,10 +216,13 @@ def test_non_finite_weights_keep_exact_counts():
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(values=st.lists(st.sampled_from([-1.5, -0.0, 0.0, 0.25, 0.5, 2.0, np.inf, np.nan]),
-                                  min_size=24, max_size=24),
-                  live=st.lists(st.booleans(), min_size=24, max_size=24),
-                  k_fraction=st.floats(0, 1))
+@hypothesis.given(
+    values=st.lists(
+        st.sampled_from([-1.5, -0.0, 0.0, 0.25, 0.5, 2.0, np.inf, np.nan]), min_size=24, max_size=24
+    ),
+    live=st.lists(st.booleans(), min_size=24, max_size=24),
+    k_fraction=st.floats(0, 1),
+)
 def test_lowest_k_equals_stable_argsort(values, live, k_fraction):
   scores = np.asarray(values, np.float32)
   live = np.asarray(live)
@@ -207,18 +236,21 @@ def test_lowest_k_equals_stable_argsort(values, live, k_fraction):
 @jax.jit
 def _lowest_k_split(scores, live, k):
   # Two leaves, to exercise tie-breaking across leaves.
-  keys = [select.sortable_keys(scores[:10], live[:10]),
-          select.sortable_keys(scores[10:].reshape(2, 7), live[10:].reshape(2, 7))]
+  keys = [
+      select.sortable_keys(scores[:10], live[:10]),
+      select.sortable_keys(scores[10:].reshape(2, 7), live[10:].reshape(2, 7)),
+  ]
   first, second = select.lowest_k(keys, k)
   return jnp.concatenate([first, second.ravel()])
 
 
 def test_state_is_five_bytes_per_prunable_weight():
-  params = {"conv": {"kernel": jnp.ones((3, 3, 16, 32)), "bias": jnp.ones(32)},
-            "bn": {"scale": jnp.ones(32)}}
+  params = {
+      "conv": {"kernel": jnp.ones((3, 3, 16, 32)), "bias": jnp.ones(32)},
+      "bn": {"scale": jnp.ones(32)},
+  }
   state = jax.eval_shape(flipout.prune(0.9, total_steps=10).init, params)
-  state_bytes = sum(x.size * x.dtype.itemsize
-                    for x in jax.tree.leaves((state.masks, state.flips)))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.masks, state.flips)))
   assert state_bytes == 5 * 3 * 3 * 16 * 32
   assert state.masks["conv"]["bias"] is None and state.flips["bn"]["scale"] is None
   # Reading an abstract state (jax.eval_shape) works too.
@@ -234,11 +266,17 @@ def test_lowest_k_on_large_arrays_uses_exact_counts(fraction):
   second = rng.standard_exponential(size=1_300_000).astype(np.float32)
   live = [rng.random(first.shape) < 0.9, np.ones(second.shape, bool)]
   k = int(round(fraction * (live[0].sum() + live[1].sum())))
-  chosen = jax.jit(lambda a, b, la, lb, k: select.lowest_k(
-      [select.sortable_keys(a, la), select.sortable_keys(b, lb)], k))(
-          first, second, live[0], live[1], k)
+  chosen = jax.jit(
+      lambda a, b, la, lb, k: select.lowest_k(
+          [select.sortable_keys(a, la), select.sortable_keys(b, lb)], k
+      )
+  )(first, second, live[0], live[1], k)
   want = np.zeros(first.size + second.size, bool)
-  want[reference._select_lowest(np.concatenate([first.ravel(), second]),
-                                np.concatenate([live[0].ravel(), live[1]]), k)] = True
-  np.testing.assert_array_equal(np.concatenate([np.asarray(chosen[0]).ravel(),
-                                                np.asarray(chosen[1])]), want)
+  want[
+      reference._select_lowest(
+          np.concatenate([first.ravel(), second]), np.concatenate([live[0].ravel(), live[1]]), k
+      )
+  ] = True
+  np.testing.assert_array_equal(
+      np.concatenate([np.asarray(chosen[0]).ravel(), np.asarray(chosen[1])]), want
+  )

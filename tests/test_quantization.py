@@ -47,8 +47,12 @@ def _train(model, images, labels):
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = optax.adam(3e-3)
-  batch_indices = np.stack([np.random.default_rng(step).choice(len(images), _BATCH, replace=False)
-                            for step in range(_TRAIN_STEPS)])
+  batch_indices = np.stack(
+      [
+          np.random.default_rng(step).choice(len(images), _BATCH, replace=False)
+          for step in range(_TRAIN_STEPS)
+      ]
+  )
 
   def loss_fn(params, batch_stats, batch_images, batch_labels):
     stepping_model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -59,7 +63,8 @@ def _train(model, images, labels):
   def step(carry, indices):
     params, batch_stats, opt_state = carry
     grads, batch_stats = jax.grad(loss_fn, has_aux=True)(
-        params, batch_stats, images[indices], labels[indices])
+        params, batch_stats, images[indices], labels[indices]
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), None
 
@@ -80,7 +85,7 @@ def _prune_half_of_each_kernel(model):
     if isinstance(kernel, nnx.Param):
       weights = np.asarray(kernel.get_value())
       flat = weights.reshape(-1).copy()
-      flat[np.argsort(np.abs(flat))[:flat.size // 2]] = 0
+      flat[np.argsort(np.abs(flat))[: flat.size // 2]] = 0
       kernel.set_value(jnp.asarray(flat.reshape(weights.shape)))
 
 
@@ -107,7 +112,7 @@ def pruned_model(digits):
 @pytest.fixture(scope="module")
 def calibration_batches(digits):
   train_images = digits[0]
-  return [train_images[start:start + _BATCH] for start in range(0, 3 * _BATCH, _BATCH)]
+  return [train_images[start : start + _BATCH] for start in range(0, 3 * _BATCH, _BATCH)]
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +137,14 @@ def test_int8_kernels_have_exactly_the_float_zero_positions(pruned_model, quanti
   assert report.float_sparsity == pytest.approx(expected_sparsity, abs=1e-12)
   assert report.int8_sparsity == report.float_sparsity
   assert report.zeros_lost == 0 and report.zeros_gained == 0 and report.same_zeros
-  float_kernels = {name: np.asarray(module.kernel.get_value())
-                   for name, module in (("conv1", pruned_model.conv1),
-                                        ("conv2", pruned_model.conv2),
-                                        ("head", pruned_model.head))}
+  float_kernels = {
+      name: np.asarray(module.kernel.get_value())
+      for name, module in (
+          ("conv1", pruned_model.conv1),
+          ("conv2", pruned_model.conv2),
+          ("head", pruned_model.head),
+      )
+  }
   for name, int8_values in quantization.quantized_kernels(quantized_model).items():
     np.testing.assert_array_equal(int8_values == 0, float_kernels[name.split("/")[0]] == 0)
 
@@ -159,14 +168,17 @@ def _activation_scale(quantized_model, layer):
 
 
 def test_activation_scale_is_static_and_calibrated_on_all_batches(
-    quantized_model, calibration_batches):
+    quantized_model, calibration_batches
+):
   # The first conv sees the images themselves: its static scale is the mean
   # over every calibration example of max|x|, over qwix's symmetric int8
   # bound 127.5.
   per_example_max = np.concatenate(
-      [np.abs(batch).reshape(len(batch), -1).max(axis=1) for batch in calibration_batches])
+      [np.abs(batch).reshape(len(batch), -1).max(axis=1) for batch in calibration_batches]
+  )
   assert _activation_scale(quantized_model, "conv1") == pytest.approx(
-      per_example_max.mean() / 127.5, rel=1e-5)
+      per_example_max.mean() / 127.5, rel=1e-5
+  )
   first_batch_only = np.abs(calibration_batches[0]).reshape(_BATCH, -1).max(axis=1).mean()
   assert per_example_max.mean() != pytest.approx(first_batch_only, rel=1e-5)
   for layer in ("conv2", "head"):
@@ -212,7 +224,9 @@ class _ElementwiseGain(nnx.Module):
 def test_layer_qwix_cannot_quantize_gives_value_error_naming_it():
   # The digits batch shape, so that eager ops compiled for the fixture are reused.
   images = jnp.ones((_BATCH, 8, 8, 1))
-  with pytest.raises(ValueError, match=r"qwix cannot quantize layer 'inner' \(_KernelReusedElementwise\)"):
+  with pytest.raises(
+      ValueError, match=r"qwix cannot quantize layer 'inner' \(_KernelReusedElementwise\)"
+  ):
     quantization.quantize_model(_Wrapper(nnx.Rngs(0)), [images])
 
 
@@ -221,11 +235,17 @@ def test_kernel_left_in_float_gives_value_error_naming_it():
     quantization.quantize_model(_ElementwiseGain(nnx.Rngs(0)), [jnp.ones((2, 8, 8, 1))])
 
 
-@pytest.mark.parametrize("batches, match", [
-    ([], "need at least one batch"),
-    ([np.ones((2, 8, 8, 1)), np.ones((2, 4, 4, 1))], "need non-empty batches of one example shape"),
-    ([np.ones((2, 5, 5, 1))], r"the model cannot run on a batch of shape \(2, 5, 5, 1\)"),
-])
+@pytest.mark.parametrize(
+    "batches, match",
+    [
+        ([], "need at least one batch"),
+        (
+            [np.ones((2, 8, 8, 1)), np.ones((2, 4, 4, 1))],
+            "need non-empty batches of one example shape",
+        ),
+        ([np.ones((2, 5, 5, 1))], r"the model cannot run on a batch of shape \(2, 5, 5, 1\)"),
+    ],
+)
 def test_bad_calibration_batches_are_refused(batches, match):
   with pytest.raises(ValueError, match=f"calibration_batches: {match}"):
     quantization.quantize_model(_new_tiny_cnn(), batches)
@@ -240,12 +260,15 @@ def test_evaluate_counts_correct_argmax_over_uneven_batches():
   assert quantization.evaluate(apply_fn, images, labels, batch_size=3) == pytest.approx(5 / 7)
 
 
-@pytest.mark.parametrize("batch_size, images, labels", [
-    (0, np.zeros(2), np.zeros(2)),
-    (True, np.zeros(2), np.zeros(2)),
-    (2, np.zeros(3), np.zeros(2)),
-    (2, np.zeros(0), np.zeros(0)),
-])
+@pytest.mark.parametrize(
+    "batch_size, images, labels",
+    [
+        (0, np.zeros(2), np.zeros(2)),
+        (True, np.zeros(2), np.zeros(2)),
+        (2, np.zeros(3), np.zeros(2)),
+        (2, np.zeros(0), np.zeros(0)),
+    ],
+)
 def test_evaluate_refuses_bad_arguments(batch_size, images, labels):
   with pytest.raises(ValueError):
     quantization.evaluate(lambda batch: batch, images, labels, batch_size)
@@ -261,4 +284,7 @@ def test_model_file_sizes_order_dense_sparse_int8(tmp_path):
   assert dense_bytes <= sizes.dense_float32 <= dense_bytes + 2048
   assert sizes.sparse_int8 < sizes.sparse_float32 < sizes.dense_float32
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "dense_float32.npz", "sparse_float32.npz", "sparse_int8.npz"]
+      "dense_float32.npz",
+      "sparse_float32.npz",
+      "sparse_int8.npz",
+  ]

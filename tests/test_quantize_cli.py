@@ -13,8 +13,9 @@ from experiments import train
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("digits_run")
-  config = dataclasses.replace(digits.DEFAULTS, epochs=6, sparsity=0.9, method="flipout",
-                               workdir=str(workdir))
+  config = dataclasses.replace(
+      digits.DEFAULTS, epochs=6, sparsity=0.9, method="flipout", workdir=str(workdir)
+  )
   summary = train.train(config)
   return workdir, summary
 
@@ -36,11 +37,14 @@ def test_quantized_run_keeps_accuracy_and_sparsity(trained_run, capsys):
   assert report["calibration_batches"] == 4
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--workdir", "{empty}"], "checkpoints"),
-    (["--workdir", "{run}", "--calibration_batches", "0"], "calibration_batches"),
-    ([], "--workdir"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--workdir", "{empty}"], "checkpoints"),
+        (["--workdir", "{run}", "--calibration_batches", "0"], "calibration_batches"),
+        ([], "--workdir"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys, argv, match):
   workdir, _ = trained_run
   argv = [a.format(empty=tmp_path, run=workdir) for a in argv]

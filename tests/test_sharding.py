@@ -54,9 +54,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_params_give_identical_masks_and_flips():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "SHARDED-OK" in result.stdout

@@ -10,8 +10,8 @@ from flax import nnx
 
 import flipout_jax as flipout
 
-TOTAL_STEPS = 60     # events at 12, 24, 36, 48 for 90% at rate 0.5
-RUN_STEPS = 260      # so 212 steps follow the last event
+TOTAL_STEPS = 60  # events at 12, 24, 36, 48 for 90% at rate 0.5
+RUN_STEPS = 260  # so 212 steps follow the last event
 
 
 def _data(seed=0, n=64):
@@ -23,10 +23,16 @@ def _data(seed=0, n=64):
 
 def _mlp_params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"hidden": {"kernel": jnp.asarray(rng.normal(size=(10, 32)) * 0.3, jnp.float32),
-                     "bias": jnp.zeros(32)},
-          "out": {"kernel": jnp.asarray(rng.normal(size=(32, 3)) * 0.3, jnp.float32),
-                  "bias": jnp.zeros(3)}}
+  return {
+      "hidden": {
+          "kernel": jnp.asarray(rng.normal(size=(10, 32)) * 0.3, jnp.float32),
+          "bias": jnp.zeros(32),
+      },
+      "out": {
+          "kernel": jnp.asarray(rng.normal(size=(32, 3)) * 0.3, jnp.float32),
+          "bias": jnp.zeros(3),
+      },
+  }
 
 
 def _loss(params, x, y):
@@ -46,13 +52,17 @@ def _train(tx, steps=RUN_STEPS, params=None):
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     masks = flipout.masks(state)
-    leaked = jnp.maximum(*[
-        jnp.max(jnp.where(masks[k]["kernel"], 0.0, jnp.abs(params[k]["kernel"])))
-        for k in ("hidden", "out")])
+    leaked = jnp.maximum(
+        *[
+            jnp.max(jnp.where(masks[k]["kernel"], 0.0, jnp.abs(params[k]["kernel"])))
+            for k in ("hidden", "out")
+        ]
+    )
     return (params, state), leaked
 
-  (params, state), leaked = jax.jit(
-      lambda p, s: jax.lax.scan(step, (p, s), None, length=steps))(params, tx.init(params))
+  (params, state), leaked = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=steps))(
+      params, tx.init(params)
+  )
   return params, state, np.asarray(leaked)
 
 
@@ -63,15 +73,17 @@ OPTIMIZERS = {
     "adam": optax.adam(1e-2),
     "adamw": optax.adamw(1e-2, weight_decay=1e-2),
     "rmsprop": optax.rmsprop(1e-2, momentum=0.9),
-    "coupled_weight_decay": optax.chain(optax.add_decayed_weights(5e-4),
-                                        optax.sgd(0.1, momentum=0.9)),
+    "coupled_weight_decay": optax.chain(
+        optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_pruned_weights_stay_exactly_zero(name):
-  tx = optax.chain(flipout.gradient_noise(1.0), OPTIMIZERS[name],
-                   flipout.prune(0.9, total_steps=TOTAL_STEPS))
+  tx = optax.chain(
+      flipout.gradient_noise(1.0), OPTIMIZERS[name], flipout.prune(0.9, total_steps=TOTAL_STEPS)
+  )
   params, state, leaked = _train(tx)
   assert np.all(leaked == 0.0), f"pruned weights moved at steps {np.flatnonzero(leaked)}"
   report = flipout.summary(params)
@@ -118,7 +130,8 @@ def test_flax_linen_params_dict():
   @jax.jit
   def step(params, state):
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, x), y).mean()
+        model.apply({"params": p}, x), y
+    ).mean()
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     return optax.apply_updates(params, updates), state
 
@@ -128,8 +141,9 @@ def test_flax_linen_params_dict():
   assert masks["layers_0"]["bias"] is None
   report = flipout.summary(params)
   assert report.size - report.live == round(0.7 * report.size)
-  np.testing.assert_array_equal(np.asarray(masks["layers_2"]["kernel"]),
-                                np.asarray(params["layers_2"]["kernel"]) != 0)
+  np.testing.assert_array_equal(
+      np.asarray(masks["layers_2"]["kernel"]), np.asarray(params["layers_2"]["kernel"]) != 0
+  )
 
 
 class _NnxNet(nnx.Module):
@@ -145,8 +159,9 @@ class _NnxNet(nnx.Module):
 
 def test_flax_nnx_optimizer():
   model = _NnxNet(nnx.Rngs(0))
-  tx = optax.chain(flipout.gradient_noise(1.0), optax.sgd(0.1, momentum=0.9),
-                   flipout.prune(0.9, total_steps=30))
+  tx = optax.chain(
+      flipout.gradient_noise(1.0), optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=30)
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x, y = _data()
 
@@ -167,14 +182,16 @@ def test_flax_nnx_optimizer():
 
 def test_fixed_masks_zero_dense_params_then_hold():
   params = _mlp_params()
-  masks = jax.tree.map(lambda w: (jnp.arange(w.size).reshape(w.shape) % 3 == 0) if w.ndim == 2
-                       else None, params)
+  masks = jax.tree.map(
+      lambda w: (jnp.arange(w.size).reshape(w.shape) % 3 == 0) if w.ndim == 2 else None, params
+  )
   tx = optax.chain(optax.adam(1e-2), flipout.fixed_masks(masks))
   params, state, leaked = _train(tx, steps=50, params=params)
   assert np.all(leaked == 0.0)
   for name in ("hidden", "out"):
-    np.testing.assert_array_equal(np.asarray(params[name]["kernel"]) != 0,
-                                  np.asarray(masks[name]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params[name]["kernel"]) != 0, np.asarray(masks[name]["kernel"])
+    )
     # Zeroing the masked weights of the dense params on step 1 is not a flip.
     flips = np.asarray(flipout.flip_counts(state)[name]["kernel"])
     assert np.all(flips[~np.asarray(masks[name]["kernel"])] == 0)
@@ -194,12 +211,14 @@ def test_prune_below_once_at_step():
     params = optax.apply_updates(params, updates)
     if step == 10:
       for name in ("hidden", "out"):
-        np.testing.assert_array_equal(flipout.masks(state)[name]["kernel"],
-                                      expected_live[name]["kernel"])
+        np.testing.assert_array_equal(
+            flipout.masks(state)[name]["kernel"], expected_live[name]["kernel"]
+        )
   assert 0 < flipout.sparsity(params) < 1
   for name in ("hidden", "out"):
-    np.testing.assert_array_equal(np.asarray(params[name]["kernel"]) == 0,
-                                  ~np.asarray(flipout.masks(state)[name]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params[name]["kernel"]) == 0, ~np.asarray(flipout.masks(state)[name]["kernel"])
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -207,23 +226,34 @@ def test_prune_below_once_at_step():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(target_sparsity=1.0, total_steps=10), ValueError, "target_sparsity must be in"),
-    (dict(target_sparsity=-0.1, total_steps=10), ValueError, "target_sparsity"),
-    (dict(target_sparsity="0.5", total_steps=10), TypeError, "target_sparsity"),
-    (dict(target_sparsity=0.5, total_steps=10, rate=0.0), ValueError, r"rate must be in \(0, 1\)"),
-    (dict(target_sparsity=0.5, total_steps=10, rate=1.0), ValueError, "rate"),
-    (dict(target_sparsity=0.5, total_steps=10, p=0), ValueError, "p must be > 0"),
-    (dict(target_sparsity=0.5, total_steps=0), ValueError, "total_steps must be a positive"),
-    (dict(target_sparsity=0.5, total_steps=2.5), TypeError, "total_steps"),
-    (dict(prune_every=-3), ValueError, "prune_every"),
-    (dict(target_sparsity=0.5), ValueError, "total_steps .*prune_every"),
-    (dict(), ValueError, "needs a schedule"),
-    (dict(target_sparsity=0.999, total_steps=30), ValueError, "too short.*total_steps >= 51"),
-    (dict(target_sparsity=0.5, total_steps=10, criterion="snipe"), ValueError, "criterion must be one of"),
-    (dict(target_sparsity=0.5, total_steps=10, criterion=3), TypeError, "criterion"),
-    (dict(target_sparsity=0.5, total_steps=10, where=[1, 2]), TypeError, "where"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(target_sparsity=1.0, total_steps=10), ValueError, "target_sparsity must be in"),
+        (dict(target_sparsity=-0.1, total_steps=10), ValueError, "target_sparsity"),
+        (dict(target_sparsity="0.5", total_steps=10), TypeError, "target_sparsity"),
+        (
+            dict(target_sparsity=0.5, total_steps=10, rate=0.0),
+            ValueError,
+            r"rate must be in \(0, 1\)",
+        ),
+        (dict(target_sparsity=0.5, total_steps=10, rate=1.0), ValueError, "rate"),
+        (dict(target_sparsity=0.5, total_steps=10, p=0), ValueError, "p must be > 0"),
+        (dict(target_sparsity=0.5, total_steps=0), ValueError, "total_steps must be a positive"),
+        (dict(target_sparsity=0.5, total_steps=2.5), TypeError, "total_steps"),
+        (dict(prune_every=-3), ValueError, "prune_every"),
+        (dict(target_sparsity=0.5), ValueError, "total_steps .*prune_every"),
+        (dict(), ValueError, "needs a schedule"),
+        (dict(target_sparsity=0.999, total_steps=30), ValueError, "too short.*total_steps >= 51"),
+        (
+            dict(target_sparsity=0.5, total_steps=10, criterion="snipe"),
+            ValueError,
+            "criterion must be one of",
+        ),
+        (dict(target_sparsity=0.5, total_steps=10, criterion=3), TypeError, "criterion"),
+        (dict(target_sparsity=0.5, total_steps=10, where=[1, 2]), TypeError, "where"),
+    ],
+)
 def test_prune_refuses_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
     flipout.prune(**kwargs)
@@ -231,15 +261,19 @@ def test_prune_refuses_bad_arguments(kwargs, error, match):
 
 def test_where_selecting_nothing_lists_the_leaves():
   tx = flipout.prune(0.5, total_steps=10, where=lambda path, leaf: False)
-  with pytest.raises(ValueError, match=r"selects no prunable leaf.*\['hidden'\]\['kernel'\] \(10, 32\)"):
+  with pytest.raises(
+      ValueError, match=r"selects no prunable leaf.*\['hidden'\]\['kernel'\] \(10, 32\)"
+  ):
     tx.init(_mlp_params())
 
 
 def test_params_that_do_not_match_the_state():
   tx = flipout.prune(0.5, total_steps=10)
   state = tx.init(_mlp_params())
-  other = {"hidden": {"kernel": jnp.ones((10, 8)), "bias": jnp.ones(8)},
-           "out": {"kernel": jnp.ones((8, 3)), "bias": jnp.ones(3)}}
+  other = {
+      "hidden": {"kernel": jnp.ones((10, 8)), "bias": jnp.ones(8)},
+      "out": {"kernel": jnp.ones((8, 3)), "bias": jnp.ones(3)},
+  }
   with pytest.raises(ValueError, match="do not match the pruning state"):
     tx.update(other, state, other)
   with pytest.raises(ValueError, match="do not match the pruning state"):
@@ -248,14 +282,17 @@ def test_params_that_do_not_match_the_state():
     tx.update(_mlp_params(), state)
 
 
-@pytest.mark.parametrize("factory,match", [
-    (lambda: flipout.gradient_noise(-1.0), "scale must be >= 0"),
-    (lambda: flipout.gradient_noise(1.0, seed=1.5), "seed must be an int"),
-    (lambda: flipout.prune_below(-0.1, step=3), "threshold must be >= 0"),
-    (lambda: flipout.prune_below(0.1, step=0), "step must be a positive"),
-    (lambda: flipout.fixed_masks({"w": None}), "masks"),
-    (lambda: flipout.fixed_masks({"w": jnp.ones((2, 2))}), "bool"),
-])
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: flipout.gradient_noise(-1.0), "scale must be >= 0"),
+        (lambda: flipout.gradient_noise(1.0, seed=1.5), "seed must be an int"),
+        (lambda: flipout.prune_below(-0.1, step=3), "threshold must be >= 0"),
+        (lambda: flipout.prune_below(0.1, step=0), "step must be a positive"),
+        (lambda: flipout.fixed_masks({"w": None}), "masks"),
+        (lambda: flipout.fixed_masks({"w": jnp.ones((2, 2))}), "bool"),
+    ],
+)
 def test_other_transforms_refuse_bad_arguments(factory, match):
   with pytest.raises((ValueError, TypeError), match=match):
     factory()

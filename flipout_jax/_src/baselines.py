@@ -11,8 +11,9 @@ from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import select
 
 
-def snip(loss_fn: Callable[[Any, Any], jax.Array], params, batch,
-         target_sparsity: float, where=None):
+def snip(
+    loss_fn: Callable[[Any, Any], jax.Array], params, batch, target_sparsity: float, where=None
+):
   r"""SNIP masks: keep the weights with the largest connection sensitivity.
 
   Scores each prunable weight by :math:`|\partial L / \partial w \cdot w|` on
@@ -33,12 +34,14 @@ def snip(loss_fn: Callable[[Any, Any], jax.Array], params, batch,
     ``None`` elsewhere.
   """
   target_sparsity = prune_lib._check_fraction(  # pylint: disable=protected-access
-      "target_sparsity", target_sparsity, low_open=False)
+      "target_sparsity", target_sparsity, low_open=False
+  )
   prunable_lib.check_where(where)
   prunable = prunable_lib.prunable_tree(params, where)
   grads = jax.grad(loss_fn)(params, batch)
   sensitivity = prunable_lib.prunable_only(
-      jax.tree.map(lambda g, w: jnp.abs(g * w), grads, params), prunable)
+      jax.tree.map(lambda g, w: jnp.abs(g * w), grads, params), prunable
+  )
   leaves, treedef = jax.tree.flatten(sensitivity)
   keys = [select.sortable_keys(s, True) for s in leaves]
   num_prunable = sum(s.size for s in leaves)

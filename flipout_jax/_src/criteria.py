@@ -20,8 +20,8 @@ Criterion = Callable[[Any, Any], Any]
 def flipout_scores(params, flips, *, p: float = 2.0):
   r"""FlipOut saliency :math:`|w|^p / (\mathrm{flips}(w) + 1)`."""
   return jax.tree.map(
-      lambda w, f: jnp.abs(w) ** p / (f + 1).astype(jnp.result_type(w)),
-      params, flips)
+      lambda w, f: jnp.abs(w) ** p / (f + 1).astype(jnp.result_type(w)), params, flips
+  )
 
 
 def magnitude_scores(params, flips):
@@ -35,13 +35,14 @@ def random_scores(params, flips, *, key: jax.Array):
   del flips
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
-  return jax.tree.unflatten(treedef, [
-      jax.random.uniform(k, w.shape, jnp.float32) for k, w in zip(keys, leaves)])
+  return jax.tree.unflatten(
+      treedef, [jax.random.uniform(k, w.shape, jnp.float32) for k, w in zip(keys, leaves)]
+  )
 
 
 class _Rule(NamedTuple):
   score: Callable[..., Any]  # (params, flips, key) -> scores
-  layerwise: bool            # rank inside each leaf instead of globally
+  layerwise: bool  # rank inside each leaf instead of globally
 
 
 CRITERIA = ("flipout", "global_magnitude", "magnitude", "random")
@@ -58,7 +59,8 @@ def resolve(criterion, p: float) -> _Rule:
   if not isinstance(criterion, str):
     raise TypeError(
         f"criterion must be one of {CRITERIA} or a callable (params, flips) -> "
-        f"scores, got {type(criterion).__name__}")
+        f"scores, got {type(criterion).__name__}"
+    )
   rules = {
       "flipout": _Rule(_ignore_key(functools.partial(flipout_scores, p=p)), False),
       "global_magnitude": _Rule(_ignore_key(magnitude_scores), False),
@@ -66,6 +68,5 @@ def resolve(criterion, p: float) -> _Rule:
       "random": _Rule(lambda params, flips, key: random_scores(params, flips, key=key), False),
   }
   if criterion not in rules:
-    raise ValueError(
-        f"criterion must be one of {CRITERIA} or a callable, got {criterion!r}")
+    raise ValueError(f"criterion must be one of {CRITERIA} or a callable, got {criterion!r}")
   return rules[criterion]

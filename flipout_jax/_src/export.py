@@ -33,9 +33,15 @@ FORMAT_VERSION = 1
 # cannot collide with it.
 _MANIFEST_KEY = "__flipout_jax_export__"
 _INT8_MAX = 127
-_DTYPES = {name: np.dtype(dtype) for name, dtype in (
-    ("float16", jnp.float16), ("bfloat16", jnp.bfloat16),
-    ("float32", jnp.float32), ("float64", jnp.float64))}
+_DTYPES = {
+    name: np.dtype(dtype)
+    for name, dtype in (
+        ("float16", jnp.float16),
+        ("bfloat16", jnp.bfloat16),
+        ("float32", jnp.float32),
+        ("float64", jnp.float64),
+    )
+}
 # Encoding of a leaf -> the members (name suffixes) it is stored in.
 _ENCODINGS = {
     "dense": ("values",),
@@ -43,8 +49,7 @@ _ENCODINGS = {
     "bitmask_int8": ("mask", "values", "scales"),
 }
 # Errors numpy and zipfile raise on a damaged, truncated or foreign file.
-_READ_ERRORS = (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile,
-                zlib.error)
+_READ_ERRORS = (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, zlib.error)
 
 
 class _FormatError(ValueError):
@@ -96,11 +101,15 @@ def export(params, path, *, int8: bool = False, compress: bool = True) -> int:
     base = _member_base(key_path)
     for role, member in arrays.items():
       members[f"{base}:{role}"] = member
-    manifest_leaves.append({
-        "path": list(key_path), "shape": list(array.shape),
-        "dtype": array.dtype.name, "encoding": encoding})
-  manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-              "leaves": manifest_leaves}
+    manifest_leaves.append(
+        {
+            "path": list(key_path),
+            "shape": list(array.shape),
+            "dtype": array.dtype.name,
+            "encoding": encoding,
+        }
+    )
+  manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "leaves": manifest_leaves}
   members[_MANIFEST_KEY] = np.array(json.dumps(manifest))
   return _write_atomically(path, members, compress=compress)
 
@@ -133,7 +142,8 @@ def load(path) -> dict:
     except _READ_ERRORS as error:
       raise ValueError(
           f"{os.fspath(path)}: not a flipout_jax export: unreadable "
-          f"({type(error).__name__}: {error})") from None
+          f"({type(error).__name__}: {error})"
+      ) from None
 
 
 def _flatten(params) -> list[tuple[tuple, np.ndarray]]:
@@ -142,7 +152,8 @@ def _flatten(params) -> list[tuple[tuple, np.ndarray]]:
     raise TypeError(
         "params must be a nested dict of arrays (Linen params or "
         "nnx.state(model, nnx.Param).to_pure_dict()), got "
-        f"{type(params).__name__}")
+        f"{type(params).__name__}"
+    )
   leaves = []
   _collect_leaves(params, (), leaves)
   return leaves
@@ -161,14 +172,15 @@ def _collect_leaves(node: Mapping, prefix: tuple, leaves: list) -> None:
 
 def _check_key(key, key_path: tuple, printed_keys: set) -> None:
   if isinstance(key, bool) or not isinstance(key, (str, int)):
-    raise TypeError(f"params: key {key!r} at {_member_base(key_path[:-1])!r} "
-                    "must be a str or an int")
+    raise TypeError(
+        f"params: key {key!r} at {_member_base(key_path[:-1])!r} " "must be a str or an int"
+    )
   if isinstance(key, str) and "/" in key:
-    raise ValueError(f"params: key {key!r} contains '/', which separates "
-                     "levels in the file")
+    raise ValueError(f"params: key {key!r} contains '/', which separates " "levels in the file")
   if str(key) in printed_keys:
-    raise ValueError(f"params: two keys print as {str(key)!r} at "
-                     f"{_member_base(key_path[:-1])!r}")
+    raise ValueError(
+        f"params: two keys print as {str(key)!r} at " f"{_member_base(key_path[:-1])!r}"
+    )
   printed_keys.add(str(key))
 
 
@@ -177,12 +189,14 @@ def _as_float_array(value, key_path: tuple) -> np.ndarray:
     raise TypeError(
         f"params: leaf {_member_base(key_path)!r} is a {type(value).__name__}, "
         "not an array; pass a pure dict, e.g. "
-        "nnx.state(model, nnx.Param).to_pure_dict()")
+        "nnx.state(model, nnx.Param).to_pure_dict()"
+    )
   array = np.asarray(value)
   if array.dtype.name not in _DTYPES:
     raise TypeError(
         f"params: leaf {_member_base(key_path)!r} has dtype {array.dtype}; "
-        f"only {sorted(_DTYPES)} can be exported")
+        f"only {sorted(_DTYPES)} can be exported"
+    )
   return array
 
 
@@ -202,12 +216,14 @@ def _encode(array: np.ndarray, *, int8: bool) -> tuple[str, dict[str, np.ndarray
     return "dense", {"values": values.reshape(-1)}
   if not int8:
     live = values != 0
-    return "bitmask", {"mask": np.packbits(live.reshape(-1)),
-                       "values": values[live]}
+    return "bitmask", {"mask": np.packbits(live.reshape(-1)), "values": values[live]}
   quantized, scales = _quantize_int8(values)
   live = quantized != 0
-  return "bitmask_int8", {"mask": np.packbits(live.reshape(-1)),
-                          "values": quantized[live], "scales": scales}
+  return "bitmask_int8", {
+      "mask": np.packbits(live.reshape(-1)),
+      "values": quantized[live],
+      "scales": scales,
+  }
 
 
 def _quantize_int8(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +243,8 @@ def _write_atomically(path, members: dict[str, np.ndarray], *, compress: bool) -
   directory = os.path.dirname(os.path.abspath(path))
   save = np.savez_compressed if compress else np.savez
   handle, temp_path = tempfile.mkstemp(
-      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+  )
   try:
     with os.fdopen(handle, "wb") as file:
       save(file, **members)
@@ -267,8 +284,10 @@ def _read_manifest(archive) -> dict:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
     raise _FormatError(f"the manifest does not name the format {FORMAT_NAME!r}")
   if manifest.get("version") != FORMAT_VERSION:
-    raise _FormatError(f"unsupported format version {manifest.get('version')!r} "
-                       f"(this version of flipout_jax reads {FORMAT_VERSION})")
+    raise _FormatError(
+        f"unsupported format version {manifest.get('version')!r} "
+        f"(this version of flipout_jax reads {FORMAT_VERSION})"
+    )
   if not isinstance(manifest.get("leaves"), list):
     raise _FormatError("the manifest has no list of leaves")
   return manifest
@@ -277,8 +296,7 @@ def _read_manifest(archive) -> dict:
 def _decode_leaf(archive, leaf) -> tuple[tuple, np.ndarray]:
   key_path, shape, dtype, encoding = _check_leaf_entry(leaf)
   name = _member_base(key_path)
-  arrays = {role: _read_member(archive, f"{name}:{role}")
-            for role in _ENCODINGS[encoding]}
+  arrays = {role: _read_member(archive, f"{name}:{role}") for role in _ENCODINGS[encoding]}
   size = math.prod(shape)
   value_dtype = _value_dtype(dtype)
   if encoding == "dense":
@@ -305,12 +323,16 @@ def _check_leaf_entry(leaf) -> tuple[tuple, tuple, np.dtype, str]:
   if not isinstance(leaf, dict):
     raise _FormatError(f"a manifest leaf is not an object: {leaf!r}")
   key_path, shape = leaf.get("path"), leaf.get("shape")
-  if (not isinstance(key_path, list) or not key_path
-      or not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in key_path)):
+  if (
+      not isinstance(key_path, list)
+      or not key_path
+      or not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in key_path)
+  ):
     raise _FormatError(f"bad leaf path {key_path!r}")
   name = _member_base(key_path)
-  if (not isinstance(shape, list)
-      or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
+  if not isinstance(shape, list) or not all(
+      isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
+  ):
     raise _FormatError(f"{name}: bad shape {shape!r}")
   if leaf.get("dtype") not in _DTYPES:
     raise _FormatError(f"{name}: unsupported dtype {leaf.get('dtype')!r}")
@@ -327,11 +349,13 @@ def _read_member(archive, member: str) -> np.ndarray:
   return archive[member]
 
 
-def _check_member(name: str, role: str, array: np.ndarray, dtype: np.dtype,
-                  shape: tuple[int, ...]) -> None:
+def _check_member(
+    name: str, role: str, array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]
+) -> None:
   if array.dtype != dtype or array.shape != shape:
-    raise _FormatError(f"{name}: {role} is {array.dtype}{list(array.shape)}, "
-                       f"expected {dtype}{list(shape)}")
+    raise _FormatError(
+        f"{name}: {role} is {array.dtype}{list(array.shape)}, " f"expected {dtype}{list(shape)}"
+    )
 
 
 def _insert(params: dict, key_path: tuple, array: np.ndarray) -> None:

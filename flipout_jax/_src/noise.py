@@ -12,11 +12,13 @@ from flipout_jax._src import prunable as prunable_lib
 
 class GradientNoiseState(NamedTuple):
   """State of :func:`gradient_noise`: the number of updates so far."""
+
   count: jax.Array
 
 
-def gradient_noise(scale: float = 1.0, seed: int = 0, where=None, *,
-                   prunable=None) -> optax.GradientTransformation:
+def gradient_noise(
+    scale: float = 1.0, seed: int = 0, where=None, *, prunable=None
+) -> optax.GradientTransformation:
   r"""Adds Gaussian noise scaled to each leaf's gradient norm over live weights.
 
   For every selected leaf with ``n`` entries,
@@ -59,26 +61,30 @@ def gradient_noise(scale: float = 1.0, seed: int = 0, where=None, *,
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("params: gradient_noise needs the current params to "
-                       "know which weights are pruned; call tx.update(g, state, params)")
+      raise ValueError(
+          "params: gradient_noise needs the current params to "
+          "know which weights are pruned; call tx.update(g, state, params)"
+      )
     noisy = jax.tree.leaves(prunable_lib.prunable_tree(params, noisy_where))
     pruning = jax.tree.leaves(prunable_lib.prunable_tree(params, prunable))
     grads, treedef = jax.tree.flatten(updates)
     # One draw for all leaves, split afterwards: a draw per leaf compiles a
     # separate random-number kernel for each (seconds per leaf on CPU).
     sizes = [g.size if add_noise else 0 for g, add_noise in zip(grads, noisy)]
-    normals = jax.random.normal(jax.random.fold_in(jax.random.key(seed), state.count),
-                                (sum(sizes),), jnp.float32)
+    normals = jax.random.normal(
+        jax.random.fold_in(jax.random.key(seed), state.count), (sum(sizes),), jnp.float32
+    )
     offsets = np.cumsum([0] + sizes)
     new = []
     for g, w, add_noise, can_be_pruned, start in zip(
-        grads, treedef.flatten_up_to(params), noisy, pruning, offsets):
+        grads, treedef.flatten_up_to(params), noisy, pruning, offsets
+    ):
       if not add_noise:
         new.append(g)
         continue
       live_grad = jnp.where(w != 0, g, 0) if can_be_pruned else g
       sigma = scale * jnp.linalg.norm(live_grad.ravel().astype(jnp.float32)) / np.sqrt(g.size)
-      noise = normals[start:start + g.size].reshape(g.shape)
+      noise = normals[start : start + g.size].reshape(g.shape)
       new.append((g + sigma * noise).astype(g.dtype))
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 

@@ -20,14 +20,16 @@ def check_where(where) -> None:
     raise TypeError(
         "where must be None (leaves with 2+ dimensions), a predicate "
         "(path, leaf) -> bool, or a pytree of Python bools shaped like params; "
-        f"got {type(where).__name__}")
+        f"got {type(where).__name__}"
+    )
 
 
 def describe_leaves(params) -> str:
   """One ``path shape`` entry per leaf, for error messages."""
   return ", ".join(
       f"{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))}"
-      for path, leaf in jax.tree_util.tree_leaves_with_path(params))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  )
 
 
 def prunable_tree(params, where) -> Any:
@@ -39,17 +41,20 @@ def prunable_tree(params, where) -> Any:
   if where is None or callable(where):
     predicate = where or _default_where
     selected = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: bool(predicate(path, leaf)), params)
+        lambda path, leaf: bool(predicate(path, leaf)), params
+    )
   else:
     if jax.tree.structure(where) != jax.tree.structure(params):
       raise ValueError(
           "where: the pytree of bools must have the structure of params; "
-          f"params leaves are: {describe_leaves(params)}")
+          f"params leaves are: {describe_leaves(params)}"
+      )
     selected = jax.tree.map(bool, where)
   if not any(jax.tree.leaves(selected)):
     raise ValueError(
         "where selects no prunable leaf; by default leaves with 2 or more "
-        f"dimensions are prunable. Leaves of params: {describe_leaves(params)}")
+        f"dimensions are prunable. Leaves of params: {describe_leaves(params)}"
+    )
   return selected
 
 

@@ -46,6 +46,7 @@ class PruneState(NamedTuple):
     flips: tree shaped like params, int32 sign-flip counts of live weights at
       each prunable leaf (0 for pruned weights) and ``None`` elsewhere.
   """
+
   count: jax.Array
   masks: Any
   flips: Any
@@ -89,8 +90,7 @@ def num_events_for(target_sparsity: float, rate: float) -> int:
   return k
 
 
-def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5
-                ) -> tuple[int, ...]:
+def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5) -> tuple[int, ...]:
   """Steps (counted from 1) of the pruning events in target mode.
 
   ``k = num_events_for(target_sparsity, rate)`` events at
@@ -117,8 +117,9 @@ def _shortest_schedule(target_sparsity: float, rate: float) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _rate_counts(size: int, rate: float, num_events: int | None,
-                 cap: int | None, stop_when_stable: bool) -> list[int]:
+def _rate_counts(
+    size: int, rate: float, num_events: int | None, cap: int | None, stop_when_stable: bool
+) -> list[int]:
   """Cumulative pruned count after each event: P + floor((N - P) * rate).
 
   With ``stop_when_stable`` the table ends once the count stops changing
@@ -135,8 +136,9 @@ def _rate_counts(size: int, rate: float, num_events: int | None,
   return counts
 
 
-def _count_table(sizes: list[int], *, rate, num_events, cap, final_fraction,
-                 layerwise: bool) -> np.ndarray:
+def _count_table(
+    sizes: list[int], *, rate, num_events, cap, final_fraction, layerwise: bool
+) -> np.ndarray:
   """(events, groups) int32 table of the pruned count after each event.
 
   A group is the whole network (global ranking) or one leaf (layer-wise).
@@ -144,9 +146,13 @@ def _count_table(sizes: list[int], *, rate, num_events, cap, final_fraction,
   groups = sizes if layerwise else [sum(sizes)]
   columns = []
   for size in groups:
-    column = _rate_counts(size, rate, num_events,
-                          None if cap is None else round(cap * size),
-                          stop_when_stable=final_fraction is None)
+    column = _rate_counts(
+        size,
+        rate,
+        num_events,
+        None if cap is None else round(cap * size),
+        stop_when_stable=final_fraction is None,
+    )
     if final_fraction is not None and column:
       column[-1] = max(round(final_fraction * size), column[-2] if len(column) > 1 else 0)
     columns.append(column)
@@ -155,17 +161,19 @@ def _count_table(sizes: list[int], *, rate, num_events, cap, final_fraction,
   return np.asarray(padded, np.int32).T.reshape(length, len(groups))
 
 
-def _ranked_event(rule: criteria_lib._Rule, table: np.ndarray,
-                  event_index: Callable[[jax.Array], jax.Array], seed: int
-                  ) -> EventRule:
+def _ranked_event(
+    rule: criteria_lib._Rule,
+    table: np.ndarray,
+    event_index: Callable[[jax.Array], jax.Array],
+    seed: int,
+) -> EventRule:
   """Prunes the lowest-scored live weights down to ``table[event_index]``."""
   table = jnp.asarray(table)
 
   def event(step, new_params, masks, flips):
     scores = rule.score(new_params, flips, jax.random.fold_in(jax.random.key(seed), step))
     mask_leaves, treedef = jax.tree.flatten(masks)
-    keys = [select.sortable_keys(s, m)
-            for s, m in zip(_leaves_at(masks, scores), mask_leaves)]
+    keys = [select.sortable_keys(s, m) for s, m in zip(_leaves_at(masks, scores), mask_leaves)]
     targets = table[event_index(step)]
     groups = [[i] for i in range(len(keys))] if rule.layerwise else [list(range(len(keys)))]
     new_masks = list(mask_leaves)
@@ -192,7 +200,8 @@ _NOT_LAST_MESSAGE = (
     "flipout: pruned weights moved between updates, so training was stopped "
     "(params are NaN). Put flipout.prune (or fixed_masks / prune_below) LAST in "
     "optax.chain, after the optimizer, so it sees the final update; and do not "
-    "modify params between tx.update calls.")
+    "modify params between tx.update calls."
+)
 
 
 def _pruned_weights_moved(step, masks, params) -> jax.Array:
@@ -203,17 +212,22 @@ def _pruned_weights_moved(step, masks, params) -> jax.Array:
   spaced weights per leaf suffice. No host callback: one would slow down
   every step's dispatch; the state and the params carry the failure instead.
   """
-  def spaced(x):
-    return x.ravel()[::max(1, x.size // _CHECKED_PER_LEAF)]
 
-  moved = [jnp.any(~spaced(m) & (spaced(p) != 0)) for m, p in
-           zip(jax.tree.leaves(masks), _leaves_at(masks, params))]
+  def spaced(x):
+    return x.ravel()[:: max(1, x.size // _CHECKED_PER_LEAF)]
+
+  moved = [
+      jnp.any(~spaced(m) & (spaced(p) != 0))
+      for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))
+  ]
   return ((step > 1) & jnp.any(jnp.stack(moved))) | (step <= _NOT_LAST + 1)
 
 
-def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
-                       make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None
-                       ) -> optax.GradientTransformation:
+def _masking_transform(
+    where,
+    initial_masks: Callable[[Any, Any], Any],
+    make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
+) -> optax.GradientTransformation:
   """Builds the transform: masking, flip counting and optional events.
 
   Args:
@@ -234,7 +248,8 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
     if params is None:
       raise ValueError(
           "params: flipout pruning needs the current params; call "
-          "tx.update(updates, state, params)")
+          "tx.update(updates, state, params)"
+      )
     mask_structure = jax.tree.structure(state.masks)
     try:
       params_at_masks = _leaves_at(state.masks, params)
@@ -242,24 +257,31 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
     except (ValueError, TypeError) as error:
       raise ValueError(
           "params do not match the pruning state (was the state built for "
-          f"another model?): {error}") from None
+          f"another model?): {error}"
+      ) from None
     mask_leaves = jax.tree.leaves(state.masks)
     for mask, param in zip(mask_leaves, params_at_masks):
       if mask.shape != np.shape(param):
         raise ValueError(
             f"params do not match the pruning state: a prunable leaf has shape "
-            f"{np.shape(param)} but its mask has shape {mask.shape}")
+            f"{np.shape(param)} but its mask has shape {mask.shape}"
+        )
     step = state.count + 1
     not_last = _pruned_weights_moved(step, state.masks, params)
 
     def counted_flips():
-      new_params = [jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
-                    for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)]
+      new_params = [
+          jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
+          for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)
+      ]
       # `& m`: zeroing a masked weight of dense params (fixed_masks' first
       # step) is not a flip; pruned weights keep a count of 0.
-      flips = [f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(jnp.int32)
-               for f, m, new, p in zip(jax.tree.leaves(state.flips), mask_leaves,
-                                       new_params, params_at_masks)]
+      flips = [
+          f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(jnp.int32)
+          for f, m, new, p in zip(
+              jax.tree.leaves(state.flips), mask_leaves, new_params, params_at_masks
+          )
+      ]
       return new_params, flips
 
     def without_event():
@@ -267,8 +289,14 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
 
     def with_event():
       new_params, flips = counted_flips()
-      masks = jax.tree.leaves(event(step, mask_structure.unflatten(new_params),
-                                    state.masks, mask_structure.unflatten(flips)))
+      masks = jax.tree.leaves(
+          event(
+              step,
+              mask_structure.unflatten(new_params),
+              state.masks,
+              mask_structure.unflatten(flips),
+          )
+      )
       return masks, [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
 
     # Both branches recompute w + u from the operands, so outside an event
@@ -282,12 +310,16 @@ def _masking_transform(where, initial_masks: Callable[[Any, Any], Any],
 
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
-    masked_updates = [jnp.where(not_last, jnp.nan, jnp.where(m, u, -p.astype(u.dtype)))
-                      for m, p, u in zip(masks, params_at_masks, updates_at_masks)]
+    masked_updates = [
+        jnp.where(not_last, jnp.nan, jnp.where(m, u, -p.astype(u.dtype)))
+        for m, p, u in zip(masks, params_at_masks, updates_at_masks)
+    ]
     updates = _replace_at(updates, state.masks, masked_updates)
-    return updates, PruneState(count=jnp.where(not_last, _NOT_LAST, step),
-                               masks=mask_structure.unflatten(masks),
-                               flips=mask_structure.unflatten(flips))
+    return updates, PruneState(
+        count=jnp.where(not_last, _NOT_LAST, step),
+        masks=mask_structure.unflatten(masks),
+        flips=mask_structure.unflatten(flips),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -298,21 +330,23 @@ def _is_none(x) -> bool:
 
 def _leaves_at(masks, tree) -> list:
   """Leaves of ``tree`` at the masks' non-None positions, in leaf order."""
-  return jax.tree.leaves(jax.tree.map(
-      lambda m, leaf: None if m is None else leaf, masks, tree, is_leaf=_is_none))
+  return jax.tree.leaves(
+      jax.tree.map(lambda m, leaf: None if m is None else leaf, masks, tree, is_leaf=_is_none)
+  )
 
 
 def _replace_at(tree, masks, new_leaves):
   """``tree`` with the leaves at the masks' non-None positions replaced."""
   replacements = iter(new_leaves)
-  return jax.tree.map(lambda m, leaf: leaf if m is None else next(replacements),
-                      masks, tree, is_leaf=_is_none)
+  return jax.tree.map(
+      lambda m, leaf: leaf if m is None else next(replacements), masks, tree, is_leaf=_is_none
+  )
 
 
 def _all_live(params, prunable):
   return jax.tree.map(
-      lambda leaf, keep: jnp.ones(np.shape(leaf), bool) if keep else None,
-      params, prunable)
+      lambda leaf, keep: jnp.ones(np.shape(leaf), bool) if keep else None, params, prunable
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -320,10 +354,17 @@ def _all_live(params, prunable):
 # ---------------------------------------------------------------------------
 
 
-def prune(target_sparsity: float | None = None, *, total_steps: int | None = None,
-          prune_every: int | None = None, rate: float = 0.5, p: float = 2.0,
-          criterion: str | Callable[[Any, Any], Any] = "flipout", where=None,
-          seed: int = 0) -> optax.GradientTransformation:
+def prune(
+    target_sparsity: float | None = None,
+    *,
+    total_steps: int | None = None,
+    prune_every: int | None = None,
+    rate: float = 0.5,
+    p: float = 2.0,
+    criterion: str | Callable[[Any, Any], Any] = "flipout",
+    where=None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
   Two schedules, as in ``shared/FLIPOUT.md``:
@@ -381,7 +422,8 @@ def prune(target_sparsity: float | None = None, *, total_steps: int | None = Non
     if target_sparsity is None or total_steps is None:
       raise ValueError(
           "prune needs a schedule: target_sparsity with total_steps (target "
-          "mode), or prune_every (rate mode, optionally capped by target_sparsity)")
+          "mode), or prune_every (rate mode, optionally capped by target_sparsity)"
+      )
     steps = event_steps(target_sparsity, total_steps, rate)
     if steps and (steps[0] < 1 or steps[-1] >= total_steps):
       raise ValueError(
@@ -389,7 +431,8 @@ def prune(target_sparsity: float | None = None, *, total_steps: int | None = Non
           f"events that target_sparsity={target_sparsity} needs at rate={rate} "
           f"(events at multiples of round(total_steps / {len(steps) + 1}) must "
           f"fall before the last step): use total_steps >= "
-          f"{_shortest_schedule(target_sparsity, rate)}")
+          f"{_shortest_schedule(target_sparsity, rate)}"
+      )
     num_events, final_fraction, cap = len(steps), target_sparsity, None
     step_array = np.asarray(steps or [0], np.int32)
 
@@ -398,6 +441,7 @@ def prune(target_sparsity: float | None = None, *, total_steps: int | None = Non
 
     def event_index(step):
       return jnp.argmax(step == step_array)
+
   else:
     num_events = None if total_steps is None else (total_steps - 1) // prune_every
     final_fraction, cap = None, target_sparsity
@@ -410,8 +454,14 @@ def prune(target_sparsity: float | None = None, *, total_steps: int | None = Non
       return step // prune_every - 1
 
   def make_event(sizes):
-    table = _count_table(sizes, rate=rate, num_events=num_events, cap=cap,
-                         final_fraction=final_fraction, layerwise=rule.layerwise)
+    table = _count_table(
+        sizes,
+        rate=rate,
+        num_events=num_events,
+        cap=cap,
+        final_fraction=final_fraction,
+        layerwise=rule.layerwise,
+    )
     if len(table) == 0:
       return (lambda step: jnp.bool_(False)), (lambda step, new, masks, flips: masks)
     clipped = lambda step: jnp.minimum(event_index(step), len(table) - 1)
@@ -480,16 +530,21 @@ def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTra
 
 
 def _prune_state(opt_state) -> PruneState:
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
-           if isinstance(s, PruneState)]
+  found = [
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+      if isinstance(s, PruneState)
+  ]
   if len(found) != 1:
     raise ValueError(
         f"opt_state: expected exactly one flipout pruning state in the optimizer "
-        f"state, found {len(found)}")
+        f"state, found {len(found)}"
+    )
   count = jax.tree.leaves(found[0].count)[0]
   # Only a concrete count can be read (not a tracer or a ShapeDtypeStruct).
-  concrete = (isinstance(count, (jax.Array, np.ndarray, np.integer, int))
-              and not isinstance(count, jax.core.Tracer))
+  concrete = isinstance(count, (jax.Array, np.ndarray, np.integer, int)) and not isinstance(
+      count, jax.core.Tracer
+  )
   if concrete and int(count) == _NOT_LAST:
     raise ValueError(_NOT_LAST_MESSAGE)
   return found[0]
@@ -507,6 +562,8 @@ def flip_counts(opt_state):
 
 def apply_masks(params, masks):
   """``params`` with pruned weights set to zero (``None`` masks: unchanged)."""
-  masked = [jnp.where(m, p, jnp.zeros_like(p))
-            for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))]
+  masked = [
+      jnp.where(m, p, jnp.zeros_like(p))
+      for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))
+  ]
   return _replace_at(params, masks, masked)

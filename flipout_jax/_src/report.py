@@ -17,6 +17,7 @@ class LayerReport:
   to last axis) with no live outgoing weight: the layer collapse that drives
   SNIP and random pruning to chance accuracy at extreme sparsity.
   """
+
   path: str
   shape: tuple[int, ...]
   size: int
@@ -31,6 +32,7 @@ class LayerReport:
 @dataclasses.dataclass(frozen=True)
 class Summary:
   """Per-layer and total sparsity; ``str(summary)`` is a printable table."""
+
   layers: tuple[LayerReport, ...]
   size: int
   live: int
@@ -41,17 +43,24 @@ class Summary:
 
   def to_dict(self) -> dict:
     """JSON-friendly form."""
-    return {"size": self.size, "live": self.live, "sparsity": self.sparsity,
-            "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+    return {
+        "size": self.size,
+        "live": self.live,
+        "sparsity": self.sparsity,
+        "layers": [dataclasses.asdict(layer) for layer in self.layers],
+    }
 
   def __str__(self) -> str:
-    header = f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'dead out':>12} {'dead in':>12}"
+    header = (
+        f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'dead out':>12} {'dead in':>12}"
+    )
     lines = [header, "-" * len(header)]
     for layer in self.layers:
       lines.append(
           f"{layer.path:<40} {str(layer.shape):<20} {layer.live:>10} "
           f"{layer.sparsity:>9.4%} {f'{layer.dead_outputs}/{layer.outputs}':>12} "
-          f"{f'{layer.dead_inputs}/{layer.inputs}':>12}")
+          f"{f'{layer.dead_inputs}/{layer.inputs}':>12}"
+      )
     lines.append(f"{'total':<40} {'':<20} {self.live:>10} {self.sparsity:>9.4%}")
     return "\n".join(lines)
 
@@ -65,11 +74,16 @@ def _layer_report(path, leaf) -> LayerReport:
   else:
     alive_outputs = alive_inputs = live.reshape(-1)
   return LayerReport(
-      path=jax.tree_util.keystr(path), shape=tuple(weights.shape),
-      size=int(weights.size), live=int(live.sum()),
+      path=jax.tree_util.keystr(path),
+      shape=tuple(weights.shape),
+      size=int(weights.size),
+      live=int(live.sum()),
       sparsity=float(1.0 - live.sum() / max(weights.size, 1)),
-      dead_outputs=int((~alive_outputs).sum()), outputs=int(alive_outputs.size),
-      dead_inputs=int((~alive_inputs).sum()), inputs=int(alive_inputs.size))
+      dead_outputs=int((~alive_outputs).sum()),
+      outputs=int(alive_outputs.size),
+      dead_inputs=int((~alive_inputs).sum()),
+      inputs=int(alive_inputs.size),
+  )
 
 
 def summary(params, where=None) -> Summary:
@@ -84,10 +98,10 @@ def summary(params, where=None) -> Summary:
   prunable_lib.check_where(where)
   prunable = prunable_lib.prunable_tree(params, where)
   selected = prunable_lib.prunable_only(params, prunable)
-  layers = tuple(_layer_report(path, leaf)
-                 for path, leaf in jax.tree_util.tree_leaves_with_path(selected))
-  return Summary(layers=layers, size=sum(l.size for l in layers),
-                 live=sum(l.live for l in layers))
+  layers = tuple(
+      _layer_report(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(selected)
+  )
+  return Summary(layers=layers, size=sum(l.size for l in layers), live=sum(l.live for l in layers))
 
 
 def sparsity(params, where=None) -> float:

@@ -74,14 +74,16 @@ def _search_bounds(keys: Sequence[jax.Array], k: jax.Array):
   margin = 3 * np.sqrt(_SAMPLE_SIZE) + 16  # 6 sigma: a binomial std is <= sqrt(n)/2
   low_index = jnp.floor(rank - margin).astype(jnp.int32)
   high_index = jnp.ceil(rank + margin).astype(jnp.int32)
-  low = jnp.where(low_index < 0, jnp.uint32(0),
-                  sample[jnp.clip(low_index, 0, _SAMPLE_SIZE - 1)])
-  high = jnp.where(high_index >= _SAMPLE_SIZE, jnp.uint32(_PRUNED_KEY),
-                   sample[jnp.clip(high_index, 0, _SAMPLE_SIZE - 1)])
-  holds = ((sum(jnp.sum(key < low, dtype=jnp.int32) for key in keys) < k)
-           & (_count_at_most(keys, high) >= k))
-  return (jnp.where(holds, low, jnp.uint32(0)),
-          jnp.where(holds, high, jnp.uint32(_PRUNED_KEY)))
+  low = jnp.where(low_index < 0, jnp.uint32(0), sample[jnp.clip(low_index, 0, _SAMPLE_SIZE - 1)])
+  high = jnp.where(
+      high_index >= _SAMPLE_SIZE,
+      jnp.uint32(_PRUNED_KEY),
+      sample[jnp.clip(high_index, 0, _SAMPLE_SIZE - 1)],
+  )
+  holds = (sum(jnp.sum(key < low, dtype=jnp.int32) for key in keys) < k) & (
+      _count_at_most(keys, high) >= k
+  )
+  return (jnp.where(holds, low, jnp.uint32(0)), jnp.where(holds, high, jnp.uint32(_PRUNED_KEY)))
 
 
 def lowest_k(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
@@ -103,16 +105,18 @@ def lowest_k(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     return (jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high))
 
   # Invariant: the smallest t with count(keys <= t) >= k lies in [low, high].
-  threshold, _ = jax.lax.while_loop(lambda bounds: bounds[0] < bounds[1], halve,
-                                    _search_bounds(keys, k))
+  threshold, _ = jax.lax.while_loop(
+      lambda bounds: bounds[0] < bounds[1], halve, _search_bounds(keys, k)
+  )
   below = [key < threshold for key in keys]
   ties = [key == threshold for key in keys]
   ties_wanted = k - sum(jnp.sum(b, dtype=jnp.int32) for b in below)
   ties_found = sum(jnp.sum(t, dtype=jnp.int32) for t in ties)
   # Usually every key equal to the threshold is wanted; only otherwise rank the
   # ties by position, since a cumulative sum costs several counting passes.
-  chosen_ties = jax.lax.cond(ties_found == ties_wanted, lambda: ties,
-                             lambda: _first_ties(ties, ties_wanted))
+  chosen_ties = jax.lax.cond(
+      ties_found == ties_wanted, lambda: ties, lambda: _first_ties(ties, ties_wanted)
+  )
   return [b | t for b, t in zip(below, chosen_ties)]
 
 
