@@ -1,9 +1,10 @@
 """Pieces shared by the benchmarks: models as pure functions, the optimizer chains compared,
 interleaved timing, tables and the command line.
 
-Nothing here imports ``tensorflow_datasets`` (directly or through
-``experiments.input_pipeline``/``experiments.train``): the GPU image has no tfds, and the cost
-benchmarks run there on synthetic arrays.
+The chains come from the trainer's own builder (``experiments.optimizers``) and the command
+line from ``experiments.cli``. Nothing here imports ``tensorflow_datasets`` (the experiments
+import it lazily, only to read a data set): the GPU image has no tfds, and the cost benchmarks
+run there on synthetic arrays.
 
 Timing method (every cost figure is a ratio measured side by side in one process):
 
@@ -27,7 +28,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +40,8 @@ import optax
 from flax import nnx
 
 import flipout_jax as flipout
-from experiments import models
+from experiments import cli, models, optimizers
+from experiments import config as config_lib
 
 MNIST_SHAPE = (28, 28, 1)
 CIFAR_SHAPE = (32, 32, 3)
@@ -174,19 +175,29 @@ def make_chain(
     learning_rate: float = LEARNING_RATE,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-  """The chain of ``variant`` (one of :data:`VARIANTS`); see the constants above.
+  """The chain of ``variant`` (one of :data:`VARIANTS`), built by the trainer's own builder.
+
+  ``dense`` is the trainer's dense method; ``prune`` its flipout method without the noise;
+  ``flipout`` the paper's full chain. One "epoch" of ``total_steps`` steps and no milestones:
+  a constant learning rate.
 
   Raises:
     ValueError: unknown ``variant``.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-  links = [optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(learning_rate, momentum=MOMENTUM)]
-  if variant == FLIPOUT:
-    links.insert(0, flipout.gradient_noise(1.0, seed=seed))
-  if variant in (PRUNE, FLIPOUT):
-    links.append(flipout.prune(TARGET_SPARSITY, total_steps=total_steps, seed=seed))
-  return optax.chain(*links)
+  run_config = config_lib.Config(
+      method="dense" if variant == DENSE else "flipout",
+      sparsity=TARGET_SPARSITY,
+      epochs=1,
+      lr=learning_rate,
+      milestones=(),
+      momentum=MOMENTUM,
+      weight_decay=WEIGHT_DECAY,
+      noise_scale=1.0 if variant == FLIPOUT else 0.0,
+      seed=seed,
+  )
+  return optimizers.build_optimizer(run_config, steps_per_epoch=total_steps)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool = True) -> Callable:
@@ -338,15 +349,6 @@ def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A Markdown table (pipes), columns padded to their widest cell."""
-  cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-  widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-  line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-  rule = "| " + " | ".join("-" * w for w in widths) + " |"
-  return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
-
-
 def machine_info() -> dict[str, Any]:
   """Where and when a benchmark ran: backend, device, CPU count, versions, UTC date."""
   device = jax.devices()[0]
@@ -379,33 +381,22 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
   temporary.replace(path)
 
 
-class OneLineParser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are one stderr line (no usage block) and exit status 2."""
-
-  def error(self, message: str):
-    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def fail(prog: str, message: str) -> int:
-  """Prints ``prog: error: message`` as one stderr line; returns exit status 2."""
-  print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-  return 2
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an int >= 1."""
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-  return value
-
-
-def positive_float(text: str) -> float:
-  """argparse type: a float > 0."""
-  value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-  return value
+def add_case_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--device``, ``--models`` and ``--variants``: which cases and chains a benchmark runs."""
+  parser.add_argument(
+      "--device",
+      choices=("auto", "cpu", "gpu"),
+      default="auto",
+      help="which case list to run (auto: gpu when JAX's backend is a GPU)",
+  )
+  parser.add_argument(
+      "--models", default=None, help="comma-separated subset of the device's models (default: all)"
+  )
+  parser.add_argument(
+      "--variants",
+      default=",".join(VARIANTS),
+      help=f"comma-separated chains among {','.join(VARIANTS)}; the first is the baseline",
+  )
 
 
 def add_timing_arguments(
@@ -414,12 +405,15 @@ def add_timing_arguments(
   """``--repetitions``, ``--window_s``, ``--tiny`` and ``--json``, shared by the timed benchmarks."""
   parser.add_argument(
       "--repetitions",
-      type=positive_int,
+      type=cli.positive_int,
       default=repetitions,
       help="interleaved timed windows per variant",
   )
   parser.add_argument(
-      "--window_s", type=positive_float, default=window_s, help="target seconds of one timed window"
+      "--window_s",
+      type=cli.positive_float,
+      default=window_s,
+      help="target seconds of one timed window",
   )
   parser.add_argument(
       "--tiny",

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import _common
+from experiments import cli
 from benchmarks import step_overhead
 
 PAPER_EPOCHS = 350
@@ -79,7 +79,7 @@ def throughput_table(
   ]
   rows = [row for result in results for row in throughput_rows(result, variants)]
   note = "" if device == "gpu" else "(no GPU: these are CPU numbers)\n"
-  return note + _common.format_table(headers, rows)
+  return note + cli.format_table(headers, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 
 import flipout_jax as flipout
 from benchmarks import _common
+from experiments import cli
 from benchmarks import step_overhead
 from benchmarks._common import DENSE, Case
 
@@ -121,27 +122,14 @@ def memory_table(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
         + [f"{r['variants'][v]['peak_bytes'] / _MIB:.1f}" for v in variants]
         + [f"{r['peak_ratio'][v]:.3f}x" for v in variants[1:]]
     )
-  return _common.format_table(headers, rows)
+  return cli.format_table(headers, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: analyses the cases, prints the table, optionally writes ``--json``."""
   prog = "python -m benchmarks.memory"
-  parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
-  parser.add_argument(
-      "--device",
-      choices=("auto", "cpu", "gpu"),
-      default="auto",
-      help="which case list (auto: gpu when JAX's backend is a GPU)",
-  )
-  parser.add_argument(
-      "--models", default=None, help="comma-separated subset of the device's models (default: all)"
-  )
-  parser.add_argument(
-      "--variants",
-      default=",".join(_common.VARIANTS),
-      help="comma-separated chains; the first (dense) is the baseline",
-  )
+  parser = cli.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+  _common.add_case_arguments(parser)
   parser.add_argument("--tiny", action="store_true", help="LeNet-300-100 at batch 16 only")
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = parser.parse_args(argv)
@@ -150,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = step_overhead.selected_cases(args, device)
     variants = step_overhead.selected_variants(args)
   except ValueError as error:
-    return _common.fail(prog, error)
+    return cli.fail(prog, error)
   if variants[0] != DENSE:
-    return _common.fail(
+    return cli.fail(
         prog, f"--variants must start with {DENSE} (the baseline); " f"got {args.variants!r}"
     )
   info = _common.machine_info()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from benchmarks import _common
+from experiments import cli
 
 MODELS = ("lenet300", "lenet5")
 METHODS = ("flipout", "global_magnitude", "random", "snip", "dense")
@@ -121,9 +122,9 @@ def run_config(run: Run, workdir: Path, data_dir: str):
 
 def split_is_fixed() -> bool:
   """Whether the trainer can fix the data split apart from the run seed."""
-  from experiments import train
+  from experiments import config as config_lib
 
-  return _SPLIT_SEED_FIELD in {field.name for field in dataclasses.fields(train.Config)}
+  return _SPLIT_SEED_FIELD in {field.name for field in dataclasses.fields(config_lib.Config)}
 
 
 def _epochs_text(study: Study) -> str:
@@ -263,7 +264,7 @@ def accuracy_table(results: dict[str, Any], study: Study) -> str:
           [model, "dense (no pruning)" if method == DENSE else method]
           + [_cell(groups.get(key), len(study.seeds)) for key in keys]
       )
-  return _common.format_table(headers, rows)
+  return cli.format_table(headers, rows)
 
 
 def write_report(results: dict[str, Any], study: Study, workdir: Path) -> str:
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from experiments import input_pipeline
 
   prog = "python -m benchmarks.mnist_real"
-  parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
   parser.add_argument(
       "--workdir",
       default=DEFAULT_WORKDIR,
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
   parser.add_argument(
       "--epochs",
-      type=_common.positive_int,
+      type=cli.positive_int,
       default=None,
       help="epochs of every run (default: "
       + ", ".join(f"{m} {e}" for m, e in EPOCHS.items())
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
       results = run_study(study, workdir, str(data_dir), keep_checkpoints=args.keep_checkpoints)
   except (ValueError, input_pipeline.DatasetUnavailableError) as error:
-    return _common.fail(prog, error)
+    return cli.fail(prog, error)
   except KeyboardInterrupt:
     print(
         f"{prog}: interrupted; finished runs are in {workdir / _RESULTS_FILE}, run the same "

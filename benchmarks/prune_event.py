@@ -33,6 +33,7 @@ import numpy as np
 
 import flipout_jax as flipout
 from benchmarks import _common
+from experiments import cli
 from benchmarks._common import Case
 
 REFERENCE = Case("vgg19", 32, _common.CIFAR_SHAPE)
@@ -238,13 +239,13 @@ def event_table(
             "-" if argsort is None else f"{argsort['argsort_in_steps']:.2f}",
         ]
     )
-  return _common.format_table(headers, rows)
+  return cli.format_table(headers, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: measures each size, prints the table, optionally writes ``--json``."""
   prog = "python -m benchmarks.prune_event"
-  parser = _common.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
   parser.add_argument(
       "--sizes",
       default="1M,20M,100M",
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument(
       "--leaves",
-      type=_common.positive_int,
+      type=cli.positive_int,
       default=4,
       help="number of 2-D leaves the weights are split over",
   )
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument(
       "--argsort_repetitions",
-      type=_common.positive_int,
+      type=cli.positive_int,
       default=2,
       help="timed argsort calls per size",
   )
@@ -275,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argsort_max = parse_size(args.argsort_max) if args.argsort_max not in ("0", "") else 0
   except ValueError as error:
-    return _common.fail(prog, error)
+    return cli.fail(prog, error)
   if not sizes:
-    return _common.fail(prog, "--sizes must name at least one size, like 1M,20M")
+    return cli.fail(prog, "--sizes must name at least one size, like 1M,20M")
   repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
   reference_case = TINY_REFERENCE if args.tiny else REFERENCE
   info = _common.machine_info()

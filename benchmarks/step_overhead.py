@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import _common
+from experiments import cli
 from benchmarks._common import DENSE, FLIPOUT, PRUNE, Case
 
 # (device, model) -> the issue's goal for the overhead ratio.
@@ -104,29 +105,15 @@ def overhead_table(results: Sequence[dict[str, Any]], device: str, variants: Seq
         + [format_ratio(result["ratios"][v]) for v in variants[1:]]
         + ["-" if goal is None else f"<= {goal:.2f}x"]
     )
-  return _common.format_table(headers, rows)
+  return cli.format_table(headers, rows)
 
 
 def build_parser(
     prog: str, description: str, *, repetitions: int, window_s: float
-) -> _common.OneLineParser:
+) -> cli.OneLineParser:
   """The command line shared with ``gpu_throughput``: device, models, variants, timing."""
-  parser = _common.OneLineParser(prog=prog, description=description)
-  parser.add_argument(
-      "--device",
-      choices=("auto", "cpu", "gpu"),
-      default="auto",
-      help="which case list to run (auto: gpu when JAX's backend is a GPU)",
-  )
-  parser.add_argument(
-      "--models", default=None, help="comma-separated subset of the device's models (default: all)"
-  )
-  parser.add_argument(
-      "--variants",
-      default=",".join(_common.VARIANTS),
-      help=f"comma-separated chains among {','.join(_common.VARIANTS)}; "
-      "the first is the baseline of the ratios",
-  )
+  parser = cli.OneLineParser(prog=prog, description=description)
+  _common.add_case_arguments(parser)
   _common.add_timing_arguments(parser, repetitions=repetitions, window_s=window_s)
   return parser
 
@@ -194,7 +181,7 @@ def run_command(
   try:
     cases, variants = selected_cases(args, device), selected_variants(args)
   except ValueError as error:
-    return _common.fail(prog, error)
+    return cli.fail(prog, error)
   repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
   info = _common.machine_info()
   print(

@@ -22,7 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import train
+from experiments import cli, train
+from experiments import config as config_lib
 
 SPARSITIES = (0.9, 0.98, 0.99)
 PRUNING_METHODS = ("flipout", "global_magnitude", "magnitude", "random", "snip", "hoyer_square")
@@ -31,7 +32,7 @@ METHODS = (*PRUNING_METHODS, "dense")
 # A small network on tiny images; learning rate and schedule tuned so the dense network
 # reaches about 97% in a few seconds. Hoyer-Square's weight is larger than on CIFAR because
 # LeNet-300-100 has few layers (the regulariser sums one term per layer).
-DEFAULTS = train.Config(
+DEFAULTS = config_lib.Config(
     dataset="digits",
     model="lenet300",
     method="flipout",
@@ -80,7 +81,7 @@ def _method_list(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
   """The demo's flags: epochs, seed, workdir, and which methods and sparsities to run."""
-  parser = train.OneLineParser(
+  parser = cli.OneLineParser(
       prog="python -m experiments.digits",
       description="FlipOut and its baselines on scikit-learn's 8x8 digits (offline demo).",
   )
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_configs(
     epochs: int, seed: int, workdir: Path, methods: Sequence[str], sparsities: Sequence[float]
-) -> list[train.Config]:
+) -> list[config_lib.Config]:
   """One config per (method, sparsity); ``dense`` once, at sparsity 0."""
   configs = []
   for method in methods:
@@ -134,30 +135,23 @@ def run_configs(
   return configs
 
 
-def format_table(results: Sequence[tuple[train.Config, dict]], epochs: int, seed: int) -> str:
+def format_table(results: Sequence[tuple[config_lib.Config, dict]], epochs: int, seed: int) -> str:
   """Methods as rows, sparsities as columns; each cell ``accuracy (live weights)``."""
-  columns = sorted({config.sparsity for config, _ in results})
+  columns = sorted({run_config.sparsity for run_config, _ in results})
   cells = {
-      (
-          config.method,
-          config.sparsity,
-      ): f"{summary['test_accuracy']:.1%} ({summary['live_weights']:,})"
-      for config, summary in results
+      (run_config.method, run_config.sparsity): (
+          f"{summary['test_accuracy']:.1%} ({summary['live_weights']:,})"
+      )
+      for run_config, summary in results
   }
-  methods = list(dict.fromkeys(config.method for config, _ in results))
+  methods = list(dict.fromkeys(run_config.method for run_config, _ in results))
   prunable = results[0][1]["prunable_weights"]
-  width = max(14, *(len(cell) for cell in cells.values()))
-  header = f"{'method':<18}" + "".join(f"{f'{sparsity:.0%}':>{width + 2}}" for sparsity in columns)
-  lines = [
-      f"Test accuracy (live weights of {prunable:,}) of LeNet-300-100 on sklearn 8x8 "
-      f"digits, {epochs} epochs, seed {seed}",
-      header,
-      "-" * len(header),
-  ]
-  for method in methods:
-    row = "".join(f"{cells.get((method, sparsity), '-'):>{width + 2}}" for sparsity in columns)
-    lines.append(f"{method:<18}{row}")
-  return "\n".join(lines)
+  title = (
+      f"Test accuracy (live weights of {prunable:,}) of LeNet-300-100 on sklearn 8x8 digits, "
+      f"{epochs} epochs, seed {seed}"
+  )
+  rows = [[method] + [cells.get((method, column), "-") for column in columns] for method in methods]
+  return title + "\n" + cli.format_table(["method"] + [f"{column:.0%}" for column in columns], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr,
           flush=True,
       )
-  except train.ConfigError as error:
+  except config_lib.ConfigError as error:
     print(f"{parser.prog}: error: {error}", file=sys.stderr)
     return 2
   print(format_table(results, args.epochs, args.seed))

@@ -10,7 +10,7 @@ be prepared for ``tfds.data_source`` first (the error message says how).
 import dataclasses
 import sys
 
-from experiments import cifar, train
+from experiments import cifar, cli
 
 MODELS = ("densenet121",)
 
@@ -23,7 +23,7 @@ DEFAULTS = dataclasses.replace(
 
 def main(argv=None) -> int:
   """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  return train.main(argv, DEFAULTS, MODELS, prog="python -m experiments.imagenette")
+  return cli.main(argv, DEFAULTS, MODELS, prog="python -m experiments.imagenette")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ not offer.)
 import dataclasses
 import sys
 
-from experiments import cifar, train
+from experiments import cifar, cli
 
 MODELS = ("lenet300", "lenet5", "conv6")
 DATASETS = ("mnist", "mnist_t10k")
@@ -31,7 +31,7 @@ DEFAULTS = dataclasses.replace(
 
 def main(argv=None) -> int:
   """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-  return train.main(
+  return cli.main(
       argv, DEFAULTS, MODELS, allowed_datasets=DATASETS, prog="python -m experiments.mnist"
   )
 

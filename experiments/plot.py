@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from experiments import cli
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -89,21 +91,21 @@ def group_runs(summaries: Sequence[dict], include_synthetic: bool = False) -> li
 
 
 def format_table(groups: Sequence[Group]) -> str:
-  """One line per group: accuracy mean +- std over seeds (in %), seeds, mean live weights."""
-  header = (
-      f"{'dataset':<12}{'model':<13}{'method':<18}{'sparsity':>10}"
-      f"{'test accuracy (%)':>22}{'seeds':>7}{'live weights':>15}"
-  )
-  lines = [header, "-" * len(header)]
-  for group in groups:
-    accuracy = f"{100 * group.mean:.2f} ± {100 * group.std:.2f}"
-    tag = " [SYNTHETIC]" if group.synthetic else ""
-    lines.append(
-        f"{group.dataset:<12}{group.model:<13}{group.method:<18}{group.sparsity:>10.4%}"
-        f"{accuracy:>22}{len(group.accuracies):>7}"
-        f"{round(statistics.fmean(group.live_weights)):>15,}{tag}"
-    )
-  return "\n".join(lines)
+  """One row per group: accuracy mean +- std over seeds (in %), seeds, mean live weights."""
+  headers = ["dataset", "model", "method", "sparsity", "test accuracy (%)", "seeds", "live weights"]
+  rows = [
+      [
+          group.dataset,
+          group.model,
+          group.method + (" [SYNTHETIC]" if group.synthetic else ""),
+          f"{group.sparsity:.4%}",
+          f"{100 * group.mean:.2f} ± {100 * group.std:.2f}",
+          len(group.accuracies),
+          f"{round(statistics.fmean(group.live_weights)):,}",
+      ]
+      for group in groups
+  ]
+  return cli.format_table(headers, rows)
 
 
 def _sparsity_axis(sparsity: float) -> float:
@@ -158,9 +160,7 @@ def draw(groups: Sequence[Group], output: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Prints the table and writes the PNG; returns 2 (one stderr line) when nothing is found."""
-  from experiments.train import OneLineParser  # pylint: disable=import-outside-toplevel
-
-  parser = OneLineParser(
+  parser = cli.OneLineParser(
       prog="python -m experiments.plot", description="Test accuracy against sparsity per method."
   )
   parser.add_argument("workdirs", nargs="+", help="run folders or folders above them")

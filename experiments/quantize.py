@@ -5,7 +5,7 @@
 Loads the newest checkpoint of ``RUN`` (written by any experiment entry point),
 quantizes its convolution and dense layers with qwix (per-channel symmetric
 int8 weights, static-range int8 activations calibrated on training batches;
-see ``experiments/quantization.py``), and reports test accuracy in float32 and
+see ``experiments/qwix_ptq.py``), and reports test accuracy in float32 and
 int8, sparsity before and after (symmetric quantization maps 0 to 0, so every
 pruned weight stays pruned), and the model's bytes on disk as dense float32,
 sparse float32 and sparse int8 (``flipout.export``). Results also go to
@@ -23,8 +23,9 @@ from flax import nnx
 
 import flipout_jax as flipout
 from experiments import input_pipeline
-from experiments import quantization
-from experiments import train
+from experiments import qwix_ptq
+from experiments import checkpoints, cli, train
+from experiments import config as config_lib
 
 _RESULT_FILE = "quantize.json"
 
@@ -42,15 +43,15 @@ def quantize_run(
     epoch: the checkpoint to use (default: the newest).
 
   Raises:
-    train.ConfigError: no checkpoint, or bad arguments.
+    config_lib.ConfigError: no checkpoint, or bad arguments.
     input_pipeline.DatasetUnavailableError: the run's data set cannot be loaded.
     ValueError: qwix cannot quantize a layer of the model (names the layer).
   """
   for name, value in (("calibration_batches", calibration_batches), ("batch_size", batch_size)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise train.ConfigError(f"--{name} must be a positive integer, got {value!r}")
+      raise config_lib.ConfigError(f"--{name} must be a positive integer, got {value!r}")
   workdir = Path(workdir)
-  run = train.load_run(workdir, epoch)
+  run = checkpoints.load_run(workdir, epoch)
   dataset = train.load_dataset(run.config)
 
   def normalized(images):
@@ -63,23 +64,21 @@ def quantize_run(
           0, min(calibration_batches * batch_size, len(dataset.train_images)), batch_size
       )
   ]
-  quantized = quantization.quantize_model(run.model, calibration)
-  zeros = quantization.int8_weight_sparsity(run.model, quantized)
+  quantized = qwix_ptq.quantize_model(run.model, calibration)
+  zeros = qwix_ptq.int8_weight_sparsity(run.model, quantized)
   params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   (workdir / "export").mkdir(exist_ok=True)
-  sizes = quantization.model_file_sizes(params, workdir / "export")
+  sizes = qwix_ptq.model_file_sizes(params, workdir / "export")
   report = {
       "workdir": str(workdir),
       "epoch": run.epoch,
       "synthetic": run.config.synthetic,
       "model": run.config.model,
       "method": run.config.method,
-      "float32_accuracy": quantization.evaluate(
+      "float32_accuracy": qwix_ptq.evaluate(
           run.model, test_images, dataset.test_labels, batch_size
       ),
-      "int8_accuracy": quantization.evaluate(
-          quantized, test_images, dataset.test_labels, batch_size
-      ),
+      "int8_accuracy": qwix_ptq.evaluate(quantized, test_images, dataset.test_labels, batch_size),
       "prunable_sparsity": flipout.sparsity(params),
       "float32_sparsity": zeros.float_sparsity,
       "int8_sparsity": zeros.int8_sparsity,
@@ -112,7 +111,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: bad input prints one line and returns 2."""
-  parser = train.OneLineParser(
+  parser = cli.OneLineParser(
       prog="python -m experiments.quantize", description=__doc__.split("\n\n")[0]
   )
   parser.add_argument("--workdir", required=True, help="a trained run's folder")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import _common, gpu_throughput, memory, mnist_real, prune_event, step_overhead
-from experiments import input_pipeline
+from experiments import cli, input_pipeline
 
 LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
 
@@ -59,7 +59,7 @@ def test_median_ratio_and_spread():
 
 
 def test_format_table_pads_columns():
-  table = _common.format_table(["a", "long header"], [[1, 2], ["wide cell", 3]])
+  table = cli.format_table(["a", "long header"], [[1, 2], ["wide cell", 3]])
   lines = table.splitlines()
   assert len({len(line) for line in lines}) == 1
   assert lines[2].startswith("| 1         | 2 ")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import cifar, digits, imagenette, mnist, plot, train
+from experiments import cifar, cli, digits, imagenette, mnist, plot
 
 
 def one_error_line(capsys) -> str:
@@ -147,7 +147,7 @@ def test_cifar_defaults_are_the_papers_vgg19_run():
       synthetic=False,
   )
   assert {key: getattr(defaults, key) for key in expected} == expected
-  parsed = train.build_parser(defaults, cifar.MODELS).parse_args([])
+  parsed = cli.build_parser(defaults, cifar.MODELS).parse_args([])
   assert dataclasses.replace(defaults, **vars(parsed)) == defaults
 
 

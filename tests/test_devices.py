@@ -17,8 +17,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from experiments import digits, train
+from experiments import checkpoints, cli, digits
 
 _ARGS = [
     "--method=flipout",
@@ -31,12 +32,12 @@ _ARGS = [
 _FOUR_DEVICES = """
 import sys
 import jax
-from experiments import digits, train
+from experiments import checkpoints, cli, digits
 assert jax.device_count() == 4, jax.devices()
 argv = sys.argv[1:]
 # 62 images cannot be split evenly over 4 devices: a one-line error, exit status 2.
-assert train.main([*argv, "--batch_size=62"], digits.DEFAULTS, ("lenet300",)) == 2
-sys.exit(train.main(argv, digits.DEFAULTS, ("lenet300",)))
+assert cli.main([*argv, "--batch_size=62"], digits.DEFAULTS, ("lenet300",)) == 2
+sys.exit(cli.main(argv, digits.DEFAULTS, ("lenet300",)))
 """
 # Rounding-level agreement of a 3-epoch (66-step) float32 run.
 _WEIGHT_RTOL, _WEIGHT_ATOL = 1e-4, 1e-5
@@ -44,8 +45,8 @@ _LOSS_RTOL = 1e-4
 
 
 def _state(workdir):
-  run = train.load_run(workdir)
-  params = train.nnx.to_pure_dict(train.nnx.state(run.model, train.nnx.Param))
+  run = checkpoints.load_run(workdir)
+  params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   return (
       [np.asarray(leaf) for leaf in jax.tree.leaves(params)],
       [np.asarray(leaf) for leaf in jax.tree.leaves(run.masks)],
@@ -75,7 +76,7 @@ def test_four_devices_prune_like_one(tmp_path):
   )
   assert jax.device_count() == 1
   one = tmp_path / "one"
-  assert train.main([*_ARGS, f"--workdir={one}"], digits.DEFAULTS, ("lenet300",)) == 0
+  assert cli.main([*_ARGS, f"--workdir={one}"], digits.DEFAULTS, ("lenet300",)) == 0
   _, errors = process.communicate(timeout=600)
   assert process.returncode == 0, errors
   assert "--batch_size=62 must be divisible by the 4 devices" in errors

@@ -11,12 +11,14 @@ import time
 import jax
 import numpy as np
 
-from experiments import train
+from flax import nnx
+
+from experiments import checkpoints
 
 # The digits demo's recipe through the shared command line, in a fresh interpreter.
 _ENTRY = (
-    "import sys; from experiments import digits, train; "
-    "sys.exit(train.main(sys.argv[1:], digits.DEFAULTS, ('lenet300',)))"
+    "import sys; from experiments import cli, digits; "
+    "sys.exit(cli.main(sys.argv[1:], digits.DEFAULTS, ('lenet300',)))"
 )
 # 12 epochs of 22 steps; 90% needs 4 FlipOut events (steps 53, 106, 158, 211), so the kill
 # after epoch 3 lands before most of them. Gradient noise makes every step random.
@@ -42,8 +44,8 @@ def _env():
 
 def _final_state(workdir):
   """Params, masks and flip counts of the newest checkpoint, as flat lists of arrays."""
-  run = train.load_run(workdir)
-  params = train.nnx.to_pure_dict(train.nnx.state(run.model, train.nnx.Param))
+  run = checkpoints.load_run(workdir)
+  params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   return {
       name: [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
       for name, tree in (("params", params), ("masks", run.masks), ("flips", run.flip_counts))
@@ -115,7 +117,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   partial = killed / "checkpoints" / "13.orbax-checkpoint-tmp-1234567890"
   shutil.copytree(killed / "checkpoints" / "12", partial)
   (partial / "state" / "manifest.ocdbt").write_bytes(b"truncated")
-  assert train.load_run(killed).epoch == 12
+  assert checkpoints.load_run(killed).epoch == 12
   for name, arrays in _final_state(killed).items():
     for got, want in zip(arrays, expected[name]):
       np.testing.assert_array_equal(got, want, err_msg=name)

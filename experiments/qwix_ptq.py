@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
-from flipout_jax._src import export as export_lib
+import flipout_jax as flipout
 
 # Every conv/dense op of the model: weights and input activations int8, the
 # activations with a static (calibrated) symmetric range.
@@ -246,8 +246,8 @@ def model_file_sizes(params: Mapping, directory) -> FileSizes:
   np.savez(dense_path, *[np.asarray(leaf, np.float32) for leaf in leaves])
   return FileSizes(
       dense_float32=os.path.getsize(dense_path),
-      sparse_float32=export_lib.export(params, os.path.join(directory, "sparse_float32.npz")),
-      sparse_int8=export_lib.export(params, os.path.join(directory, "sparse_int8.npz"), int8=True),
+      sparse_float32=flipout.export(params, os.path.join(directory, "sparse_float32.npz")),
+      sparse_int8=flipout.export(params, os.path.join(directory, "sparse_int8.npz"), int8=True),
   )
 
 

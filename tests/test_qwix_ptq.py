@@ -1,4 +1,4 @@
-"""Tests of int8 post-training quantization with qwix (experiments/quantization.py)."""
+"""Tests of int8 post-training quantization with qwix (experiments/qwix_ptq.py)."""
 
 from flax import nnx
 import jax
@@ -8,7 +8,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from experiments import quantization
+from experiments import qwix_ptq
 
 _TRAIN_STEPS = 200
 _BATCH = 64
@@ -117,20 +117,20 @@ def calibration_batches(digits):
 
 @pytest.fixture(scope="module")
 def quantized_model(pruned_model, calibration_batches):
-  return quantization.quantize_model(pruned_model, calibration_batches)
+  return qwix_ptq.quantize_model(pruned_model, calibration_batches)
 
 
 def test_int8_accuracy_within_one_point_of_float32(digits, pruned_model, quantized_model):
   _, _, test_images, test_labels = digits
   # 360 test images: one compiled batch shape per model.
-  float_accuracy = quantization.evaluate(pruned_model, test_images, test_labels, 120)
-  int8_accuracy = quantization.evaluate(quantized_model, test_images, test_labels, 120)
+  float_accuracy = qwix_ptq.evaluate(pruned_model, test_images, test_labels, 120)
+  int8_accuracy = qwix_ptq.evaluate(quantized_model, test_images, test_labels, 120)
   assert float_accuracy > 0.85  # trained: the comparison below means something
   assert abs(int8_accuracy - float_accuracy) <= 0.01
 
 
 def test_int8_kernels_have_exactly_the_float_zero_positions(pruned_model, quantized_model):
-  report = quantization.int8_weight_sparsity(pruned_model, quantized_model)
+  report = qwix_ptq.int8_weight_sparsity(pruned_model, quantized_model)
   kernel_sizes = [9 * 1 * 8, 9 * 8 * 16, 256 * 10]
   assert report.size == sum(kernel_sizes)
   expected_sparsity = sum(size // 2 for size in kernel_sizes) / sum(kernel_sizes)
@@ -145,12 +145,12 @@ def test_int8_kernels_have_exactly_the_float_zero_positions(pruned_model, quanti
           ("head", pruned_model.head),
       )
   }
-  for name, int8_values in quantization.quantized_kernels(quantized_model).items():
+  for name, int8_values in qwix_ptq.quantized_kernels(quantized_model).items():
     np.testing.assert_array_equal(int8_values == 0, float_kernels[name.split("/")[0]] == 0)
 
 
 def test_every_conv_and_dense_kernel_is_per_channel_int8(quantized_model):
-  kernels = quantization.quantized_kernels(quantized_model)
+  kernels = qwix_ptq.quantized_kernels(quantized_model)
   assert sorted(kernels) == ["conv1/kernel", "conv2/kernel", "head/kernel"]
   for int8_values in kernels.values():
     assert int8_values.dtype == np.int8
@@ -187,7 +187,7 @@ def test_activation_scale_is_static_and_calibrated_on_all_batches(
 
 def test_quantize_model_leaves_the_float_model_unchanged(pruned_model, calibration_batches):
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(pruned_model)))
-  quantization.quantize_model(pruned_model, calibration_batches[:1])
+  qwix_ptq.quantize_model(pruned_model, calibration_batches[:1])
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(pruned_model)))
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
@@ -227,12 +227,12 @@ def test_layer_qwix_cannot_quantize_gives_value_error_naming_it():
   with pytest.raises(
       ValueError, match=r"qwix cannot quantize layer 'inner' \(_KernelReusedElementwise\)"
   ):
-    quantization.quantize_model(_Wrapper(nnx.Rngs(0)), [images])
+    qwix_ptq.quantize_model(_Wrapper(nnx.Rngs(0)), [images])
 
 
 def test_kernel_left_in_float_gives_value_error_naming_it():
   with pytest.raises(ValueError, match="left float: gain"):
-    quantization.quantize_model(_ElementwiseGain(nnx.Rngs(0)), [jnp.ones((2, 8, 8, 1))])
+    qwix_ptq.quantize_model(_ElementwiseGain(nnx.Rngs(0)), [jnp.ones((2, 8, 8, 1))])
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def test_kernel_left_in_float_gives_value_error_naming_it():
 )
 def test_bad_calibration_batches_are_refused(batches, match):
   with pytest.raises(ValueError, match=f"calibration_batches: {match}"):
-    quantization.quantize_model(_new_tiny_cnn(), batches)
+    qwix_ptq.quantize_model(_new_tiny_cnn(), batches)
 
 
 def test_evaluate_counts_correct_argmax_over_uneven_batches():
@@ -257,7 +257,7 @@ def test_evaluate_counts_correct_argmax_over_uneven_batches():
   # last, partial batch).
   images = np.arange(len(labels), dtype=np.float32)
   apply_fn = lambda batch: jax.nn.one_hot(batch.astype(jnp.int32) % 3, 3)
-  assert quantization.evaluate(apply_fn, images, labels, batch_size=3) == pytest.approx(5 / 7)
+  assert qwix_ptq.evaluate(apply_fn, images, labels, batch_size=3) == pytest.approx(5 / 7)
 
 
 @pytest.mark.parametrize(
@@ -271,7 +271,7 @@ def test_evaluate_counts_correct_argmax_over_uneven_batches():
 )
 def test_evaluate_refuses_bad_arguments(batch_size, images, labels):
   with pytest.raises(ValueError):
-    quantization.evaluate(lambda batch: batch, images, labels, batch_size)
+    qwix_ptq.evaluate(lambda batch: batch, images, labels, batch_size)
 
 
 def test_model_file_sizes_order_dense_sparse_int8(tmp_path):
@@ -279,7 +279,7 @@ def test_model_file_sizes_order_dense_sparse_int8(tmp_path):
   kernel = rng.normal(size=(64, 512)).astype(np.float32)
   kernel[rng.random(kernel.shape) < 0.9] = 0
   params = {"dense": {"kernel": kernel, "bias": np.zeros(512, np.float32)}}
-  sizes = quantization.model_file_sizes(params, tmp_path)
+  sizes = qwix_ptq.model_file_sizes(params, tmp_path)
   dense_bytes = 4 * (kernel.size + 512)
   assert dense_bytes <= sizes.dense_float32 <= dense_bytes + 2048
   assert sizes.sparse_int8 < sizes.sparse_float32 < sizes.dense_float32

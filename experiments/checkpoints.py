@@ -1,0 +1,146 @@
+"""Orbax checkpoints of a run: save, restore, resumability checks, and :func:`load_run`.
+
+State and run metadata are saved after every ``checkpoint_every_epochs`` epochs and at the end,
+keeping the newest ``keep_checkpoints``. Orbax writes into a temporary directory and renames it
+when complete, so a write cut short never replaces the previous checkpoint; pending
+asynchronous writes are waited on before a run returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flipout_jax as flipout
+from experiments import config as config_lib
+from experiments import devices, optimizers, run_state
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# Fields that may differ between a run and its resumption: they do not change what is computed.
+_RESUMABLE_FIELDS = (
+    "workdir",
+    "resume",
+    "progress",
+    "tensorboard",
+    "data_dir",
+    "eval_batch_size",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+)
+
+
+def open_manager(workdir: Path, config: config_lib.Config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
+  )
+  return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state, metadata: dict) -> None:
+  """Saves after ``epoch`` completed epochs (orbax step = epochs done), asynchronously."""
+  manager.save(
+      epoch,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+      ),
+  )
+
+
+def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
+  """Restores state (shaped and sharded like ``target_state``) and metadata of ``epoch``."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  restored = manager.restore(
+      epoch,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()
+      ),
+  )
+  return restored["state"], restored["metadata"]
+
+
+def check_resumable(saved: config_lib.Config, config: config_lib.Config) -> None:
+  """A checkpoint only continues the run that wrote it."""
+  differing = [
+      field.name
+      for field in dataclasses.fields(config_lib.Config)
+      if field.name not in _RESUMABLE_FIELDS
+      and getattr(saved, field.name) != getattr(config, field.name)
+  ]
+  if differing:
+    changes = ", ".join(
+        f"--{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in differing
+    )
+    raise config_lib.ConfigError(
+        f"the checkpoint in --workdir={config.workdir} is from another run ({changes}); "
+        "use the same flags to resume or another --workdir"
+    )
+
+
+def latest_to_resume(manager: ocp.CheckpointManager, config: config_lib.Config) -> int | None:
+  """The newest complete checkpoint to resume from; refuses to overwrite one silently."""
+  latest = manager.latest_step()
+  if latest is not None and not config.resume:
+    raise config_lib.ConfigError(
+        f"--workdir={config.workdir} already holds checkpoints; pass --resume to continue "
+        "that run or choose another --workdir"
+    )
+  return latest
+
+
+class RestoredRun(NamedTuple):
+  """A checkpoint read back: its config, the model in eval mode with the trained weights, and
+  the pruning masks and flip counts (None for ``dense``)."""
+
+  config: config_lib.Config
+  model: nnx.Module
+  masks: Any
+  flip_counts: Any
+  epoch: int
+
+
+def load_run(workdir: str | os.PathLike, epoch: int | None = None) -> RestoredRun:
+  """Restores the newest (or the ``epoch``) checkpoint of a run written by :func:`train`.
+
+  Needs no data set: shapes come from the checkpoint's metadata.
+
+  Raises:
+    config_lib.ConfigError: no checkpoint in ``workdir``.
+  """
+  directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+  if not directory.is_dir():
+    raise config_lib.ConfigError(
+        f"{workdir} has no {CHECKPOINT_DIR}/ folder; train a run there first"
+    )
+  with ocp.CheckpointManager(directory) as manager:
+    epoch = manager.latest_step() if epoch is None else epoch
+    if epoch is None:
+      raise config_lib.ConfigError(f"{directory} holds no complete checkpoint")
+    metadata = manager.restore(epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+        "metadata"
+    ]
+    config = config_lib.config_from_json(metadata["config"])
+    setup = run_state.build_setup(
+        config, tuple(metadata["input_shape"]), metadata["num_classes"], metadata["steps_per_epoch"]
+    )
+    # Replicated over this process's devices, whatever device count wrote it.
+    target = devices.place_tree(setup.state, NamedSharding(devices.make_mesh(), P()))
+    state, _ = restore(manager, epoch, target)
+  model = nnx.merge(setup.graphdef_eval, state["params"], state["batch_stats"])
+  has_masks = optimizers.has_pruning_state(config)
+  return RestoredRun(
+      config=config,
+      model=model,
+      masks=flipout.masks(state["opt_state"]) if has_masks else None,
+      flip_counts=flipout.flip_counts(state["opt_state"]) if has_masks else None,
+      epoch=int(epoch),
+  )

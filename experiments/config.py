@@ -1,0 +1,193 @@
+"""What defines a training run: the :class:`Config`, its validation and its JSON form.
+
+Each entry point (``experiments.cifar``, ``experiments.mnist``, ...) is a :class:`Config` of
+defaults; the command line (``experiments.cli``) overrides fields from flags and
+:func:`validate_config` refuses bad values with one line before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments import input_pipeline, models
+
+METHODS: tuple[str, ...] = (
+    "flipout",
+    "global_magnitude",
+    "magnitude",
+    "random",
+    "snip",
+    "hoyer_square",
+    "dense",
+)
+
+
+# Methods that prune on a schedule with flipout.prune, and the criterion each one uses.
+SCHEDULED_CRITERIA = {
+    "flipout": "flipout",
+    "global_magnitude": "global_magnitude",
+    "magnitude": "magnitude",
+    "random": "random",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a run. Defaults: the paper's VGG19 / CIFAR-10 run at 99.9%.
+
+  Attributes:
+    dataset: one of ``input_pipeline.DATASET_NAMES``.
+    model: one of ``models.MODEL_NAMES``.
+    method: one of :data:`METHODS`.
+    sparsity: target fraction of prunable weights (kernels) pruned at the end, in [0, 1);
+      ignored by ``dense``.
+    epochs: training epochs (>= 1).
+    batch_size: global batch size, divisible by the number of devices.
+    eval_batch_size: global batch size of the test-set evaluation.
+    lr: initial SGD learning rate.
+    milestones: epochs after which the learning rate is multiplied by 0.1.
+    momentum: SGD momentum.
+    weight_decay: coupled L2 weight decay (added to the gradient before momentum).
+    noise_scale: the paper's lambda for the gradient noise (``flipout`` only).
+    p: exponent of ``|w|`` in the FlipOut saliency ``|w|^p / (flips + 1)``.
+    prune_rate: fraction of the live weights pruned at each event but the last.
+    hoyer_lambda: weight of the Hoyer-Square regulariser (``hoyer_square`` only).
+    hoyer_threshold: fixed magnitude threshold for ``hoyer_square``; None: the threshold
+      that reaches ``sparsity`` exactly.
+    seed: seeds the initialisation, the data order, augmentation and noise.
+    data_seed: seeds the train/test split of ``digits`` and ``mnist_t10k`` and the synthetic
+      data; None: ``seed``. Fix it to compare seeds on one split.
+    workdir: output folder; None: ``runs/<dataset>-<model>-<method>-<sparsity>-seed<seed>``.
+    resume: continue from the newest checkpoint in ``workdir``.
+    synthetic: random data of the data set's true shapes (smoke tests, speed); marked as
+      such in every output.
+    synthetic_train: number of synthetic training images.
+    synthetic_test: number of synthetic test images.
+    data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder).
+    checkpoint_every_epochs: checkpoint period in epochs; 0: only at the end of the run.
+    keep_checkpoints: how many checkpoints to keep.
+    progress: show a progress bar and print one line per epoch.
+    tensorboard: write TensorBoard scalars.
+  """
+
+  dataset: str = "cifar10"
+  model: str = "vgg19"
+  method: str = "flipout"
+  sparsity: float = 0.999
+  epochs: int = 350
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  lr: float = 0.1
+  milestones: tuple[int, ...] = (150, 250)
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  noise_scale: float = 1.0
+  p: float = 2.0
+  prune_rate: float = 0.5
+  hoyer_lambda: float = 1e-6
+  hoyer_threshold: float | None = None
+  seed: int = 0
+  data_seed: int | None = None
+  workdir: str | None = None
+  resume: bool = False
+  synthetic: bool = False
+  synthetic_train: int = 512
+  synthetic_test: int = 256
+  data_dir: str | None = None
+  checkpoint_every_epochs: int = 1
+  keep_checkpoints: int = 3
+  progress: bool = True
+  tensorboard: bool = True
+
+
+class ConfigError(ValueError):
+  """Bad user input for a run; the message is one line saying what is wrong and what to do."""
+
+
+def default_workdir(config: Config) -> str:
+  """``runs/<dataset>-<model>-<method>-<sparsity>-seed<seed>[-synthetic]``."""
+  sparsity = "dense" if config.method == "dense" else f"{config.sparsity:g}"
+  name = f"{config.dataset}-{config.model}-{config.method}-{sparsity}-seed{config.seed}"
+  return str(Path("runs") / (name + ("-synthetic" if config.synthetic else "")))
+
+
+def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL_NAMES) -> None:
+  """Raises :class:`ConfigError` (one line: what is wrong, what is allowed) for bad input.
+
+  Checks what can be checked without data: names, ranges, the milestones. The data set
+  itself, the batch size against the device count and the data size, and whether the
+  schedule is long enough for its pruning events are checked by :func:`train`.
+  """
+  check_choice("dataset", config.dataset, input_pipeline.DATASET_NAMES)
+  check_choice("model", config.model, tuple(allowed_models))
+  check_choice("method", config.method, METHODS)
+  if not 0.0 <= config.sparsity < 1.0:
+    raise ConfigError(f"--sparsity must be in [0, 1) (e.g. 0.999), got {config.sparsity}")
+  for name in (
+      "epochs",
+      "batch_size",
+      "eval_batch_size",
+      "keep_checkpoints",
+      "synthetic_train",
+      "synthetic_test",
+  ):
+    check_int(name, getattr(config, name), minimum=1)
+  check_int("checkpoint_every_epochs", config.checkpoint_every_epochs, minimum=0)
+  check_int("seed", config.seed, minimum=0)
+  if config.data_seed is not None:
+    check_int("data_seed", config.data_seed, minimum=0)
+  if not config.lr > 0:
+    raise ConfigError(f"--lr must be > 0, got {config.lr}")
+  if not 0.0 <= config.momentum < 1.0:
+    raise ConfigError(f"--momentum must be in [0, 1), got {config.momentum}")
+  for name in ("weight_decay", "noise_scale", "hoyer_lambda"):
+    if not getattr(config, name) >= 0:
+      raise ConfigError(f"--{name} must be >= 0, got {getattr(config, name)}")
+  if not config.p > 0:
+    raise ConfigError(f"--p must be > 0, got {config.p}")
+  if not 0.0 < config.prune_rate < 1.0:
+    raise ConfigError(f"--prune_rate must be in (0, 1), got {config.prune_rate}")
+  if config.hoyer_threshold is not None and not config.hoyer_threshold >= 0:
+    raise ConfigError(f"--hoyer_threshold must be >= 0, got {config.hoyer_threshold}")
+  milestones = tuple(config.milestones)
+  if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or any(
+      later <= earlier for earlier, later in zip(milestones, milestones[1:])
+  ):
+    raise ConfigError(
+        "--milestones must be strictly increasing positive epochs like 150,250; "
+        f"got {milestones}"
+    )
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+  """A JSON-friendly dict of ``config`` (tuples become lists)."""
+  return {
+      key: list(value) if isinstance(value, tuple) else value
+      for key, value in dataclasses.asdict(config).items()
+  }
+
+
+def config_from_json(fields: dict[str, Any]) -> Config:
+  """Inverse of :func:`config_to_json`; unknown keys are ignored."""
+  known = {field.name for field in dataclasses.fields(Config)}
+  values = {key: value for key, value in fields.items() if key in known}
+  if "milestones" in values:
+    values["milestones"] = tuple(values["milestones"])
+  return Config(**values)
+
+
+def one_line(error) -> str:
+  return " ".join(str(error).split())
