@@ -29,6 +29,9 @@ CHECKPOINT_DIR = "checkpoints"
 # Fields that may differ between a run and its resumption: they do not change what is computed.
 _RESUMABLE_FIELDS = (
     "workdir",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
     "resume",
     "progress",
     "tensorboard",
@@ -54,6 +57,13 @@ def save(manager: ocp.CheckpointManager, epoch: int, state, metadata: dict) -> N
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
       ),
   )
+
+
+def restore_metadata(manager: ocp.CheckpointManager, epoch: int) -> dict[str, Any]:
+  """The run metadata saved with ``epoch`` (config, shapes), without reading the state."""
+  return manager.restore(epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+      "metadata"
+  ]
 
 
 def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
@@ -87,13 +97,21 @@ def check_resumable(saved: config_lib.Config, config: config_lib.Config) -> None
 
 
 def latest_to_resume(manager: ocp.CheckpointManager, config: config_lib.Config) -> int | None:
-  """The newest complete checkpoint to resume from; refuses to overwrite one silently."""
+  """The newest complete checkpoint to resume from, once it is known to be this run's.
+
+  Refuses to overwrite a run silently (no ``--resume``) and to continue another run's
+  checkpoint: the saved config is compared before any state is built or restored, so the
+  answer is one line and the old run's files are left as they are.
+  """
   latest = manager.latest_step()
   if latest is not None and not config.resume:
     raise config_lib.ConfigError(
         f"--workdir={config.workdir} already holds checkpoints; pass --resume to continue "
         "that run or choose another --workdir"
     )
+  if latest is not None:
+    saved = restore_metadata(manager, latest)["config"]
+    check_resumable(config_lib.config_from_json(saved), config)
   return latest
 
 
@@ -125,9 +143,7 @@ def load_run(workdir: str | os.PathLike, epoch: int | None = None) -> RestoredRu
     epoch = manager.latest_step() if epoch is None else epoch
     if epoch is None:
       raise config_lib.ConfigError(f"{directory} holds no complete checkpoint")
-    metadata = manager.restore(epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
-        "metadata"
-    ]
+    metadata = restore_metadata(manager, epoch)
     config = config_lib.config_from_json(metadata["config"])
     setup = run_state.build_setup(
         config, tuple(metadata["input_shape"]), metadata["num_classes"], metadata["steps_per_epoch"]

@@ -103,6 +103,9 @@ _VALUE_FLAGS = (
     ("data_dir", str, "tfds data dir (or the mnist_t10k folder)"),
     ("checkpoint_every_epochs", int, "checkpoint period in epochs (0: only at the end)"),
     ("keep_checkpoints", int, "checkpoints kept"),
+    ("coordinator_address", str, "host:port of process 0 of a multi-process job"),
+    ("num_processes", int, "processes in a multi-process job"),
+    ("process_id", int, "this process's index in a multi-process job"),
 )
 
 

@@ -71,6 +71,10 @@ class Config:
     keep_checkpoints: how many checkpoints to keep.
     progress: show a progress bar and print one line per epoch.
     tensorboard: write TensorBoard scalars.
+    coordinator_address: ``host:port`` of process 0 of a multi-process job (None: the
+      ``JAX_COORDINATOR_ADDRESS`` variable, or a cluster JAX detects itself, or one process).
+    num_processes: processes in the job (None: ``JAX_NUM_PROCESSES``).
+    process_id: this process's index in ``[0, num_processes)`` (None: ``JAX_PROCESS_ID``).
   """
 
   dataset: str = "cifar10"
@@ -101,6 +105,9 @@ class Config:
   keep_checkpoints: int = 3
   progress: bool = True
   tensorboard: bool = True
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
 
 
 class ConfigError(ValueError):
@@ -152,6 +159,7 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     raise ConfigError(f"--prune_rate must be in (0, 1), got {config.prune_rate}")
   if config.hoyer_threshold is not None and not config.hoyer_threshold >= 0:
     raise ConfigError(f"--hoyer_threshold must be >= 0, got {config.hoyer_threshold}")
+  _validate_processes(config.coordinator_address, config.num_processes, config.process_id)
   milestones = tuple(config.milestones)
   if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or any(
       later <= earlier for earlier, later in zip(milestones, milestones[1:])
@@ -159,6 +167,31 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     raise ConfigError(
         "--milestones must be strictly increasing positive epochs like 150,250; "
         f"got {milestones}"
+    )
+
+
+def _validate_processes(address: str | None, num_processes, process_id) -> None:
+  """A multi-process job needs all three of address, process count and process index."""
+  given = [value is not None for value in (address, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise ConfigError(
+        "--coordinator_address, --num_processes and --process_id go together (or come from "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); got "
+        f"{address!r}, {num_processes!r}, {process_id!r}"
+    )
+  if address is None:
+    return
+  host, _, port = str(address).rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(
+        f"--coordinator_address must be host:port like 10.0.0.1:1234, got {address!r}"
+    )
+  check_int("num_processes", num_processes, minimum=1)
+  check_int("process_id", process_id, minimum=0)
+  if process_id >= num_processes:
+    raise ConfigError(
+        f"--process_id must be in [0, {num_processes}) for --num_processes={num_processes}, "
+        f"got {process_id}"
     )
 
 

@@ -7,6 +7,7 @@ all-reduce.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
@@ -14,20 +15,53 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from experiments import config as config_lib
 
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-host job when the environment describes one (coordinator or cluster env).
 
-  ``jax.distributed.initialize()`` reads the coordinator from ``JAX_COORDINATOR_ADDRESS`` or
-  auto-detects SLURM / Open MPI; on a single machine nothing is done.
+def maybe_initialize_distributed(config: config_lib.Config) -> None:
+  """Joins a multi-process job when the config, the environment or a cluster describes one.
+
+  The coordinator, process count and index come from the config's flags, else from
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; with none of
+  them, a SLURM or Open MPI job is detected by ``jax.distributed.initialize()`` itself. On a
+  single machine nothing is done. Must run before anything touches a JAX device.
+
+  Raises:
+    config_lib.ConfigError: an incomplete or malformed description of the job.
   """
-  multi_process = (
-      "JAX_COORDINATOR_ADDRESS" in os.environ
-      or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  if jax.distributed.is_initialized():
+    return
+  address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num_processes = config.num_processes
+  process_id = config.process_id
+  if address is not None and config.coordinator_address is None:
+    num_processes = _environment_int("JAX_NUM_PROCESSES", num_processes)
+    process_id = _environment_int("JAX_PROCESS_ID", process_id)
+  config_lib.validate_config(
+      dataclasses.replace(
+          config,
+          coordinator_address=address,
+          num_processes=num_processes,
+          process_id=process_id,
+      )
   )
-  if multi_process and not jax.distributed.is_initialized():
+  if address is not None:
+    jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+  elif any(int(os.environ.get(name, "1")) > 1 for name in _CLUSTER_SIZE_VARIABLES):
     jax.distributed.initialize()
+
+
+# Variables that say a cluster launcher started several processes (SLURM, Open MPI).
+_CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _environment_int(name: str, value: int | None) -> int | None:
+  if value is not None or name not in os.environ:
+    return value
+  try:
+    return int(os.environ[name])
+  except ValueError:
+    raise config_lib.ConfigError(f"{name} must be an integer, got {os.environ[name]!r}") from None
 
 
 DATA_AXIS = "data"
@@ -41,6 +75,23 @@ def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host array every process holds whole (works multi-host too)."""
   array = np.asarray(array)
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(tree):
+  """NumPy copies of a tree of arrays, also of replicated arrays spanning several processes.
+
+  ``jax.device_get`` refuses an array that is not fully addressable (multi-process); a
+  replicated one holds the whole value in each local shard, so that shard is read.
+  """
+
+  def read(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.sharding.is_fully_replicated:
+        raise ValueError(f"cannot read a sharded {leaf.shape} array spanning several processes")
+      leaf = leaf.addressable_shards[0].data
+    return np.asarray(jax.device_get(leaf))
+
+  return jax.tree.map(read, tree)
 
 
 def place_tree(tree, sharding: NamedSharding):

@@ -74,7 +74,7 @@ def evaluate(
       for indices, weights in zip(*eval_batches)
   ]
   loss_sum = correct_sum = 0.0
-  for loss, correct in jax.device_get(sums):
+  for loss, correct in devices.to_host(sums):
     loss_sum += float(loss)
     correct_sum += float(correct)
   count = int(data.test_labels.shape[0])

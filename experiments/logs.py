@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,28 +68,47 @@ class MetricsWriter:
       self.writer.close()
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file; none if it does not exist.
+
+  A run killed while writing leaves a partial last line: it is dropped with a warning (its
+  epoch is written again when the run resumes). Any other unreadable line is an error.
+
+  Raises:
+    config_lib.ConfigError: a line before the last one is not a JSON record.
+  """
+  if not path.exists():
+    return []
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or "epoch" not in record:
+        raise ValueError("not an epoch record")
+    except ValueError:
+      if number < len(lines):
+        raise config_lib.ConfigError(
+            f"{path} line {number} is not a metrics record; remove the file to start its log anew"
+        ) from None
+      warnings.warn(f"{path}: dropped a partial last line (the run was cut off while writing it)")
+      break
+    records.append(record)
+  return records
+
+
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-  """Keeps the lines of epochs ``<= last_epoch`` (a resumed run rewrites the later ones)."""
+  """Keeps the records of epochs ``<= last_epoch`` (a resumed run rewrites the later ones)."""
   if not path.exists():
     return
-  lines = [
-      line
-      for line in path.read_text().splitlines()
-      if line.strip() and json.loads(line)["epoch"] <= last_epoch
-  ]
-  path.write_text("".join(line + "\n" for line in lines))
+  kept = [record for record in read_records(path) if record["epoch"] <= last_epoch]
+  path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def last_record(path: Path, epoch: int) -> dict[str, Any] | None:
-  """The metrics.jsonl line of ``epoch``, if there is one."""
-  if not path.exists():
-    return None
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The metrics.jsonl record of ``epoch``, if there is one."""
+  records = read_records(path)
   return next((record for record in reversed(records) if record["epoch"] == epoch), None)
-
-
-def to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def _json_ready(value):

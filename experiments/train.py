@@ -6,8 +6,9 @@ How a run works (the other concerns live in their own modules: ``config``, ``cli
 * The data set is loaded whole (uint8) and kept on the accelerators, replicated. The order of
   epoch ``e`` is ``input_pipeline.batch_indices(seed, e, ...)``; each step gathers its batch by
   index *inside* the compiled step and crops, flips and normalises it there, so the host only
-  feeds a step number. The augmentation key of step ``t`` is ``fold_in(key(seed), t)``, the
-  gradient noise and the random criterion are seeded in the optimizer state: every random
+  feeds a step number. The augmentation key of step ``t`` is :func:`augmentation_key`, a stream of
+  its own; the gradient noise and the random criterion draw from theirs, seeded in the
+  optimizer state: every random
   choice is a function of ``(seed, epoch, step)``, which is what makes a resumed run end with
   exactly the weights, masks and flip counts of an uninterrupted one.
 * The model is Flax NNX; the train step is one pure function of
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,6 +65,17 @@ def _live_sign_flips(old_params, new_params, opt_state, has_masks: bool) -> jax.
   return sum(counts, jnp.zeros((), jnp.int32)).astype(jnp.float32)
 
 
+# Each purpose draws from its own stream: fold_in(key(seed), tag) first, then the step. The
+# library's gradient noise and random criterion use tags of their own, so no two purposes
+# ever share a key.
+_AUGMENTATION_TAG = zlib.crc32(b"experiments/augmentation") & 0x7FFFFFFF
+
+
+def augmentation_key(seed: int, step) -> jax.Array:
+  """The key of the crop and flip of training step ``step`` (from 0) of a run seeded ``seed``."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _AUGMENTATION_TAG), step)
+
+
 def _make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -74,12 +87,11 @@ def _make_train_step(
   """The jitted train step ``(state, totals, images, labels, epoch_order, i) -> (state, totals)``.
 
   ``epoch_order[i]`` are the indices of this step's batch; the batch is gathered, augmented
-  (key ``fold_in(key(seed), step)``) and normalised inside the step. ``totals`` accumulates
+  (key :func:`augmentation_key`) and normalised inside the step. ``totals`` accumulates
   the epoch's loss sum, correct predictions, example count and live sign flips on device.
   """
   pad, flip = input_pipeline.AUGMENTATION[config.dataset]
   mean, std = np.asarray(dataset.mean), np.asarray(dataset.std)
-  base_key = jax.random.key(config.seed)
   batch_sharding = NamedSharding(mesh, P(devices.DATA_AXIS))
   replicated = NamedSharding(mesh, P())
   has_masks = optimizers.has_pruning_state(config)
@@ -103,7 +115,7 @@ def _make_train_step(
     batch_images = jax.lax.with_sharding_constraint(images[indices], batch_sharding)
     batch_labels = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
     if pad or flip:  # digits and MNIST are not augmented: no key, no random bits
-      key = jax.random.fold_in(base_key, state["step"])
+      key = augmentation_key(config.seed, state["step"])
       batch_images = input_pipeline.augment(batch_images, key, pad=pad, flip=flip)
     inputs = input_pipeline.normalize(batch_images, mean, std)
     params = state["params"]
@@ -228,7 +240,7 @@ def train(config: config_lib.Config) -> dict[str, Any]:
     input_pipeline.DatasetUnavailableError: the data set cannot be loaded offline.
   """
   config_lib.validate_config(config)
-  devices.maybe_initialize_distributed()
+  devices.maybe_initialize_distributed(config)
   started = time.perf_counter()
   if config.workdir is None:
     config = dataclasses.replace(config, workdir=config_lib.default_workdir(config))
@@ -254,7 +266,6 @@ def train(config: config_lib.Config) -> dict[str, Any]:
     start_epoch = 0
     if latest is not None:
       state, metadata = checkpoints.restore(manager, latest, state)
-      checkpoints.check_resumable(config_lib.config_from_json(metadata["config"]), config)
       start_epoch = int(metadata["epoch"])
     data = devices.DeviceData(
         *(
@@ -296,8 +307,8 @@ def train(config: config_lib.Config) -> dict[str, Any]:
         "train_loss": None,
         "train_accuracy": None,
     }
-  params = logs.to_host(state["params"])
-  model = nnx.merge(setup.graphdef_eval, params, logs.to_host(state["batch_stats"]))
+  params = devices.to_host(state["params"])
+  model = nnx.merge(setup.graphdef_eval, params, devices.to_host(state["batch_stats"]))
   summary = logs.run_summary(
       config,
       params,
@@ -371,10 +382,10 @@ def _train_epochs(
       record = logs.epoch_record(
           epoch,
           step,
-          logs.to_host(totals),
+          devices.to_host(totals),
           test_loss,
           test_accuracy,
-          sparsity=flipout.sparsity(logs.to_host(state["params"])),
+          sparsity=flipout.sparsity(devices.to_host(state["params"])),
           lr=optimizers.learning_rate_at(config, plan.steps_per_epoch, step - 1),
           steps=plan.steps_per_epoch,
           seconds=time.perf_counter() - epoch_started,
