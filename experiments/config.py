@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import input_pipeline, models
+from experiments import input_pipeline, models, validation
 
 METHODS: tuple[str, ...] = (
     "flipout",
@@ -201,8 +201,8 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 
 def check_int(name: str, value, *, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+  """Raises :class:`ConfigError` naming ``--name`` unless ``value`` is an integer >= minimum."""
+  validation.check_int(f"--{name}", value, minimum=minimum, error=ConfigError)
 
 
 def config_to_json(config: Config) -> dict[str, Any]:

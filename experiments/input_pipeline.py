@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import validation
+
 DATASET_NAMES = ("cifar10", "mnist", "imagenette", "digits", "mnist_t10k")
 
 # (pad, flip): the paper's crop+flip for natural images, nothing for digits.
@@ -153,10 +155,10 @@ def load(
   """
   if name not in DATASET_NAMES:
     raise ValueError(f"name must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
-  _check_non_negative_int("seed", seed)
+  validation.check_int("seed", seed, minimum=0)
   if synthetic:
-    _check_positive_int("synthetic_train", synthetic_train)
-    _check_positive_int("synthetic_test", synthetic_test)
+    validation.check_int("synthetic_train", synthetic_train, minimum=1)
+    validation.check_int("synthetic_test", synthetic_test, minimum=1)
     splits = _synthetic_splits(_IMAGE_SPECS[name], seed, synthetic_train, synthetic_test)
   elif name == "digits":
     splits = _digits_splits(seed)
@@ -205,7 +207,7 @@ def augment(images: jax.Array, key: jax.Array, *, pad: int, flip: bool) -> jax.A
     raise ValueError(f"images must have shape (B, H, W, C); got shape {images.shape}")
   if images.dtype != jnp.uint8:
     raise TypeError(f"images must be uint8; got {images.dtype}")
-  _check_non_negative_int("pad", pad)
+  validation.check_int("pad", pad, minimum=0)
   crop_key, flip_key = jax.random.split(key)
   batch, height, width, channels = images.shape
   if pad > 0:
@@ -255,10 +257,10 @@ def batch_indices(seed: int, epoch: int, num_examples: int, batch_size: int) -> 
   Returns:
     ``(n // batch_size, batch_size)`` int32 of distinct indices in ``[0, n)``.
   """
-  _check_non_negative_int("seed", seed)
-  _check_non_negative_int("epoch", epoch)
-  _check_positive_int("num_examples", num_examples)
-  _check_positive_int("batch_size", batch_size)
+  validation.check_int("seed", seed, minimum=0)
+  validation.check_int("epoch", epoch, minimum=0)
+  validation.check_int("num_examples", num_examples, minimum=1)
+  validation.check_int("batch_size", batch_size, minimum=1)
   if batch_size > num_examples:
     raise ValueError(
         f"batch_size must be at most num_examples={num_examples}; " f"got {batch_size}"
@@ -266,20 +268,6 @@ def batch_indices(seed: int, epoch: int, num_examples: int, batch_size: int) -> 
   steps = num_examples // batch_size
   order = np.random.default_rng((seed, epoch)).permutation(num_examples)
   return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_non_negative_int(argument: str, value) -> None:
-  if not _is_int(value) or value < 0:
-    raise ValueError(f"{argument} must be a non-negative integer; got {value!r}")
-
-
-def _check_positive_int(argument: str, value) -> None:
-  if not _is_int(value) or value < 1:
-    raise ValueError(f"{argument} must be a positive integer; got {value!r}")
 
 
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
