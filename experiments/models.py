@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import validation
+
 MODEL_NAMES: tuple[str, ...] = (
     "vgg11",
     "vgg13",
@@ -429,7 +431,7 @@ class DenseNet(nnx.Module):
 
 
 def _is_positive_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+  return validation.is_int(value) and value > 0
 
 
 def _checked_input_shape(input_shape) -> tuple[int, int, int]:

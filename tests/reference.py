@@ -1,4 +1,4 @@
-"""A NumPy reference of FlipOut pruning, written from shared/FLIPOUT.md alone.
+"""A NumPy reference of FlipOut pruning, written from docs/algorithm.md alone.
 
 It shares no code with flipout_jax: schedule, counts, flip counting and the
 selection (a stable argsort of the concatenated scores) are restated here.

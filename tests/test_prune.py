@@ -1,4 +1,4 @@
-"""prune against the NumPy reference of shared/FLIPOUT.md, step by step."""
+"""prune against the NumPy reference of docs/algorithm.md, step by step."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -94,7 +94,7 @@ def test_rate_mode_matches_reference(rate, target, total_steps):
 
 
 def test_paper_schedule_table():
-  # FLIPOUT.md: E = 350 epochs, f = 117, 70, 50, 39, 32 for 75% ... 99.90%.
+  # docs/algorithm.md (the paper's table): E = 350 epochs, f = 117, 70, 50, 39, 32 for 75% ... 99.90%.
   for target, interval in [
       (0.75, 117),
       (0.9375, 70),

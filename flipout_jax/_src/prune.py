@@ -367,7 +367,7 @@ def prune(
 ) -> optax.GradientTransformation:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
-  Two schedules, as in ``shared/FLIPOUT.md``:
+  Two schedules (``docs/algorithm.md``, "Schedules"):
 
   * **Target mode** (``target_sparsity`` and ``total_steps``): with
     ``k`` the smallest number of events such that
