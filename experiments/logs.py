@@ -229,6 +229,8 @@ def run_summary(
           "sparsity": report.sparsity,
           "prunable_weights": report.size,
           "live_weights": report.live,
+          # A run stopped by a misplaced prune has NaN params: never report it as dense.
+          "non_finite_weights": report.non_finite,
           "dense_flops": dense_flops,
           "live_flops": live_flops,
           "epochs": config.epochs,

@@ -1,9 +1,13 @@
 """Tests of the compact export of pruned params (flipout_jax/_src/export.py)."""
 
+import io
 import json
 import os
 import pickle
 import tempfile
+import time
+import tracemalloc
+import zipfile
 
 from hypothesis import given, settings, strategies as st
 import jax.numpy as jnp
@@ -305,3 +309,111 @@ def test_manifest_and_member_mismatches_are_refused(tmp_path, edit_manifest, edi
 def test_missing_file_is_a_file_not_found_error(tmp_path):
   with pytest.raises(FileNotFoundError):
     export_lib.load(tmp_path / "absent.npz")
+
+
+def _npy_header(dtype: str, shape: tuple) -> bytes:
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {"descr": dtype, "fortran_order": False, "shape": shape}
+  )
+  return header.getvalue()
+
+
+def _write_bomb(path, member: str, header: bytes, num_bytes: int, manifest=None) -> None:
+  """An .npz whose `member` inflates to `num_bytes` of zeros, written in chunks.
+
+  The archive stays small (zeros deflate ~200:1 even at level 1) and so does the
+  memory of writing it.
+  """
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    if manifest is not None:
+      text = io.BytesIO()
+      np.save(text, np.array(json.dumps(manifest)))
+      archive.writestr(f"{export_lib._MANIFEST_KEY}.npy", text.getvalue())
+    with archive.open(f"{member}.npy", "w", force_zip64=True) as file:
+      file.write(header)
+      chunk = bytes(1 << 22)
+      for start in range(0, num_bytes, len(chunk)):
+        file.write(chunk[: num_bytes - start])
+
+
+class _OpenedMembers:
+  """Records the names of the zip members opened for reading."""
+
+  def __init__(self, monkeypatch):
+    self.names = []
+    original = zipfile.ZipFile.open
+
+    def open_and_record(archive, name, mode="r", *args, **kwargs):
+      if mode == "r":
+        self.names.append(getattr(name, "filename", name))
+      return original(archive, name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_and_record)
+
+
+def _load_measured(path):
+  """(the ValueError load raised, peak traced bytes, seconds)."""
+  tracemalloc.start()
+  started = time.perf_counter()
+  try:
+    with pytest.raises(ValueError, match="not a flipout_jax export") as info:
+      export_lib.load(path)
+    return info.value, tracemalloc.get_traced_memory()[1], time.perf_counter() - started
+  finally:
+    tracemalloc.stop()
+
+
+def test_a_member_larger_than_its_manifest_entry_is_refused_before_inflating(tmp_path, monkeypatch):
+  # The manifest says b holds one float32; its member claims (and inflates to) 400 MB.
+  path = tmp_path / "bomb.npz"
+  manifest = {
+      "format": export_lib.FORMAT_NAME,
+      "version": export_lib.FORMAT_VERSION,
+      "leaves": [{"path": ["b"], "shape": [1], "dtype": "float32", "encoding": "dense"}],
+  }
+  _write_bomb(path, "b:values", _npy_header("<f4", (100_000_000,)), 400_000_000, manifest)
+  assert os.path.getsize(path) < 4_000_000
+  opened = _OpenedMembers(monkeypatch)
+  error, peak, seconds = _load_measured(path)
+  assert "b:values.npy" not in opened.names  # refused from the zip directory, unread
+  assert peak < 20_000_000, f"{peak / 1e6:.0f} MB allocated to refuse it"
+  assert seconds < 5
+  assert "b: values" in str(error) and "bytes uncompressed" in str(error)
+
+
+def test_an_oversized_manifest_is_refused_before_inflating(tmp_path, monkeypatch):
+  path = tmp_path / "bomb.npz"
+  size = 100_000_000  # 25M UCS-4 characters, over the manifest bound
+  _write_bomb(path, export_lib._MANIFEST_KEY, _npy_header("<U25000000", ()), size)
+  opened = _OpenedMembers(monkeypatch)
+  error, peak, _ = _load_measured(path)
+  assert f"{export_lib._MANIFEST_KEY}.npy" not in opened.names
+  assert peak < 20_000_000, f"{peak / 1e6:.0f} MB allocated to refuse it"
+  assert "manifest entry is 100000" in str(error) and "bytes uncompressed" in str(error)
+
+
+@pytest.mark.parametrize("source, alias", [(0, ["a/b"]), (1, ["x", "0"])], ids=["slash", "int"])
+def test_leaves_naming_the_same_members_are_refused(tmp_path, source, alias):
+  # ["a", "b"] and ["a/b"], or ["x", 0] and ["x", "0"], name the same members: one
+  # member must not load as several leaves (a small file would load many times its size).
+  path = tmp_path / "m.npz"
+  kernel = _sparse(np.random.default_rng(5), (4, 6), 0.5)
+  export_lib.export({"a": {"b": kernel}, "x": {0: np.ones(3, np.float32)}}, path)
+  _rewrite(path, lambda m: m["leaves"].append({**m["leaves"][source], "path": alias}))
+  _assert_refused(path, "stored twice")
+
+
+def test_a_member_that_is_not_an_npy_array_is_refused(tmp_path):
+  path = tmp_path / "m.npz"
+  manifest = {
+      "format": export_lib.FORMAT_NAME,
+      "version": export_lib.FORMAT_VERSION,
+      "leaves": [{"path": ["b"], "shape": [2], "dtype": "float32", "encoding": "dense"}],
+  }
+  with zipfile.ZipFile(path, "w") as archive:
+    text = io.BytesIO()
+    np.save(text, np.array(json.dumps(manifest)))
+    archive.writestr(f"{export_lib._MANIFEST_KEY}.npy", text.getvalue())
+    archive.writestr("b:values.npy", b"eight by")
+  _assert_refused(path, "")

@@ -2,12 +2,41 @@
 
 The device count is fixed when jax starts, so the comparison runs in a child
 process with XLA_FLAGS set before jax is imported.
+
+Why this cannot flake on a busy 2-core machine: XLA:CPU runs the 4 devices as
+threads that meet in a rendezvous at every collective (the global ranking of an
+event sums over all shards). When a participant is still missing
+``xla_cpu_collective_call_warn_stuck_timeout_seconds`` (default 20) plus
+``xla_cpu_collective_call_terminate_timeout_seconds`` (default 40) after the
+first arrived, XLA aborts the whole process (LOG(FATAL), SIGABRT): a wall-clock
+deadline on thread scheduling, which the other pytest-xdist worker, other users
+and VM steal time can push a thread past on 2 shared cores. (A participant made
+65 s late aborts a child with the default flags and not one with these.) The
+child raises that deadline far above its own time limit, so the only deadline
+left is ``_CHILD_TIMEOUT_S``, which fails readably; and it waits for every step
+before dispatching the next, so one program's collectives never queue behind
+the next program's work.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+
+# The child's time limit: the sharded run takes ~5 s alone, ~15 s beside two busy loops.
+_CHILD_TIMEOUT_S = 300
+_XLA_FLAGS = {
+    "xla_force_host_platform_device_count": 4,
+    # Longer than _CHILD_TIMEOUT_S: a late thread is waited for, never aborted on.
+    "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 60,
+}
+# XLA's defaults, when the flags are absent.
+_DEFAULT_TIMEOUTS_S = {
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 20,
+    "xla_cpu_collective_call_terminate_timeout_seconds": 40,
+}
 
 _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
@@ -31,11 +60,15 @@ _SCRIPT = textwrap.dedent("""
       for g in grads:
         u, state = update(place(g), state, p)
         p = optax.apply_updates(p, u)
+        # One program in flight at a time: its 4 device threads never wait
+        # behind the next step's work.
+        p, state = jax.block_until_ready((p, state))
       return p, state
 
     mesh = Mesh(np.array(jax.devices()), ("x",))
     specs = {"conv": P(None, None, None, "x"), "dense": P("x", None), "bias": P("x")}
-    shard = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+    shard = lambda tree: {
+        k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
     single = lambda tree: {k: jax.device_put(v, jax.devices()[0]) for k, v in tree.items()}
 
     sharded_params, sharded_state = run(shard)
@@ -53,10 +86,34 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _child_env() -> dict:
+  flags = " ".join(f"--{name}={value}" for name, value in _XLA_FLAGS.items())
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+def test_no_collective_deadline_shorter_than_the_childs_own_time_limit():
+  # XLA waits the warning timeout, warns, then waits the termination timeout more.
+  flags = _child_env()["XLA_FLAGS"]
+  abort_after = 0
+  for name, default in _DEFAULT_TIMEOUTS_S.items():
+    found = re.search(rf"--{name}=(\d+)", flags)
+    abort_after += int(found.group(1)) if found else default
+  assert abort_after > _CHILD_TIMEOUT_S, flags
+
+
 def test_sharded_params_give_identical_masks_and_flips():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-      [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
-  )
+  try:
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT_S,
+    )
+  except subprocess.TimeoutExpired as error:
+    raise AssertionError(
+        f"the 4-device run took over {_CHILD_TIMEOUT_S} s; its stderr ends with:\n"
+        f"{(error.stderr or '')[-3000:]}"
+    ) from None
   assert result.returncode == 0, result.stderr[-3000:]
   assert "SHARDED-OK" in result.stdout

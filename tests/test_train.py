@@ -39,6 +39,7 @@ def test_pruning_method_reaches_exact_target_with_zeros_where_masked(tmp_path, m
   pruned = round(SPARSITY * PRUNABLE)
   assert summary["prunable_weights"] == PRUNABLE
   assert summary["live_weights"] == PRUNABLE - pruned
+  assert summary["non_finite_weights"] == 0
   assert summary["sparsity"] == pytest.approx(pruned / PRUNABLE, abs=1e-12)
   assert summary["dense_flops"] == 2 * PRUNABLE  # one image through three Linear layers
   assert summary["live_flops"] == 2 * (PRUNABLE - pruned)

@@ -48,6 +48,14 @@ _ENCODINGS = {
     "bitmask": ("mask", "values"),
     "bitmask_int8": ("mask", "values", "scales"),
 }
+# Bounds on what a member may inflate to, checked against its uncompressed size
+# in the zip directory before it is read (zipfile never inflates past that size).
+# np.load refuses .npy headers over 10,000 bytes (its max_header_size); the magic
+# string, version and header length before the header take at most 12 more.
+_NPY_HEADER_MAX_BYTES = 10_000 + 12
+# The manifest is JSON in a 0-d unicode array, 4 bytes per character: 64 MiB
+# holds some 100,000 leaves with long paths.
+_MANIFEST_MAX_BYTES = 64 * 2**20
 # Errors numpy and zipfile raise on a damaged, truncated or foreign file.
 _READ_ERRORS = (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, zlib.error)
 
@@ -122,6 +130,15 @@ def load(path) -> dict:
   kernels are dequantized, ``q * scale``. The file is read with
   ``allow_pickle=False``: no code in it can run.
 
+  A hostile file cannot make ``load`` inflate more than it should: before a
+  member is read, its uncompressed size in the zip directory is checked
+  against what the manifest says it holds (shape times item size, plus at
+  most 10,012 bytes of ``.npy`` header), and the manifest against a 64 MiB
+  bound; zipfile never inflates a member past that size. Each member belongs
+  to one leaf. The dense arrays returned are as large as the manifest's
+  shapes (a kernel with no live weight is stored as a bitmask, 1/32 of its
+  float32 size before compression).
+
   Args:
     path: a file written by :func:`export`.
 
@@ -132,7 +149,8 @@ def load(path) -> dict:
     FileNotFoundError: ``path`` does not exist.
     ValueError: ``"<path>: not a flipout_jax export: <reason>"`` for a file of
       another kind, a damaged or truncated file, an unknown format version,
-      or members that are missing or disagree with the manifest.
+      or members that are missing, larger than the manifest allows, shared by
+      two leaves or otherwise disagree with the manifest.
   """
   with open(path, "rb") as file:
     try:
@@ -259,22 +277,26 @@ def _write_atomically(path, members: dict[str, np.ndarray], *, compress: bool) -
 
 
 def _read_archive(file) -> dict:
+  # np.load tells an .npz (whose members it does not read yet) from .npy and
+  # pickle files; the members are then read from its zip directly, each after
+  # its size in the zip directory is checked.
   archive = np.load(file, allow_pickle=False)
   if not isinstance(archive, np.lib.npyio.NpzFile):
     raise _FormatError("a single .npy array, not an .npz archive")
   with archive:
-    manifest = _read_manifest(archive)
+    manifest = _read_manifest(archive.zip)
     params = {}
+    members = set()
     for leaf in manifest["leaves"]:
-      key_path, array = _decode_leaf(archive, leaf)
+      key_path, array = _decode_leaf(archive.zip, leaf, members)
       _insert(params, key_path, array)
   return params
 
 
-def _read_manifest(archive) -> dict:
-  if _MANIFEST_KEY not in archive.files:
+def _read_manifest(archive: zipfile.ZipFile) -> dict:
+  if f"{_MANIFEST_KEY}.npy" not in archive.namelist():
     raise _FormatError(f"no {_MANIFEST_KEY!r} manifest entry (an .npz of something else?)")
-  text = archive[_MANIFEST_KEY]
+  text = _read_member(archive, _MANIFEST_KEY, _MANIFEST_MAX_BYTES, "the manifest entry")
   if text.dtype.kind != "U" or text.shape != ():
     raise _FormatError("the manifest entry is not a string")
   try:
@@ -293,26 +315,29 @@ def _read_manifest(archive) -> dict:
   return manifest
 
 
-def _decode_leaf(archive, leaf) -> tuple[tuple, np.ndarray]:
+def _decode_leaf(archive: zipfile.ZipFile, leaf, members: set) -> tuple[tuple, np.ndarray]:
   key_path, shape, dtype, encoding = _check_leaf_entry(leaf)
   name = _member_base(key_path)
-  arrays = {role: _read_member(archive, f"{name}:{role}") for role in _ENCODINGS[encoding]}
+  # Paths [0] and ["0"] (or ["a", "b"] and ["a/b"]) name the same members: one
+  # member read for many leaves would multiply what a small file loads.
+  if name in members:
+    raise _FormatError(f"{name}: stored twice")
+  members.add(name)
   size = math.prod(shape)
   value_dtype = _value_dtype(dtype)
   if encoding == "dense":
-    _check_member(name, "values", arrays["values"], value_dtype, (size,))
-    return key_path, arrays["values"].reshape(shape).astype(dtype)
-  _check_member(name, "mask", arrays["mask"], np.dtype(np.uint8), ((size + 7) // 8,))
-  live = np.unpackbits(arrays["mask"], count=size).astype(bool)
+    values = _read_leaf_member(archive, name, "values", value_dtype, (size,))
+    return key_path, values.reshape(shape).astype(dtype)
+  mask = _read_leaf_member(archive, name, "mask", np.dtype(np.uint8), ((size + 7) // 8,))
+  live = np.unpackbits(mask, count=size).astype(bool)
   live_count = int(live.sum())
   if encoding == "bitmask":
-    _check_member(name, "values", arrays["values"], value_dtype, (live_count,))
-    dense_values = arrays["values"]
+    dense_values = _read_leaf_member(archive, name, "values", value_dtype, (live_count,))
   else:
-    _check_member(name, "values", arrays["values"], np.dtype(np.int8), (live_count,))
-    _check_member(name, "scales", arrays["scales"], np.dtype(np.float32), (shape[-1],))
+    values = _read_leaf_member(archive, name, "values", np.dtype(np.int8), (live_count,))
+    scales = _read_leaf_member(archive, name, "scales", np.dtype(np.float32), (shape[-1],))
     channel = np.flatnonzero(live) % shape[-1]
-    dense_values = arrays["values"].astype(np.float32) * arrays["scales"][channel]
+    dense_values = values.astype(np.float32) * scales[channel]
   weights = np.zeros(size, value_dtype)
   weights[live] = dense_values
   return key_path, weights.reshape(shape).astype(dtype)
@@ -343,19 +368,40 @@ def _check_leaf_entry(leaf) -> tuple[tuple, tuple, np.dtype, str]:
   return tuple(key_path), tuple(shape), _DTYPES[leaf["dtype"]], encoding
 
 
-def _read_member(archive, member: str) -> np.ndarray:
-  if member not in archive.files:
-    raise _FormatError(f"missing entry {member!r}")
-  return archive[member]
+def _read_member(archive: zipfile.ZipFile, member: str, max_bytes: int, what: str) -> np.ndarray:
+  """The array in ``member``, refused unread if it would inflate past ``max_bytes``.
 
-
-def _check_member(
-    name: str, role: str, array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]
-) -> None:
-  if array.dtype != dtype or array.shape != shape:
+  ``max_bytes`` bounds the array data; the .npy header may add up to
+  ``_NPY_HEADER_MAX_BYTES``.
+  """
+  try:
+    info = archive.getinfo(f"{member}.npy")
+  except KeyError:
+    raise _FormatError(f"missing entry {member!r}") from None
+  if info.file_size > max_bytes + _NPY_HEADER_MAX_BYTES:
     raise _FormatError(
-        f"{name}: {role} is {array.dtype}{list(array.shape)}, " f"expected {dtype}{list(shape)}"
+        f"{what} is {info.file_size} bytes uncompressed, more than the {max_bytes} bytes "
+        f"(+ {_NPY_HEADER_MAX_BYTES} of .npy header) it may hold; not read"
     )
+  # Opened by its ZipInfo, so the entry read is the entry checked.
+  with archive.open(info) as data:
+    return np.lib.format.read_array(data, allow_pickle=False)
+
+
+def _read_leaf_member(
+    archive: zipfile.ZipFile, name: str, role: str, dtype: np.dtype, shape: tuple[int, ...]
+) -> np.ndarray:
+  """The ``role`` member of leaf ``name``, checked to be ``dtype[shape]``."""
+  expected = f"{dtype}{list(shape)}"
+  array = _read_member(
+      archive,
+      f"{name}:{role}",
+      math.prod(shape) * dtype.itemsize,
+      f"{name}: {role} (expected {expected})",
+  )
+  if array.dtype != dtype or array.shape != shape:
+    raise _FormatError(f"{name}: {role} is {array.dtype}{list(array.shape)}, expected {expected}")
+  return array
 
 
 def _insert(params: dict, key_path: tuple, array: np.ndarray) -> None:

@@ -1,6 +1,7 @@
 r"""The FlipOut paper's gradient noise, as an Optax transformation."""
 
 from typing import NamedTuple
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,36 @@ import optax
 
 from flipout_jax._src import prunable as prunable_lib
 
+# The noise draws from a stream of its own, ``fold_in(fold_in(key(seed), tag), step)``:
+# the trainer's augmentation keys ``fold_in(key(seed), step)`` and the random
+# criterion's stream (another tag) never coincide with it for the same seed.
+NOISE_STREAM_TAG = zlib.crc32(b"flipout_jax/gradient_noise") & 0x7FFFFFFF
+
 
 class GradientNoiseState(NamedTuple):
   """State of :func:`gradient_noise`: the number of updates so far."""
 
   count: jax.Array
+
+
+def _gets_noise(grad) -> bool:
+  """Only floating-point gradients get noise.
+
+  ``jax.grad(..., allow_int=True)`` gives ``float0`` gradients for integer
+  params (no operation accepts them) and an integer update has no Gaussian
+  perturbation; both pass through unchanged.
+  """
+  dtype = jnp.result_type(grad)
+  return dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _compute_dtype(dtype) -> np.dtype:
+  """float32, or the gradient's dtype where that is wider (float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _noise_key(seed: int, count: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_STREAM_TAG), count)
 
 
 def gradient_noise(
@@ -28,15 +54,34 @@ def gradient_noise(
     \sigma = \mathrm{scale} \cdot \lVert g \odot \mathrm{live} \rVert_2 / \sqrt{n},
 
   where ``live`` is 1 for live weights and 0 for pruned ones (all ones for
-  leaves that are not prunable). Put it first in the chain, on the loss
-  gradient. Pruned weights are the exact zeros of prunable leaves (``prune``
-  keeps them so); a live weight that is exactly 0.0 is counted as pruned
-  here, which only changes sigma when a weight sits exactly on zero.
+  leaves that are not prunable); see ``docs/algorithm.md``. Put it first in
+  the chain, on the loss gradient. Pruned weights are the exact zeros of
+  prunable leaves (``prune`` keeps them so); a live weight that is exactly
+  0.0 is counted as pruned here, which only changes sigma when a weight sits
+  exactly on zero.
+
+  Only floating-point gradients get noise: ``float0`` gradients (from
+  ``jax.grad(..., allow_int=True)`` with integer params) and integer ones pass
+  through unchanged. ``sigma`` and ``g + noise`` are computed in float32
+  (float64 for float64 gradients) and cast back to the gradient's dtype, so a
+  float16 leaf whose sum of squares exceeds 65504 still gets finite noise of
+  the right size.
+
+  Randomness: the update with ``count == t`` in the state draws one float32
+  standard normal vector for all selected leaves, split in leaf order, from
+  the noise's own stream::
+
+    key_t = fold_in(fold_in(key(seed), NOISE_STREAM_TAG), t)
+    NOISE_STREAM_TAG = zlib.crc32(b"flipout_jax/gradient_noise") & 0x7FFFFFFF
+
+  so it never reuses the keys ``fold_in(key(seed), t)`` of data augmentation
+  or the random criterion's stream (another tag) for the same seed. The key
+  is a pure function of ``(seed, count)``: a run resumed from a checkpointed
+  state draws the same noise as one that never stopped.
 
   Args:
     scale: the paper's lambda, ``>= 0``.
-    seed: base seed; step ``t`` draws one normal vector for all selected
-      leaves from ``fold_in(key(seed), t)`` and splits it in leaf order.
+    seed: base seed of the noise stream (an int).
     where: leaves that get noise: ``None`` (all leaves), a pytree of bools or
       a predicate ``(path, leaf) -> bool``.
     prunable: leaves whose zeros are pruned weights; the same convention as
@@ -68,12 +113,11 @@ def gradient_noise(
     noisy = jax.tree.leaves(prunable_lib.prunable_tree(params, noisy_where))
     pruning = jax.tree.leaves(prunable_lib.prunable_tree(params, prunable))
     grads, treedef = jax.tree.flatten(updates)
+    noisy = [add_noise and _gets_noise(g) for g, add_noise in zip(grads, noisy)]
     # One draw for all leaves, split afterwards: a draw per leaf compiles a
     # separate random-number kernel for each (seconds per leaf on CPU).
-    sizes = [g.size if add_noise else 0 for g, add_noise in zip(grads, noisy)]
-    normals = jax.random.normal(
-        jax.random.fold_in(jax.random.key(seed), state.count), (sum(sizes),), jnp.float32
-    )
+    sizes = [np.size(g) if add_noise else 0 for g, add_noise in zip(grads, noisy)]
+    normals = jax.random.normal(_noise_key(seed, state.count), (sum(sizes),), jnp.float32)
     offsets = np.cumsum([0] + sizes)
     new = []
     for g, w, add_noise, can_be_pruned, start in zip(
@@ -82,10 +126,12 @@ def gradient_noise(
       if not add_noise:
         new.append(g)
         continue
-      live_grad = jnp.where(w != 0, g, 0) if can_be_pruned else g
-      sigma = scale * jnp.linalg.norm(live_grad.ravel().astype(jnp.float32)) / np.sqrt(g.size)
-      noise = normals[start : start + g.size].reshape(g.shape)
-      new.append((g + sigma * noise).astype(g.dtype))
+      # Widen before squaring: a float16 sum of squares overflows at 65504.
+      wide = jnp.asarray(g).astype(_compute_dtype(jnp.result_type(g)))
+      live_grad = jnp.where(w != 0, wide, 0) if can_be_pruned else wide
+      sigma = scale * jnp.linalg.norm(live_grad.ravel()) / np.sqrt(max(wide.size, 1))
+      noise = normals[start : start + wide.size].reshape(wide.shape).astype(wide.dtype)
+      new.append((wide + sigma * noise).astype(jnp.result_type(g)))
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,6 +1,14 @@
-"""Sparsity reports of (pruned) params."""
+"""Sparsity reports of (pruned) params.
+
+Pruned weights are the exact zeros of prunable leaves (see ``docs/algorithm.md``).
+A weight that is NaN or infinite says nothing about whether it was pruned: a
+misplaced ``prune`` stops the run by making every prunable weight NaN, and a
+diverged run has them too. The reports count such weights apart and give a NaN
+sparsity for them rather than calling the run dense (or sparse).
+"""
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -8,14 +16,33 @@ import numpy as np
 from flipout_jax._src import prunable as prunable_lib
 
 
+def _sparsity(size: int, live: int, non_finite: int) -> float:
+  r"""Fraction of exact zeros, :math:`1 - \mathrm{live} / \mathrm{size}`.
+
+  0.0 when there is no entry (nothing is pruned); NaN when an entry is not
+  finite (unknown).
+  """
+  if non_finite:
+    return math.nan
+  if size == 0:
+    return 0.0
+  return 1.0 - live / size
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
   """Sparsity of one prunable leaf.
 
+  ``live`` counts the finite nonzero weights, ``non_finite`` the NaN and
+  infinite ones (live or pruned: unknown), the rest are exact zeros (pruned).
+  ``sparsity`` is the fraction of exact zeros, 0.0 for a leaf with no entry
+  and NaN when ``non_finite > 0``.
+
   ``dead_outputs`` counts output units (last axis, e.g. conv filters or dense
-  columns) with no live incoming weight, ``dead_inputs`` input units (second
-  to last axis) with no live outgoing weight: the layer collapse that drives
-  SNIP and random pruning to chance accuracy at extreme sparsity.
+  columns) with no nonzero incoming weight, ``dead_inputs`` input units
+  (second to last axis) with no nonzero outgoing weight: the layer collapse
+  that drives SNIP and random pruning to chance accuracy at extreme sparsity.
+  A NaN or infinite weight connects its units.
   """
 
   path: str
@@ -27,69 +54,107 @@ class LayerReport:
   outputs: int
   dead_inputs: int
   inputs: int
+  non_finite: int = 0
+
+
+_STOPPED = (
+    "WARNING: {} prunable weights are NaN/inf: this run was stopped (flipout.prune was not "
+    "last in optax.chain; flipout.masks(opt_state) says so) or it diverged. Which weights are "
+    "pruned is unknown; sparsity is NaN."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-  """Per-layer and total sparsity; ``str(summary)`` is a printable table."""
+  """Per-layer and total sparsity; ``str(summary)`` is a printable table.
+
+  ``live`` and ``non_finite`` are totals over the layers, as in
+  :class:`LayerReport`. ``sparsity`` is ``1 - live / size``: 0.0 when there is
+  no prunable entry, NaN when ``non_finite > 0`` (the table then starts with a
+  warning).
+  """
 
   layers: tuple[LayerReport, ...]
   size: int
   live: int
+  non_finite: int = 0
 
   @property
   def sparsity(self) -> float:
-    return 1.0 - self.live / self.size
+    return _sparsity(self.size, self.live, self.non_finite)
 
   def to_dict(self) -> dict:
-    """JSON-friendly form."""
+    """JSON-friendly form (``json.dumps`` writes a NaN sparsity as ``NaN``)."""
     return {
         "size": self.size,
         "live": self.live,
+        "non_finite": self.non_finite,
         "sparsity": self.sparsity,
         "layers": [dataclasses.asdict(layer) for layer in self.layers],
     }
 
   def __str__(self) -> str:
     header = (
-        f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'dead out':>12} {'dead in':>12}"
+        f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'dead out':>12} "
+        f"{'dead in':>12} {'NaN/inf':>9}"
     )
     lines = [header, "-" * len(header)]
     for layer in self.layers:
       lines.append(
           f"{layer.path:<40} {str(layer.shape):<20} {layer.live:>10} "
           f"{layer.sparsity:>9.4%} {f'{layer.dead_outputs}/{layer.outputs}':>12} "
-          f"{f'{layer.dead_inputs}/{layer.inputs}':>12}"
+          f"{f'{layer.dead_inputs}/{layer.inputs}':>12} {layer.non_finite:>9}"
       )
-    lines.append(f"{'total':<40} {'':<20} {self.live:>10} {self.sparsity:>9.4%}")
+    lines.append(
+        f"{'total':<40} {'':<20} {self.live:>10} {self.sparsity:>9.4%} {'':>12} {'':>12} "
+        f"{self.non_finite:>9}"
+    )
+    if self.non_finite:
+      # First and last, so that neither a head nor a tail of the log hides it.
+      warning = _STOPPED.format(self.non_finite)
+      lines = [warning, *lines, warning]
     return "\n".join(lines)
+
+
+def _any_along(connected: np.ndarray, axis: int) -> np.ndarray:
+  """Whether each index of ``axis`` has a connection; explicit sizes, so 0-size axes work."""
+  moved = np.moveaxis(connected, axis, 0)
+  return moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1)
 
 
 def _layer_report(path, leaf) -> LayerReport:
   weights = np.asarray(leaf)
-  live = weights != 0
+  finite = np.isfinite(weights)
+  connected = weights != 0  # NaN != 0: a NaN weight still connects its units
+  live = int((connected & finite).sum())
+  non_finite = int(weights.size - finite.sum())
   if weights.ndim >= 2:
-    alive_outputs = live.reshape(-1, weights.shape[-1]).any(axis=0)
-    alive_inputs = np.moveaxis(live, -2, 0).reshape(weights.shape[-2], -1).any(axis=1)
+    alive_outputs = _any_along(connected, -1)
+    alive_inputs = _any_along(connected, -2)
   else:
-    alive_outputs = alive_inputs = live.reshape(-1)
+    alive_outputs = alive_inputs = connected.reshape(-1)
   return LayerReport(
       path=jax.tree_util.keystr(path),
       shape=tuple(weights.shape),
       size=int(weights.size),
-      live=int(live.sum()),
-      sparsity=float(1.0 - live.sum() / max(weights.size, 1)),
+      live=live,
+      sparsity=_sparsity(int(weights.size), live, non_finite),
       dead_outputs=int((~alive_outputs).sum()),
       outputs=int(alive_outputs.size),
       dead_inputs=int((~alive_inputs).sum()),
       inputs=int(alive_inputs.size),
+      non_finite=non_finite,
   )
 
 
 def summary(params, where=None) -> Summary:
   """Per-layer shape, live weights, sparsity and dead units of prunable leaves.
 
-  Pruned weights are the exact zeros of prunable leaves.
+  Pruned weights are the exact zeros of prunable leaves; NaN and infinite
+  weights are counted apart (``non_finite``) and make the sparsity NaN, with
+  a warning in ``str(summary)``: such params come from a stopped run (a
+  misplaced ``prune``) or a diverged one. Leaves with a zero-size dimension
+  are reported with size 0.
 
   Args:
     params: a params tree (arrays may be sharded; they are fetched to host).
@@ -101,9 +166,21 @@ def summary(params, where=None) -> Summary:
   layers = tuple(
       _layer_report(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(selected)
   )
-  return Summary(layers=layers, size=sum(l.size for l in layers), live=sum(l.live for l in layers))
+  return Summary(
+      layers=layers,
+      size=sum(layer.size for layer in layers),
+      live=sum(layer.live for layer in layers),
+      non_finite=sum(layer.non_finite for layer in layers),
+  )
 
 
 def sparsity(params, where=None) -> float:
-  """Fraction of prunable weights that are exactly zero."""
+  """Fraction of prunable weights that are exactly zero.
+
+  0.0 when the prunable leaves have no entry. NaN (it does not raise) when a
+  prunable weight is NaN or infinite: a stopped or diverged run's params do
+  not say which weights are pruned, and a training loop that logs sparsity
+  every epoch keeps running and logs ``NaN``. ``summary(params)`` says how
+  many weights are not finite, and where.
+  """
   return summary(params, where).sparsity
