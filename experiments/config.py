@@ -159,7 +159,7 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     raise ConfigError(f"--prune_rate must be in (0, 1), got {config.prune_rate}")
   if config.hoyer_threshold is not None and not config.hoyer_threshold >= 0:
     raise ConfigError(f"--hoyer_threshold must be >= 0, got {config.hoyer_threshold}")
-  _validate_processes(config.coordinator_address, config.num_processes, config.process_id)
+  validate_processes(config.coordinator_address, config.num_processes, config.process_id)
   milestones = tuple(config.milestones)
   if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or any(
       later <= earlier for earlier, later in zip(milestones, milestones[1:])
@@ -170,8 +170,12 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     )
 
 
-def _validate_processes(address: str | None, num_processes, process_id) -> None:
-  """A multi-process job needs all three of address, process count and process index."""
+def validate_processes(address: str | None, num_processes, process_id) -> None:
+  """A multi-process job needs all three of address, process count and process index.
+
+  Raises:
+    ConfigError: one of them is missing or malformed.
+  """
   given = [value is not None for value in (address, num_processes, process_id)]
   if any(given) and not all(given):
     raise ConfigError(

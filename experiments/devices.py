@@ -7,7 +7,6 @@ all-reduce.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import NamedTuple
 
@@ -37,14 +36,7 @@ def maybe_initialize_distributed(config: config_lib.Config) -> None:
   if address is not None and config.coordinator_address is None:
     num_processes = _environment_int("JAX_NUM_PROCESSES", num_processes)
     process_id = _environment_int("JAX_PROCESS_ID", process_id)
-  config_lib.validate_config(
-      dataclasses.replace(
-          config,
-          coordinator_address=address,
-          num_processes=num_processes,
-          process_id=process_id,
-      )
-  )
+  config_lib.validate_processes(address, num_processes, process_id)
   if address is not None:
     jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
   elif any(int(os.environ.get(name, "1")) > 1 for name in _CLUSTER_SIZE_VARIABLES):

@@ -17,9 +17,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments import checkpoints, cli, digits
+from experiments import cli, digits
+from tests import saved_runs
 
 _ARGS = [
     "--method=flipout",
@@ -42,15 +42,6 @@ sys.exit(cli.main(argv, digits.DEFAULTS, ("lenet300",)))
 # Rounding-level agreement of a 3-epoch (66-step) float32 run.
 _WEIGHT_RTOL, _WEIGHT_ATOL = 1e-4, 1e-5
 _LOSS_RTOL = 1e-4
-
-
-def _state(workdir):
-  run = checkpoints.load_run(workdir)
-  params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
-  return (
-      [np.asarray(leaf) for leaf in jax.tree.leaves(params)],
-      [np.asarray(leaf) for leaf in jax.tree.leaves(run.masks)],
-  )
 
 
 def _metrics(workdir):
@@ -83,8 +74,9 @@ def test_four_devices_prune_like_one(tmp_path):
 
   summaries = [json.loads((run / "summary.json").read_text()) for run in (one, four)]
   assert [summary["devices"] for summary in summaries] == [1, 4]
-  params_one, masks_one = _state(one)
-  params_four, masks_four = _state(four)
+  arrays_one, arrays_four = saved_runs.final_arrays(one), saved_runs.final_arrays(four)
+  params_one, masks_one = arrays_one["params"], arrays_one["masks"]
+  params_four, masks_four = arrays_four["params"], arrays_four["masks"]
   assert len(masks_one) == 3
   for mask_one, mask_four in zip(masks_one, masks_four):
     np.testing.assert_array_equal(mask_one, mask_four)

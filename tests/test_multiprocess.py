@@ -14,11 +14,10 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
-from flax import nnx
 
-from experiments import checkpoints, cli, digits
+from experiments import cli, digits
+from tests import saved_runs
 
 _ARGS = [
     "--method=flipout",
@@ -65,15 +64,6 @@ def _run_job(workdir, *extra) -> None:
     assert process.returncode == 0, error
 
 
-def _state(workdir):
-  run = checkpoints.load_run(workdir)
-  params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
-  return (
-      [np.asarray(leaf) for leaf in jax.tree.leaves(params)],
-      [np.asarray(leaf) for leaf in jax.tree.leaves(run.masks)],
-  )
-
-
 def test_two_processes_train_one_job_like_one_process_and_resume(tmp_path):
   job = tmp_path / "job"
   _run_job(job)
@@ -99,8 +89,9 @@ def test_two_processes_train_one_job_like_one_process_and_resume(tmp_path):
       "3",
   ]
 
-  weights_job, masks_job = _state(job)
-  weights_one, masks_one = _state(one)
+  arrays_job, arrays_one = saved_runs.final_arrays(job), saved_runs.final_arrays(one)
+  weights_job, masks_job = arrays_job["params"], arrays_job["masks"]
+  weights_one, masks_one = arrays_one["params"], arrays_one["masks"]
   for mask_job, mask_one in zip(masks_job, masks_one, strict=True):
     np.testing.assert_array_equal(mask_job, mask_one)
   for weight_job, weight_one in zip(weights_job, weights_one, strict=True):
@@ -113,7 +104,8 @@ def test_two_processes_train_one_job_like_one_process_and_resume(tmp_path):
     shutil.rmtree(job / "checkpoints" / epoch)
   (job / "summary.json").unlink()
   _run_job(job, "--resume")
-  weights_resumed, masks_resumed = _state(job)
+  arrays_resumed = saved_runs.final_arrays(job)
+  weights_resumed, masks_resumed = arrays_resumed["params"], arrays_resumed["masks"]
   for resumed, uninterrupted in zip(weights_resumed + masks_resumed, weights_job + masks_job):
     np.testing.assert_array_equal(resumed, uninterrupted)
   assert json.loads((job / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]

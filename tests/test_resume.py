@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
-from flax import nnx
-
 from experiments import checkpoints
+from tests import saved_runs
 
 # The digits demo's recipe through the shared command line, in a fresh interpreter.
 _ENTRY = (
@@ -40,16 +38,6 @@ def _command(workdir, *extra):
 
 def _env():
   return {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-
-def _final_state(workdir):
-  """Params, masks and flip counts of the newest checkpoint, as flat lists of arrays."""
-  run = checkpoints.load_run(workdir)
-  params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
-  return {
-      name: [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
-      for name, tree in (("params", params), ("masks", run.masks), ("flips", run.flip_counts))
-  }
 
 
 def _kill_after_checkpoint(workdir, epoch):
@@ -101,7 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   _, complete_errors = complete.communicate(timeout=600)
   assert complete.returncode == 0, complete_errors
 
-  expected, actual = _final_state(uninterrupted), _final_state(killed)
+  expected, actual = saved_runs.final_arrays(uninterrupted), saved_runs.final_arrays(killed)
   for name in ("params", "masks", "flips"):
     assert len(actual[name]) == len(expected[name]) > 0
     for got, want in zip(actual[name], expected[name]):
@@ -118,6 +106,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   shutil.copytree(killed / "checkpoints" / "12", partial)
   (partial / "state" / "manifest.ocdbt").write_bytes(b"truncated")
   assert checkpoints.load_run(killed).epoch == 12
-  for name, arrays in _final_state(killed).items():
+  for name, arrays in saved_runs.final_arrays(killed).items():
     for got, want in zip(arrays, expected[name]):
       np.testing.assert_array_equal(got, want, err_msg=name)

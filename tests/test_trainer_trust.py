@@ -14,7 +14,7 @@ import pytest
 
 import flipout_jax as flipout
 from experiments import config as config_lib
-from experiments import devices, mnist, optimizers, train
+from experiments import devices, logs, mnist, optimizers, train
 
 _TINY_RUN = [
     "--synthetic",
@@ -68,7 +68,7 @@ def test_a_corrupt_metrics_line_before_the_last_is_an_error(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
   with pytest.raises(config_lib.ConfigError, match="line 2 is not a metrics record"):
-    train.logs.read_records(path)
+    logs.read_records(path)
 
 
 def test_augmentation_has_a_random_stream_of_its_own():
@@ -140,6 +140,10 @@ def test_multi_process_environment_variables_are_read(monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   devices.maybe_initialize_distributed(mnist.DEFAULTS)
   assert calls == [{"num_processes": 2, "process_id": 1}]
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")  # checked like the flags
+  with pytest.raises(config_lib.ConfigError, match=re.escape("--process_id must be in [0, 2)")):
+    devices.maybe_initialize_distributed(mnist.DEFAULTS)
+  assert len(calls) == 1
   monkeypatch.setenv("JAX_PROCESS_ID", "one")
   with pytest.raises(config_lib.ConfigError, match="JAX_PROCESS_ID must be an integer"):
     devices.maybe_initialize_distributed(mnist.DEFAULTS)
