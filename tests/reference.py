@@ -1,12 +1,19 @@
-"""A NumPy reference of FlipOut pruning, written from docs/algorithm.md alone.
+"""A NumPy reference of FlipOut pruning, written from the project's algorithm document.
 
-It shares no code with flipout_jax: schedule, counts, flip counting and the
-selection (a stable argsort of the concatenated scores) are restated here.
+It restates ``docs/algorithm.md`` (checked against the specification) and
+shares no code with flipout_jax: schedule, counts, flip counting, scoring and
+the selection (a stable argsort of the concatenated scores) are restated here.
+Only the random criterion's uniform draws come from ``jax.random``, because
+the algorithm fixes them to JAX's generator.
 """
 
 import math
+import zlib
 
 import numpy as np
+
+# The random criterion's own stream: fold_in(fold_in(key(seed), tag), step).
+RANDOM_STREAM_TAG = zlib.crc32(b"flipout_jax/random_criterion") & 0x7FFFFFFF
 
 
 def reference_events(target, total_steps, prune_every, rate):
@@ -18,7 +25,7 @@ def reference_events(target, total_steps, prune_every, rate):
     interval = round(total_steps / (k + 1))
     steps = [i * interval for i in range(1, k + 1)]
     return {s: ("final" if i == k - 1 else None) for i, s in enumerate(steps)}
-  last = total_steps - 1 if total_steps else 10**4
+  last = total_steps - 1 if total_steps else 10**4  # never an event at the last step
   return {s: None for s in range(prune_every, last + 1, prune_every)}
 
 
@@ -39,6 +46,31 @@ def _select_lowest(scores, live, count):
   return live_index[order[:count]]
 
 
+def score_dtype(dtype):
+  """Scores are float32 at least: float64 weights keep float64 scores."""
+  return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def random_scores(shapes, seed, step):
+  """Uniform float32 draws, one split key per prunable leaf in leaf order."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), RANDOM_STREAM_TAG), step)
+  keys = jax.random.split(key, len(shapes))
+  return [np.asarray(jax.random.uniform(k, shape, np.float32)) for k, shape in zip(keys, shapes)]
+
+
+def _scores(criterion, new, flips, p, seed, step):
+  if callable(criterion):
+    return criterion(new, flips)
+  if criterion == "random":
+    return random_scores([n.shape for n in new], seed, step)
+  wide = [n.astype(score_dtype(n.dtype)) for n in new]
+  if criterion == "flipout":
+    return [np.abs(w) ** w.dtype.type(p) / (f + 1).astype(w.dtype) for w, f in zip(wide, flips)]
+  return [np.abs(w) for w in wide]
+
+
 def simulate(
     weights,
     updates,
@@ -49,37 +81,37 @@ def simulate(
     rate=0.5,
     p=2.0,
     criterion="flipout",
+    seed=0,
 ):
   """Runs prune as the last link of a chain whose updates are given.
 
   Args:
-    weights: list of float32 arrays (the prunable leaves, in leaf order).
-    updates: list over steps of lists of float32 arrays.
+    weights: list of float arrays (the prunable leaves, in leaf order), of any
+      float dtype (bfloat16 as ``ml_dtypes.bfloat16``); updates are applied in
+      that dtype, as ``optax.apply_updates`` does.
+    updates: list over steps of lists of arrays.
+    criterion: "flipout", "global_magnitude", "magnitude", "random", or a
+      NumPy function ``(weights, flips) -> scores`` over lists of arrays.
 
   Yields per step: (weights, masks, flips), lists of arrays.
   """
-  weights = [np.array(w, np.float32) for w in weights]
+  weights = [np.array(w) for w in weights]
   masks = [np.ones(w.shape, bool) for w in weights]
   flips = [np.zeros(w.shape, np.int32) for w in weights]
   events = reference_events(target, total_steps, prune_every, rate)
   for step, step_updates in enumerate(updates, start=1):
     new = [
-        np.where(m, (w + u).astype(np.float32), np.float32(0))
+        np.where(m, (w + u).astype(w.dtype), w.dtype.type(0))
         for w, u, m in zip(weights, step_updates, masks)
     ]
+    # sign(0) = 0: moving onto or off exactly zero is a flip.
     flips = [
         np.where(m, f + (np.sign(n) != np.sign(w)), 0).astype(np.int32)
         for f, n, w, m in zip(flips, new, weights, masks)
     ]
     if step in events:
       final = events[step] == "final"
-      if criterion == "flipout":
-        scores = [
-            (np.abs(n) ** np.float32(p) / (f + 1).astype(np.float32)).astype(np.float32)
-            for n, f in zip(new, flips)
-        ]
-      else:
-        scores = [np.abs(n) for n in new]
+      scores = _scores(criterion, new, flips, p, seed, step)
       groups = (
           [[i] for i in range(len(new))] if criterion == "magnitude" else [list(range(len(new)))]
       )
@@ -97,6 +129,6 @@ def simulate(
           masks[i] = flat_masks[offset : offset + new[i].size].reshape(new[i].shape)
           offset += new[i].size
       flips = [np.where(m, f, 0).astype(np.int32) for f, m in zip(flips, masks)]
-      new = [np.where(m, n, np.float32(0)) for n, m in zip(new, masks)]
+      new = [np.where(m, n, n.dtype.type(0)) for n, m in zip(new, masks)]
     weights = new
     yield weights, masks, flips

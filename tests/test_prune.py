@@ -1,4 +1,11 @@
-"""prune against the NumPy reference of docs/algorithm.md, step by step."""
+"""prune against the NumPy reference (tests/reference.py), step by step, bit for bit.
+
+The reference is written from the project's algorithm document, docs/algorithm.md,
+checked against the specification.
+"""
+
+import contextlib
+import zlib
 
 import hypothesis
 import hypothesis.strategies as st
@@ -15,25 +22,25 @@ from tests import reference
 SHAPES = {"conv": (3, 3, 2, 4), "dense": (12, 5), "head": (5, 3)}
 
 
-def _params(seed):
+def _params(seed, dtype=np.float32):
   rng = np.random.default_rng(seed)
   params = {
       name: {
-          "kernel": rng.normal(size=shape).astype(np.float32),
-          "bias": rng.normal(size=shape[-1]).astype(np.float32),
+          "kernel": rng.normal(size=shape).astype(dtype),
+          "bias": rng.normal(size=shape[-1]).astype(dtype),
       }
       for name, shape in SHAPES.items()
   }
   return params
 
 
-def _updates(seed, steps, scale=0.6):
+def _updates(seed, steps, scale=0.6, dtype=np.float32):
   rng = np.random.default_rng(seed + 1000)
   return [
       {
           name: {
-              "kernel": (scale * rng.normal(size=shape)).astype(np.float32),
-              "bias": (scale * rng.normal(size=shape[-1])).astype(np.float32),
+              "kernel": (scale * rng.normal(size=shape)).astype(dtype),
+              "bias": (scale * rng.normal(size=shape[-1])).astype(dtype),
           }
           for name, shape in SHAPES.items()
       }
@@ -41,33 +48,60 @@ def _updates(seed, steps, scale=0.6):
   ]
 
 
+def _updates_hitting_zero(seed, steps, dtype=np.float32):
+  """Updates that land about a fifth of the weights on exactly 0.0 each step.
+
+  Some weights sitting on 0.0 stay there (no flip), the others move off it
+  again (a flip, since sign(0) = 0). A live weight follows the raw sum of its
+  updates, so ``u = -w`` of that sum lands it on 0.0 in the library too.
+  """
+  rng = np.random.default_rng(seed + 2000)
+  updates = _updates(seed, steps, dtype=dtype)
+  weights = {name: _params(seed, dtype)[name]["kernel"] for name in SHAPES}
+  for step_updates in updates:
+    for name, w in weights.items():
+      u = step_updates[name]["kernel"]
+      hit = rng.random(w.shape) < 0.2
+      u[hit] = -w[hit]
+      u[(w == 0) & (rng.random(w.shape) < 0.5)] = 0
+      weights[name] = (w + u).astype(dtype)
+  return updates
+
+
 def _kernels(tree):
   return [np.asarray(tree[name]["kernel"]) for name in sorted(SHAPES)]
 
 
-def _run_and_compare(tx, steps, seed=0, **reference_kwargs):
-  params = _params(seed)
-  updates = _updates(seed, steps)
+def _precision(dtype):
+  """float64 params need jax_enable_x64 (else JAX would make them float32)."""
+  return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
+
+
+def _run_and_compare(
+    tx, steps, data_seed=0, *, dtype=np.float32, params=None, updates=None, **kwargs
+):
+  """Runs ``tx`` and the reference on the same updates; compares after every step."""
+  params = _params(data_seed, dtype) if params is None else params
+  updates = _updates(data_seed, steps, dtype=dtype) if updates is None else updates
   state = tx.init(params)
   step_fn = jax.jit(tx.update)
-  expected = reference.simulate(
-      _kernels(params), [_kernels(u) for u in updates], **reference_kwargs
-  )
+  expected = reference.simulate(_kernels(params), [_kernels(u) for u in updates], **kwargs)
   events_seen = 0
-  bias = _params(seed)["head"]["bias"]
+  bias = params["head"]["bias"]
   for step, (u, (want_w, want_m, want_f)) in enumerate(zip(updates, expected), start=1):
     new_updates, state = step_fn(u, state, params)
     params = optax.apply_updates(params, new_updates)
     got_masks = _kernels(flipout.masks(state))
     events_seen += any((~m).any() for m in got_masks)
     for got, want in zip(_kernels(params), want_w):
+      assert got.dtype == want.dtype == np.dtype(dtype)
       np.testing.assert_array_equal(got, want, err_msg=f"weights at step {step}")
     for got, want in zip(got_masks, want_m):
       np.testing.assert_array_equal(got, want, err_msg=f"masks at step {step}")
     for got, want in zip(_kernels(flipout.flip_counts(state)), want_f):
       np.testing.assert_array_equal(got, want, err_msg=f"flips at step {step}")
     # Biases are never masked: they follow the raw updates.
-    bias = bias + u["head"]["bias"]
+    bias = (bias + u["head"]["bias"]).astype(dtype)
     np.testing.assert_array_equal(params["head"]["bias"], bias)
   assert events_seen, "the run never pruned: the comparison proved nothing"
   return params, state
@@ -87,14 +121,107 @@ def test_target_mode_matches_reference(criterion, p, target):
   _run_and_compare(tx, 40, target=target, total_steps=40, p=p, criterion=criterion)
 
 
-@pytest.mark.parametrize("rate,target,total_steps", [(0.5, None, None), (0.3, 0.7, 38)])
+@pytest.mark.parametrize(
+    "rate,target,total_steps",
+    [
+        (0.5, None, None),
+        (0.3, 0.7, 38),
+        # total_steps a multiple of prune_every: no event at the last step (36),
+        # nor after it (42) although the run goes on to step 44.
+        (0.5, None, 36),
+        (0.3, 0.95, 42),
+    ],
+)
 def test_rate_mode_matches_reference(rate, target, total_steps):
   tx = flipout.prune(target, prune_every=6, rate=rate, total_steps=total_steps)
-  _run_and_compare(tx, 40, target=target, prune_every=6, rate=rate, total_steps=total_steps)
+  _run_and_compare(tx, 44, target=target, prune_every=6, rate=rate, total_steps=total_steps)
+
+
+def _largest_flips_first(params, flips):
+  return jax.tree.map(lambda w, f: f.astype(jnp.float32) - jnp.abs(w), params, flips)
+
+
+def _largest_flips_first_numpy(weights, flips):
+  return [f.astype(np.float32) - np.abs(w) for w, f in zip(weights, flips)]
+
+
+@pytest.mark.parametrize(
+    "criterion", ["flipout", "global_magnitude", "magnitude", "random", "callable"]
+)
+def test_every_criterion_in_rate_mode_matches_reference(criterion):
+  library, numpy = criterion, criterion
+  if criterion == "callable":
+    library, numpy = _largest_flips_first, _largest_flips_first_numpy
+  tx = flipout.prune(0.9, prune_every=5, rate=0.4, total_steps=30, criterion=library, seed=3)
+  kwargs = dict(target=0.9, prune_every=5, rate=0.4, total_steps=30, seed=3)
+  _run_and_compare(tx, 32, criterion=numpy, **kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_random_criterion_ranks_globally_like_reference(seed):
+  # Three prunable leaves: the lowest draws are taken across all of them.
+  tx = flipout.prune(0.9, total_steps=40, criterion="random", seed=seed)
+  _run_and_compare(tx, 40, seed, target=0.9, total_steps=40, criterion="random", seed=seed)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [dict(target_sparsity=0.9, total_steps=30), dict(prune_every=4, rate=0.3, total_steps=28)],
+)
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_weights_landing_on_exact_zero_match_reference(schedule, p):
+  # sign(0) = 0: landing on 0.0 and leaving it are flips, staying on it is not.
+  tx = flipout.prune(p=p, **schedule)
+  kwargs = {("target" if k == "target_sparsity" else k): v for k, v in schedule.items()}
+  _run_and_compare(tx, 30, updates=_updates_hitting_zero(0, 30), p=p, **kwargs)
+
+
+def _frozen_conv(dtype, values):
+  """Params and updates whose conv kernel holds ``values`` and never moves."""
+  params = _params(1, dtype)
+  params["conv"]["kernel"] = np.asarray(values, dtype).reshape(SHAPES["conv"])
+  updates = _updates(1, 30, dtype=dtype)
+  for u in updates:
+    u["conv"]["kernel"][...] = 0
+  return params, updates
+
+
+# float16: the conv weights (1e-6 .. 1e-4) have squares that are 0 in float16,
+# so they are ranked right only if scores are float32; float64: their scores
+# are equal in float32, so they are ranked right only if compared as float64.
+_FROZEN_CONV = {
+    np.float16: np.random.default_rng(0).permutation(np.geomspace(1e-6, 1e-4, 72)),
+    np.float64: 1e-3 * (1 + 1e-12 * np.arange(72)[::-1]),
+    jnp.bfloat16: None,
+}
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, np.float16, np.float64], ids=lambda d: np.dtype(d).name
+)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(target_sparsity=0.9, total_steps=30, rate=0.3),
+        dict(prune_every=6, rate=0.3, total_steps=30),
+    ],
+)
+@pytest.mark.parametrize("criterion", ["flipout", "global_magnitude"])
+def test_low_and_high_precision_params_match_reference(dtype, schedule, criterion):
+  kwargs = {("target" if k == "target_sparsity" else k): v for k, v in schedule.items()}
+  with _precision(dtype):
+    tx = flipout.prune(criterion=criterion, **schedule)
+    if _FROZEN_CONV[dtype] is None:
+      params, updates = _params(1, dtype), _updates(1, 30, dtype=dtype)
+    else:
+      params, updates = _frozen_conv(dtype, _FROZEN_CONV[dtype])
+    _run_and_compare(
+        tx, 30, dtype=dtype, params=params, updates=updates, criterion=criterion, **kwargs
+    )
 
 
 def test_paper_schedule_table():
-  # docs/algorithm.md (the paper's table): E = 350 epochs, f = 117, 70, 50, 39, 32 for 75% ... 99.90%.
+  # docs/algorithm.md, "Schedules" (the paper's table): E = 350, f = 117, 70, 50, 39, 32.
   for target, interval in [
       (0.75, 117),
       (0.9375, 70),
@@ -195,6 +322,38 @@ def test_random_criterion_prunes_exact_count_of_live_weights():
     assert not (history[3] & ~history[1]).any(), "a pruned weight came back"
     results.append(history[3])
   assert (results[0] != results[1]).any()
+
+
+def test_random_criterion_has_its_own_stream():
+  # Its draws come from fold_in(fold_in(key(seed), tag), step), not from the
+  # fold_in(key(seed), step) that gradient noise and data pipelines also use.
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.normal(size=(6, 7)), jnp.float32), "b": jnp.ones((4, 5))}
+
+  def live_after_first_event(seed):
+    tx = flipout.prune(prune_every=3, rate=0.5, criterion="random", seed=seed)
+    state, p = tx.init(params), params
+    for _ in range(3):
+      updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, p), state, p)
+      p = optax.apply_updates(p, updates)
+    return np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(flipout.masks(state))])
+
+  def live_if_drawn_from(key):
+    scores = flipout.random_scores(params, None, key=key)
+    flat = np.concatenate([np.asarray(s).ravel() for s in jax.tree.leaves(scores)])
+    live = np.ones(flat.size, bool)
+    live[np.argsort(flat, kind="stable")[: flat.size // 2]] = False
+    return live
+
+  seed, tag = 11, zlib.crc32(b"flipout_jax/random_criterion") & 0x7FFFFFFF
+  live = live_after_first_event(seed)
+  np.testing.assert_array_equal(live, live_after_first_event(seed))  # deterministic
+  assert (live != live_after_first_event(seed + 1)).any()
+  base = jax.random.key(seed)
+  np.testing.assert_array_equal(
+      live, live_if_drawn_from(jax.random.fold_in(jax.random.fold_in(base, tag), 3))
+  )
+  assert (live != live_if_drawn_from(jax.random.fold_in(base, 3))).any()
 
 
 def test_non_finite_weights_keep_exact_counts():

@@ -3,12 +3,20 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
+def _is_floating(leaf) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  dtype = np.result_type(leaf) if dtype is None else dtype
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def _default_where(path, leaf) -> bool:
+  """Kernels: floating leaves with 2+ dimensions (integer tables are never pruned)."""
   del path
-  return np.ndim(leaf) >= 2
+  return np.ndim(leaf) >= 2 and _is_floating(leaf)
 
 
 def check_where(where) -> None:
@@ -18,7 +26,7 @@ def check_where(where) -> None:
   leaves = jax.tree.leaves(where)
   if not leaves or not all(isinstance(x, (bool, np.bool_)) for x in leaves):
     raise TypeError(
-        "where must be None (leaves with 2+ dimensions), a predicate "
+        "where must be None (floating leaves with 2+ dimensions), a predicate "
         "(path, leaf) -> bool, or a pytree of Python bools shaped like params; "
         f"got {type(where).__name__}"
     )
@@ -52,10 +60,32 @@ def prunable_tree(params, where) -> Any:
     selected = jax.tree.map(bool, where)
   if not any(jax.tree.leaves(selected)):
     raise ValueError(
-        "where selects no prunable leaf; by default leaves with 2 or more "
+        "where selects no prunable leaf; by default floating leaves with 2 or more "
         f"dimensions are prunable. Leaves of params: {describe_leaves(params)}"
     )
   return selected
+
+
+def check_floating(params, masks) -> None:
+  """Refuses a non-floating leaf where ``masks`` is not None.
+
+  Sign flips, saliency and the exact zero of a pruned weight need floating
+  weights; an integer leaf would also get float updates back.
+
+  Raises:
+    TypeError: naming the first such leaf and its dtype.
+  """
+
+  def check(path, mask, leaf):
+    if mask is not None and not _is_floating(leaf):
+      raise TypeError(
+          f"flipout: the prunable leaf {jax.tree_util.keystr(path)} has dtype "
+          f"{np.result_type(getattr(leaf, 'dtype', leaf))}, but only floating leaves can be "
+          "pruned; leave it out of `where` (or of the masks). By default only floating "
+          "leaves with 2+ dimensions are prunable."
+      )
+
+  jax.tree_util.tree_map_with_path(check, masks, params, is_leaf=lambda x: x is None)
 
 
 def prunable_only(tree, prunable):

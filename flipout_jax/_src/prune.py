@@ -16,12 +16,12 @@ r"""FlipOut pruning as an Optax gradient transformation.
 
 Everything is traced: the event is a ``lax.cond`` on the step counter held in
 the state, and the number of weights pruned at each event is a table computed
-in Python from the static leaf sizes. Selection is exact without sorting (see
-``select.py``). The state holds a bool mask and an int32 counter per prunable
-weight (5 bytes) and nothing for other leaves.
+in Python from the static leaf sizes (``schedule.py``). Selection is exact
+without sorting (``select.py``). The state holds a bool mask and an int32 flip
+counter per prunable weight (5 bytes) and nothing for other leaves. The
+algorithm, schedules and design decisions are described in ``docs/algorithm.md``.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +32,14 @@ import optax
 
 from flipout_jax._src import criteria as criteria_lib
 from flipout_jax._src import prunable as prunable_lib
+from flipout_jax._src import schedule as schedule_lib
 from flipout_jax._src import select
+
+# Public through flipout_jax; the checks are shared with baselines.snip.
+event_steps = schedule_lib.event_steps
+num_events_for = schedule_lib.num_events_for
+_check_fraction = schedule_lib.check_fraction
+_check_steps = schedule_lib.check_steps
 
 
 class PruneState(NamedTuple):
@@ -57,110 +64,6 @@ class PruneState(NamedTuple):
 EventRule = Callable[[jax.Array, Any, Any, Any], Any]
 
 
-# ---------------------------------------------------------------------------
-# Argument validation: everything that can be checked before params exist.
-# ---------------------------------------------------------------------------
-
-
-def _check_fraction(name, value, *, low_open: bool) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-  value = float(value)
-  allowed = "(0, 1)" if low_open else "[0, 1)"
-  if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
-    raise ValueError(f"{name} must be in {allowed}, got {value}")
-  return value
-
-
-def _check_steps(name, value) -> int | None:
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-  if value < 1:
-    raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
-  return int(value)
-
-
-def num_events_for(target_sparsity: float, rate: float) -> int:
-  """Smallest k with ``1 - (1 - rate)**k >= target_sparsity``."""
-  k = 0
-  while 1.0 - (1.0 - rate) ** k < target_sparsity:
-    k += 1
-  return k
-
-
-def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5) -> tuple[int, ...]:
-  """Steps (counted from 1) of the pruning events in target mode.
-
-  ``k = num_events_for(target_sparsity, rate)`` events at
-  ``i * round(total_steps / (k + 1))`` for ``i = 1..k``: the paper's
-  ``f = round(E / (k + 1))``, so the last event leaves time to recover.
-  """
-  k = num_events_for(target_sparsity, rate)
-  interval = round(total_steps / (k + 1))
-  return tuple(i * interval for i in range(1, k + 1))
-
-
-def _shortest_schedule(target_sparsity: float, rate: float) -> int:
-  """Smallest total_steps from which on every longer run fits its events."""
-  k = num_events_for(target_sparsity, rate)
-  fits = lambda total: total > 0 and 1 <= event_steps(target_sparsity, total, rate)[-1] < total
-  shortest = k * (k + 1) // 2 + 1  # beyond this, total/k - total/(k+1) > 1/2
-  while fits(shortest - 1):
-    shortest -= 1
-  return shortest
-
-
-# ---------------------------------------------------------------------------
-# Pruned counts per event, from the static leaf sizes.
-# ---------------------------------------------------------------------------
-
-
-def _rate_counts(
-    size: int, rate: float, num_events: int | None, cap: int | None, stop_when_stable: bool
-) -> list[int]:
-  """Cumulative pruned count after each event: P + floor((N - P) * rate).
-
-  With ``stop_when_stable`` the table ends once the count stops changing
-  (later events reuse its last entry), which bounds it in rate mode.
-  """
-  counts, pruned = [], 0
-  while num_events is None or len(counts) < num_events:
-    step = math.floor((size - pruned) * rate)
-    following = pruned + step if cap is None else min(pruned + step, cap)
-    if stop_when_stable and following == pruned and counts:
-      break
-    pruned = following
-    counts.append(pruned)
-  return counts
-
-
-def _count_table(
-    sizes: list[int], *, rate, num_events, cap, final_fraction, layerwise: bool
-) -> np.ndarray:
-  """(events, groups) int32 table of the pruned count after each event.
-
-  A group is the whole network (global ranking) or one leaf (layer-wise).
-  """
-  groups = sizes if layerwise else [sum(sizes)]
-  columns = []
-  for size in groups:
-    column = _rate_counts(
-        size,
-        rate,
-        num_events,
-        None if cap is None else round(cap * size),
-        stop_when_stable=final_fraction is None,
-    )
-    if final_fraction is not None and column:
-      column[-1] = max(round(final_fraction * size), column[-2] if len(column) > 1 else 0)
-    columns.append(column)
-  length = max(len(c) for c in columns)
-  padded = [c + [c[-1]] * (length - len(c)) if c else [0] * length for c in columns]
-  return np.asarray(padded, np.int32).T.reshape(length, len(groups))
-
-
 def _ranked_event(
     rule: criteria_lib._Rule,
     table: np.ndarray,
@@ -171,14 +74,14 @@ def _ranked_event(
   table = jnp.asarray(table)
 
   def event(step, new_params, masks, flips):
-    scores = rule.score(new_params, flips, jax.random.fold_in(jax.random.key(seed), step))
+    scores = rule.score(new_params, flips, criteria_lib.random_criterion_key(seed, step))
     mask_leaves, treedef = jax.tree.flatten(masks)
     keys = [select.sortable_keys(s, m) for s, m in zip(_leaves_at(masks, scores), mask_leaves)]
     targets = table[event_index(step)]
     groups = [[i] for i in range(len(keys))] if rule.layerwise else [list(range(len(keys)))]
     new_masks = list(mask_leaves)
     for group, target in zip(groups, targets):
-      pruned = sum(jnp.sum(~mask_leaves[i], dtype=jnp.int32) for i in group)
+      pruned = sum(jnp.sum(~mask_leaves[i], dtype=table.dtype) for i in group)
       chosen = select.lowest_k([keys[i] for i in group], jnp.maximum(target - pruned, 0))
       for i, leaf_chosen in zip(group, chosen):
         new_masks[i] = mask_leaves[i] & ~leaf_chosen
@@ -227,6 +130,7 @@ def _masking_transform(
     where,
     initial_masks: Callable[[Any, Any], Any],
     make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
+    check_sizes: Callable[[list[int]], Any] = lambda sizes: None,
 ) -> optax.GradientTransformation:
   """Builds the transform: masking, flip counting and optional events.
 
@@ -235,12 +139,16 @@ def _masking_transform(
     initial_masks: ``(params, prunable) -> masks`` at init.
     make_event: ``sizes -> (is_event(step), event_rule)``, called at trace
       time with the sizes of the prunable leaves; None for no events.
+    check_sizes: called at init with the sizes of the prunable leaves, to
+      refuse params that ``make_event`` could not trace.
   """
   prunable_lib.check_where(where)
 
   def init_fn(params):
     prunable = prunable_lib.prunable_tree(params, where)
     masks = initial_masks(params, prunable)
+    prunable_lib.check_floating(params, masks)
+    check_sizes([int(np.size(m)) for m in jax.tree.leaves(masks)])
     flips = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.int32), masks)
     return PruneState(count=jnp.zeros([], jnp.int32), masks=masks, flips=flips)
 
@@ -311,7 +219,7 @@ def _masking_transform(
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
     masked_updates = [
-        jnp.where(not_last, jnp.nan, jnp.where(m, u, -p.astype(u.dtype)))
+        jnp.where(not_last, jnp.nan, _masked_update(m, p, u))
         for m, p, u in zip(masks, params_at_masks, updates_at_masks)
     ]
     updates = _replace_at(updates, state.masks, masked_updates)
@@ -322,6 +230,19 @@ def _masking_transform(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _masked_update(mask, param, update):
+  r"""``update`` at live weights, ``-param`` at pruned ones, in a dtype holding both.
+
+  With float32 params and bfloat16 updates (low-precision gradients through
+  ``optax.sgd``), ``-param`` rounded to bfloat16 would leave pruned weights a
+  hair off zero, which the next step reads as a misplaced ``prune``. In
+  :math:`\mathrm{result\_type}(w, u)`, ``optax.apply_updates`` computes
+  :math:`w + (-w) = 0` exactly, and the update of a live weight is unchanged.
+  """
+  wide = jnp.result_type(param, update)
+  return jnp.where(mask, update.astype(wide), -param.astype(wide))
 
 
 def _is_none(x) -> bool:
@@ -383,9 +304,16 @@ def prune(
 
   Scores are ranked globally over all prunable leaves, except for
   ``criterion="magnitude"`` which prunes each leaf separately (its counts
-  use the leaf's own size). Ties are broken by leaf order, then index.
-  Non-finite weights score as the most salient and are pruned last; counts
-  stay exact.
+  use the leaf's own size). Built-in scores are float32 at least, and are
+  compared as float32, or as float64 when a score is float64 (float64
+  params, with ``jax_enable_x64``). Ties are broken by leaf order, then
+  index. Non-finite weights score as the most salient and are pruned last;
+  counts stay exact. More than ``2**31 - 1`` weights ranked together need
+  ``jax_enable_x64`` (int64 counts); without it ``init`` refuses them.
+
+  Updates of prunable leaves come back in ``jnp.result_type(param, update)``
+  (float32 for float32 params with bfloat16 updates), so that pruned weights
+  land on exactly 0; other leaves' updates are returned untouched.
 
   Args:
     target_sparsity: fraction of prunable weights to prune, in ``[0, 1)``.
@@ -397,9 +325,15 @@ def prune(
       ``"global_magnitude"`` (``|w|``), ``"magnitude"`` (``|w|``,
       layer-wise), ``"random"``, or a callable ``(params, flips) -> scores``
       over trees with ``None`` at non-prunable leaves (lowest pruned first).
-    where: prunable leaves: ``None`` (leaves with 2+ dimensions), a pytree of
-      bools shaped like params, or a predicate ``(path, leaf) -> bool``.
-    seed: seed of the ``"random"`` criterion.
+    where: prunable leaves: ``None`` (floating leaves with 2+ dimensions), a
+      pytree of bools shaped like params, or a predicate
+      ``(path, leaf) -> bool``. Selecting a non-floating leaf raises a
+      ``TypeError`` at ``init``.
+    seed: seed of the ``"random"`` criterion. Its draws at step ``t`` come
+      from ``fold_in(fold_in(key(seed), 0x602ACC76), t)``, a stream of their
+      own (the tag is ``zlib.crc32(b"flipout_jax/random_criterion") &
+      0x7FFFFFFF``), so they never coincide with the ``fold_in(key(seed), t)``
+      keys of a data pipeline or with gradient noise's stream.
 
   Returns:
     A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
@@ -424,14 +358,14 @@ def prune(
           "prune needs a schedule: target_sparsity with total_steps (target "
           "mode), or prune_every (rate mode, optionally capped by target_sparsity)"
       )
-    steps = event_steps(target_sparsity, total_steps, rate)
+    steps = schedule_lib.event_steps(target_sparsity, total_steps, rate)
     if steps and (steps[0] < 1 or steps[-1] >= total_steps):
       raise ValueError(
           f"total_steps={total_steps} is too short for the {len(steps)} pruning "
           f"events that target_sparsity={target_sparsity} needs at rate={rate} "
           f"(events at multiples of round(total_steps / {len(steps) + 1}) must "
           f"fall before the last step): use total_steps >= "
-          f"{_shortest_schedule(target_sparsity, rate)}"
+          f"{schedule_lib.shortest_schedule(target_sparsity, rate)}"
       )
     num_events, final_fraction, cap = len(steps), target_sparsity, None
     step_array = np.asarray(steps or [0], np.int32)
@@ -454,7 +388,7 @@ def prune(
       return step // prune_every - 1
 
   def make_event(sizes):
-    table = _count_table(
+    table = schedule_lib.count_table(
         sizes,
         rate=rate,
         num_events=num_events,
@@ -467,7 +401,10 @@ def prune(
     clipped = lambda step: jnp.minimum(event_index(step), len(table) - 1)
     return is_event, _ranked_event(rule, table, clipped, seed)
 
-  return _masking_transform(where, _all_live, make_event)
+  def check_sizes(sizes):
+    select.count_dtype(max(schedule_lib.group_sizes(sizes, rule.layerwise)))
+
+  return _masking_transform(where, _all_live, make_event, check_sizes)
 
 
 def fixed_masks(masks) -> optax.GradientTransformation:

@@ -1,0 +1,117 @@
+"""When pruning events happen and how many weights each leaves pruned.
+
+Everything here is plain Python on static sizes, run once when the transform
+is built or traced: the event steps of target mode (``docs/algorithm.md``,
+"Schedules") and the table of pruned counts after each event, which the traced
+event reads by index.
+"""
+
+import math
+
+import numpy as np
+
+from flipout_jax._src import select
+
+
+def check_fraction(name, value, *, low_open: bool) -> float:
+  """``value`` as a float in ``(0, 1)`` (``low_open``) or ``[0, 1)``."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+  value = float(value)
+  allowed = "(0, 1)" if low_open else "[0, 1)"
+  if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
+    raise ValueError(f"{name} must be in {allowed}, got {value}")
+  return value
+
+
+def check_steps(name, value) -> int | None:
+  """``value`` as a positive int, or None."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
+  return int(value)
+
+
+def num_events_for(target_sparsity: float, rate: float) -> int:
+  r"""Smallest k with :math:`1 - (1 - \mathrm{rate})^k \ge \mathrm{target}`."""
+  k = 0
+  while 1.0 - (1.0 - rate) ** k < target_sparsity:
+    k += 1
+  return k
+
+
+def event_steps(target_sparsity: float, total_steps: int, rate: float = 0.5) -> tuple[int, ...]:
+  """Steps (counted from 1) of the pruning events in target mode.
+
+  ``k = num_events_for(target_sparsity, rate)`` events at
+  ``i * round(total_steps / (k + 1))`` for ``i = 1..k``: the paper's
+  ``f = round(E / (k + 1))``, so the last event leaves time to recover.
+  """
+  k = num_events_for(target_sparsity, rate)
+  interval = round(total_steps / (k + 1))
+  return tuple(i * interval for i in range(1, k + 1))
+
+
+def shortest_schedule(target_sparsity: float, rate: float) -> int:
+  """Smallest total_steps from which on every longer run fits its events."""
+  k = num_events_for(target_sparsity, rate)
+  fits = lambda total: total > 0 and 1 <= event_steps(target_sparsity, total, rate)[-1] < total
+  shortest = k * (k + 1) // 2 + 1  # beyond this, total/k - total/(k+1) > 1/2
+  while fits(shortest - 1):
+    shortest -= 1
+  return shortest
+
+
+def _rate_counts(
+    size: int, rate: float, num_events: int | None, cap: int | None, stop_when_stable: bool
+) -> list[int]:
+  """Cumulative pruned count after each event: P + floor((N - P) * rate).
+
+  With ``stop_when_stable`` the table ends once the count stops changing
+  (later events reuse its last entry), which bounds it in rate mode.
+  """
+  counts, pruned = [], 0
+  while num_events is None or len(counts) < num_events:
+    step = math.floor((size - pruned) * rate)
+    following = pruned + step if cap is None else min(pruned + step, cap)
+    if stop_when_stable and following == pruned and counts:
+      break
+    pruned = following
+    counts.append(pruned)
+  return counts
+
+
+def group_sizes(sizes: list[int], layerwise: bool) -> list[int]:
+  """Sizes of the groups ranked together: each leaf, or the whole network."""
+  return list(sizes) if layerwise else [sum(sizes)]
+
+
+def count_table(
+    sizes: list[int], *, rate, num_events, cap, final_fraction, layerwise: bool
+) -> np.ndarray:
+  """(events, groups) table of the pruned count after each event.
+
+  A group is the whole network (global ranking) or one leaf (layer-wise). The
+  table has the integer dtype of :func:`select.count_dtype`: int32, or int64
+  for a group of 2**31 weights or more (which needs ``jax_enable_x64``).
+  """
+  groups = group_sizes(sizes, layerwise)
+  columns = []
+  for size in groups:
+    column = _rate_counts(
+        size,
+        rate,
+        num_events,
+        None if cap is None else round(cap * size),
+        stop_when_stable=final_fraction is None,
+    )
+    if final_fraction is not None and column:
+      column[-1] = max(round(final_fraction * size), column[-2] if len(column) > 1 else 0)
+    columns.append(column)
+  length = max(len(c) for c in columns)
+  padded = [c + [c[-1]] * (length - len(c)) if c else [0] * length for c in columns]
+  dtype = select.count_dtype(max(groups))
+  return np.asarray(padded, dtype).T.reshape(length, len(groups))
