@@ -27,6 +27,7 @@ relative to the references).
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -77,77 +78,48 @@ class PlainConvNetSpec(NamedTuple):
   hidden_widths: tuple[int, ...]
 
 
+class PlainWidths(NamedTuple):
+  """Per-layer widths of a :class:`PlainConvNet` (e.g. a compacted one): each convolution's
+  outputs (pools stay where the spec has them), the hidden Linear widths, and the increasing
+  indices of the flattened conv-stack output (or image) the first Linear reads (None: all)."""
+
+  conv: tuple[int, ...]
+  hidden: tuple[int, ...]
+  input_features: tuple[int, ...] | None = None
+
+
+class ResNetWidths(NamedTuple):
+  """Per-layer widths of a :class:`ResNet18`: each stage's residual stream (the stem writes
+  stage 0's), and the outputs of each basic block's first convolution."""
+
+  stages: tuple[int, ...]
+  inner: tuple[int, ...]
+
+
+class DenseNetWidths(NamedTuple):
+  """Per-layer widths of a :class:`DenseNet`: the stem's outputs, each dense layer's 1x1
+  bottleneck outputs and appended channels (``growth``), each transition's outputs."""
+
+  stem: int
+  bottleneck: tuple[int, ...]
+  growth: tuple[int, ...]
+  transition: tuple[int, ...]
+
+
 _VGG_HEAD: tuple[int, ...] = ()  # kuangliu VGG: a single Linear 512 -> classes
+
+
+def _vgg(*stages: tuple[int, ...]) -> PlainConvNetSpec:
+  """VGG spec from the conv widths of its five stages; a 2x2 max-pool closes each stage."""
+  config = tuple(entry for stage in stages for entry in (*stage, _POOL))
+  return PlainConvNetSpec(config, 3, 1, True, _VGG_HEAD)
+
+
 _PLAIN_SPECS: dict[str, PlainConvNetSpec] = {
-    "vgg11": PlainConvNetSpec(
-        (64, _POOL, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
-        3,
-        1,
-        True,
-        _VGG_HEAD,
-    ),
-    "vgg13": PlainConvNetSpec(
-        (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
-        3,
-        1,
-        True,
-        _VGG_HEAD,
-    ),
-    "vgg16": PlainConvNetSpec(
-        (
-            64,
-            64,
-            _POOL,
-            128,
-            128,
-            _POOL,
-            256,
-            256,
-            256,
-            _POOL,
-            512,
-            512,
-            512,
-            _POOL,
-            512,
-            512,
-            512,
-            _POOL,
-        ),
-        3,
-        1,
-        True,
-        _VGG_HEAD,
-    ),
-    "vgg19": PlainConvNetSpec(
-        (
-            64,
-            64,
-            _POOL,
-            128,
-            128,
-            _POOL,
-            256,
-            256,
-            256,
-            256,
-            _POOL,
-            512,
-            512,
-            512,
-            512,
-            _POOL,
-            512,
-            512,
-            512,
-            512,
-            _POOL,
-        ),
-        3,
-        1,
-        True,
-        _VGG_HEAD,
-    ),
+    "vgg11": _vgg((64,), (128,), (256,) * 2, (512,) * 2, (512,) * 2),
+    "vgg13": _vgg((64,) * 2, (128,) * 2, (256,) * 2, (512,) * 2, (512,) * 2),
+    "vgg16": _vgg((64,) * 2, (128,) * 2, (256,) * 3, (512,) * 3, (512,) * 3),
+    "vgg19": _vgg((64,) * 2, (128,) * 2, (256,) * 4, (512,) * 4, (512,) * 4),
     "lenet300": PlainConvNetSpec((), 1, 0, False, (300, 100)),
     "lenet5": PlainConvNetSpec((20, _POOL, 50, _POOL), 5, 0, False, (500,)),
     "conv6": PlainConvNetSpec(
@@ -235,17 +207,32 @@ def _global_average_pool(x: jax.Array) -> jax.Array:
 
 
 class _DenseStack(nnx.Module):
-  """Linear layers ``in -> hidden_widths... -> num_classes`` with ReLU between them."""
+  """Linear layers ``in -> hidden_widths... -> num_classes`` with ReLU between them; with
+  ``input_features`` the first reads only those inputs (a compacted network's gather)."""
 
   def __init__(
-      self, in_features: int, hidden_widths: Sequence[int], num_classes: int, *, rngs: nnx.Rngs
+      self,
+      in_features: int,
+      hidden_widths: Sequence[int],
+      num_classes: int,
+      *,
+      rngs: nnx.Rngs,
+      input_features: Sequence[int] | None = None,
   ):
+    self.input_features = None if input_features is None else tuple(input_features)
+    if self.input_features is not None:
+      bounds = (-1, *self.input_features, in_features)
+      if len(bounds) == 2 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"input_features must be increasing indices below {in_features}")
+      in_features = len(self.input_features)
     widths = (in_features, *hidden_widths, num_classes)
     self.layers = nnx.List(
         [nnx.Linear(fan_in, fan_out, rngs=rngs) for fan_in, fan_out in zip(widths, widths[1:])]
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.input_features is not None:
+      x = jnp.take(x, np.asarray(self.input_features), axis=1)
     for layer in self.layers[:-1]:
       x = nnx.relu(layer(x))
     return self.layers[-1](x)
@@ -271,6 +258,7 @@ class PlainConvNet(nnx.Module):
   One class covers VGG11/13/16/19, LeNet-5, Conv-6 and (with no convolutions) LeNet-300-100;
   each is a row of the layer table ``_PLAIN_SPECS``. Convolutions carry a bias, as in all
   four references (kuangliu's VGG keeps the conv bias although BatchNorm follows it).
+  ``widths`` replaces the spec's layer widths (a compacted network).
   """
 
   def __init__(
@@ -280,7 +268,13 @@ class PlainConvNet(nnx.Module):
       input_shape: tuple[int, int, int],
       num_classes: int,
       rngs: nnx.Rngs,
+      widths: PlainWidths | None = None,
   ):
+    if widths is not None:
+      conv = iter(widths.conv)
+      config = tuple(entry if entry == _POOL else next(conv) for entry in spec.conv_config)
+      spec = spec._replace(conv_config=config, hidden_widths=tuple(widths.hidden))
+    self.spec = spec
     height, width, channels = _conv_stack_output_shape(spec, input_shape)
     if height < 1 or width < 1:
       raise ValueError(
@@ -289,26 +283,23 @@ class PlainConvNet(nnx.Module):
       )
     in_channels = input_shape[2]
     blocks, pool_after = [], []
+    options = dict(rngs=rngs, padding=spec.padding, use_bias=True, batch_norm=spec.batch_norm)
     for entry in spec.conv_config:
       if entry == _POOL:
         pool_after[-1] = True
         continue
-      blocks.append(
-          _ConvNorm(
-              in_channels,
-              entry,
-              spec.kernel_size,
-              rngs=rngs,
-              padding=spec.padding,
-              use_bias=True,
-              batch_norm=spec.batch_norm,
-          )
-      )
+      blocks.append(_ConvNorm(in_channels, entry, spec.kernel_size, **options))
       pool_after.append(False)
       in_channels = entry
     self.blocks = nnx.List(blocks)
     self.pool_after = tuple(pool_after)
-    self.head = _DenseStack(height * width * channels, spec.hidden_widths, num_classes, rngs=rngs)
+    self.head = _DenseStack(
+        height * width * channels,
+        spec.hidden_widths,
+        num_classes,
+        rngs=rngs,
+        input_features=None if widths is None else widths.input_features,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for block, pool in zip(self.blocks, self.pool_after):
@@ -324,9 +315,11 @@ class _BasicBlock(nnx.Module):
   The shortcut is the identity, or a 1x1 conv + BN projection when stride or width change.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-    self.first = _ConvNorm(in_channels, out_channels, 3, stride=stride, rngs=rngs)
-    self.second = _ConvNorm(out_channels, out_channels, 3, rngs=rngs)
+  def __init__(
+      self, in_channels: int, inner: int, out_channels: int, stride: int, *, rngs: nnx.Rngs
+  ):
+    self.first = _ConvNorm(in_channels, inner, 3, stride=stride, rngs=rngs)
+    self.second = _ConvNorm(inner, out_channels, 3, rngs=rngs)
     needs_projection = stride != 1 or in_channels != out_channels
     self.shortcut = (
         _ConvNorm(in_channels, out_channels, 1, stride=stride, rngs=rngs)
@@ -344,16 +337,25 @@ class ResNet18(nnx.Module):
   """ResNet-18 for CIFAR (kuangliu layout): 3x3 stem, four stages of two basic blocks.
 
   Stage widths 64, 128, 256, 512 with stride 2 at the first block of stages 2-4; global
-  average pool and one Linear 512 -> classes. Convolutions have no bias (BatchNorm follows).
-  """
+  average pool and one Linear 512 -> classes. Convolutions have no bias (BatchNorm follows);
+  ``widths`` changes the layer widths (a compacted network)."""
 
-  def __init__(self, *, input_shape: tuple[int, int, int], num_classes: int, rngs: nnx.Rngs):
-    self.stem = _ConvNorm(input_shape[2], 64, 3, rngs=rngs)
-    blocks, in_channels = [], 64
-    for stage, width in enumerate((64, 128, 256, 512)):
+  def __init__(
+      self,
+      *,
+      input_shape: tuple[int, int, int],
+      num_classes: int,
+      rngs: nnx.Rngs,
+      widths: ResNetWidths | None = None,
+  ):
+    widths = default_widths("resnet18") if widths is None else widths
+    self.stem = _ConvNorm(input_shape[2], widths.stages[0], 3, rngs=rngs)
+    blocks, in_channels = [], widths.stages[0]
+    for stage, width in enumerate(widths.stages):
       for index in range(2):
         stride = 2 if stage > 0 and index == 0 else 1
-        blocks.append(_BasicBlock(in_channels, width, stride, rngs=rngs))
+        inner = widths.inner[len(blocks)]
+        blocks.append(_BasicBlock(in_channels, inner, width, stride, rngs=rngs))
         in_channels = width
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(in_channels, num_classes, rngs=rngs)
@@ -366,12 +368,12 @@ class ResNet18(nnx.Module):
 
 
 class _DenseLayer(nnx.Module):
-  """DenseNet-BC layer: BN-ReLU-conv1x1 to ``bn_size * growth``, BN-ReLU-conv3x3 to ``growth``;
-  its output is concatenated to its input along channels."""
+  """DenseNet-BC layer: BN-ReLU-conv1x1 to ``bottleneck`` (``bn_size * growth`` in the reference),
+  BN-ReLU-conv3x3 to ``growth``; its output is concatenated to its input along channels."""
 
-  def __init__(self, in_channels: int, growth_rate: int, bn_size: int, *, rngs: nnx.Rngs):
-    self.bottleneck = _NormReLUConv(in_channels, bn_size * growth_rate, 1, rngs=rngs)
-    self.expand = _NormReLUConv(bn_size * growth_rate, growth_rate, 3, rngs=rngs)
+  def __init__(self, in_channels: int, bottleneck: int, growth: int, *, rngs: nnx.Rngs):
+    self.bottleneck = _NormReLUConv(in_channels, bottleneck, 1, rngs=rngs)
+    self.expand = _NormReLUConv(bottleneck, growth, 3, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, self.expand(self.bottleneck(x))], axis=-1)
@@ -393,7 +395,8 @@ class DenseNet(nnx.Module):
   Stem: conv7x7/2 (pad 3) 2*growth channels, BN, ReLU, max-pool 3x3/2 (pad 1). Then dense
   blocks of ``block_config`` layers, each adding ``growth_rate`` channels, separated by
   transitions that multiply the channel count by ``compression``; a final BN-ReLU, global
-  average pool and Linear to ``num_classes``.
+  average pool and Linear to ``num_classes``. ``widths`` replaces the widths that
+  ``growth_rate``, ``bn_size`` and ``compression`` give (a compacted network).
   """
 
   def __init__(
@@ -406,18 +409,21 @@ class DenseNet(nnx.Module):
       block_config: Sequence[int] = (6, 12, 24, 16),
       bn_size: int = 4,
       compression: float = 0.5,
+      widths: DenseNetWidths | None = None,
   ):
-    channels = 2 * growth_rate
+    if widths is None:
+      widths = _densenet_widths(growth_rate, block_config, bn_size, compression)
+    self.block_config = tuple(block_config)
+    channels = widths.stem
     self.stem = _ConvNorm(input_shape[2], channels, 7, stride=2, padding=3, rngs=rngs)
-    layers = []
+    layers, dense_widths = [], iter(zip(widths.bottleneck, widths.growth))
     for block_index, num_layers in enumerate(block_config):
-      for _ in range(num_layers):
-        layers.append(_DenseLayer(channels, growth_rate, bn_size, rngs=rngs))
-        channels += growth_rate
+      for bottleneck, growth in itertools.islice(dense_widths, num_layers):
+        layers.append(_DenseLayer(channels, bottleneck, growth, rngs=rngs))
+        channels += growth
       if block_index < len(block_config) - 1:
-        compressed = int(channels * compression)
-        layers.append(_Transition(channels, compressed, rngs=rngs))
-        channels = compressed
+        layers.append(_Transition(channels, widths.transition[block_index], rngs=rngs))
+        channels = widths.transition[block_index]
     self.layers = nnx.List(layers)
     self.final_norm = _batch_norm(channels, rngs)
     self.head = nnx.Linear(channels, num_classes, rngs=rngs)
@@ -428,6 +434,18 @@ class DenseNet(nnx.Module):
     for layer in self.layers:
       x = layer(x)
     return self.head(_global_average_pool(nnx.relu(self.final_norm(x))))
+
+
+def _densenet_widths(
+    growth_rate: int, block_config: Sequence[int], bn_size: int, compression: float
+) -> DenseNetWidths:
+  """The widths of a uniform DenseNet-BC: every layer ``bn_size * growth`` then ``growth``."""
+  transitions, channels, layers = [], 2 * growth_rate, sum(block_config)
+  for num_layers in block_config[:-1]:
+    channels = int((channels + num_layers * growth_rate) * compression)
+    transitions.append(channels)
+  bottleneck, growth = (bn_size * growth_rate,) * layers, (growth_rate,) * layers
+  return DenseNetWidths(2 * growth_rate, bottleneck, growth, tuple(transitions))
 
 
 def _is_positive_int(value) -> bool:
@@ -447,8 +465,34 @@ def _checked_input_shape(input_shape) -> tuple[int, int, int]:
   return tuple(int(size) for size in input_shape)
 
 
+def default_widths(name: str) -> PlainWidths | ResNetWidths | DenseNetWidths:
+  """The per-layer widths of the reference model ``name`` (one of ``MODEL_NAMES``)."""
+  if name == "resnet18":
+    return ResNetWidths((64, 128, 256, 512), (64, 64, 128, 128, 256, 256, 512, 512))
+  if name == "densenet121":
+    return _densenet_widths(32, (6, 12, 24, 16), 4, 0.5)
+  spec = _PLAIN_SPECS[name]
+  return PlainWidths(tuple(e for e in spec.conv_config if e != _POOL), spec.hidden_widths)
+
+
+def _check_widths(name: str, widths) -> None:
+  """ValueError unless ``widths`` is shaped like ``default_widths(name)``, of positive ints."""
+  reference = default_widths(name)  # _DenseStack checks input_features against its input size
+  pairs = zip(widths, reference[:2] if name in _PLAIN_SPECS else reference)
+  if not isinstance(widths, type(reference)) or not all(
+      np.shape(value) == np.shape(expected) and all(map(_is_positive_int, np.ravel(value)))
+      for value, expected in pairs
+  ):
+    raise ValueError(f"widths of {name} must be shaped like {reference}, got {widths!r}")
+
+
 def create_model(
-    name: str, *, input_shape: tuple[int, int, int], num_classes: int, rngs: nnx.Rngs
+    name: str,
+    *,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    rngs: nnx.Rngs,
+    widths: PlainWidths | ResNetWidths | DenseNetWidths | None = None,
 ) -> nnx.Module:
   """Builds the classifier ``name`` (one of :data:`MODEL_NAMES`) for NHWC ``input_shape`` images.
 
@@ -458,13 +502,14 @@ def create_model(
       channels and, for the flattening networks, the width of the first Linear layer.
     num_classes: number of logits.
     rngs: parameter initialisation randomness.
+    widths: per-layer widths (e.g. of a compacted network); None: the reference widths.
 
   Returns:
     The model, in train mode.
 
   Raises:
-    ValueError: ``name`` is not in ``MODEL_NAMES``, ``input_shape``/``num_classes`` are
-      malformed, or ``input_shape`` is too small for the network.
+    ValueError: ``name`` is not in ``MODEL_NAMES``, ``input_shape``/``num_classes``/``widths``
+      are malformed, or ``input_shape`` is too small for the network.
   """
   if name not in MODEL_NAMES:
     raise ValueError(f"name must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
@@ -472,13 +517,14 @@ def create_model(
   if not _is_positive_int(num_classes):
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   num_classes = int(num_classes)
+  if widths is not None:
+    _check_widths(name, widths)
+  kwargs = dict(input_shape=input_shape, num_classes=num_classes, rngs=rngs, widths=widths)
   if name == "resnet18":
-    return ResNet18(input_shape=input_shape, num_classes=num_classes, rngs=rngs)
+    return ResNet18(**kwargs)
   if name == "densenet121":
-    return DenseNet(input_shape=input_shape, num_classes=num_classes, rngs=rngs)
-  return PlainConvNet(
-      _PLAIN_SPECS[name], input_shape=input_shape, num_classes=num_classes, rngs=rngs
-  )
+    return DenseNet(**kwargs)
+  return PlainConvNet(_PLAIN_SPECS[name], **kwargs)
 
 
 def _recording(operation: Callable, path: tuple, positions: dict) -> Callable:

@@ -305,3 +305,88 @@ def test_lenet5_flops_and_pruned_flops(lenet5):
   fc1 = lenet5.head.layers[0]
   fc1.kernel[...] = fc1.kernel[...].at[:400].set(0.0)  # half of fc1: 200,000 MACs gone
   assert models.inference_flops(lenet5, MNIST) == (dense, dense - 2 * 200_000)
+
+
+# --- Per-layer widths (compacted networks). ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_default_widths_build_the_reference_model(name):
+  input_shape = CIFAR if name != "lenet300" else DIGITS
+  rebuilt = nnx.eval_shape(
+      lambda: models.create_model(
+          name,
+          input_shape=input_shape,
+          num_classes=10,
+          rngs=nnx.Rngs(0),
+          widths=models.default_widths(name),
+      )
+  )
+  shapes = lambda model: jax.tree.map(lambda leaf: leaf.shape, nnx.state(model))
+  assert shapes(rebuilt) == shapes(_abstract_model(name, input_shape))
+
+
+def _narrow(name, widths, input_shape=CIFAR):
+  return nnx.eval_shape(
+      lambda: models.create_model(
+          name, input_shape=input_shape, num_classes=10, rngs=nnx.Rngs(0), widths=widths
+      )
+  )
+
+
+def test_resnet_widths_set_stream_and_inner_channels():
+  model = _narrow("resnet18", models.ResNetWidths((8, 16, 16, 32), (1, 2, 3, 4, 5, 6, 7, 8)))
+  assert model.stem.conv.kernel.shape == (3, 3, 3, 8)
+  assert model.blocks[1].first.conv.kernel.shape == (3, 3, 8, 2)
+  assert model.blocks[1].second.conv.kernel.shape == (3, 3, 2, 8)
+  assert model.blocks[1].shortcut is None  # same stream: identity
+  assert model.blocks[2].shortcut.conv.kernel.shape == (1, 1, 8, 16)
+  # Stage 3 keeps 16 channels but still halves the map: a projection all the same.
+  assert model.blocks[4].shortcut.conv.kernel.shape == (1, 1, 16, 16)
+  assert model.head.kernel.shape == (32, 10)
+
+
+def test_densenet_widths_track_the_concatenated_channels():
+  widths = models.DenseNetWidths(
+      stem=5, bottleneck=(3,) * 58, growth=(2,) * 58, transition=(7, 6, 4)
+  )
+  model = _narrow("densenet121", widths)
+  assert model.stem.conv.kernel.shape == (7, 7, 3, 5)
+  assert model.layers[1].bottleneck.conv.kernel.shape == (1, 1, 5 + 2, 3)
+  assert model.layers[1].expand.conv.kernel.shape == (3, 3, 3, 2)
+  assert model.layers[6].compress.conv.kernel.shape == (1, 1, 5 + 6 * 2, 7)
+  assert model.final_norm.scale.shape == (4 + 16 * 2,)
+
+
+def test_plain_widths_with_input_features_gather_the_flattened_input():
+  widths = models.PlainWidths(conv=(), hidden=(4, 3), input_features=(0, 5, 63))
+  model = _with_random_weights(_narrow("lenet300", widths, DIGITS))
+  assert model.head.layers[0].kernel.shape == (3, 4)
+  images = jax.random.normal(jax.random.key(0), (2, *DIGITS))
+  flat = images.reshape(2, -1)[:, jnp.array([0, 5, 63])]
+  first = model.head.layers[0]
+  hidden = nnx.relu(
+      nnx.relu(flat @ first.kernel[...] + first.bias[...]) @ model.head.layers[1].kernel[...]
+  )
+  expected = hidden @ model.head.layers[2].kernel[...]
+  np.testing.assert_allclose(model(images), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, widths",
+    [
+        ("resnet18", models.PlainWidths((), (300, 100))),  # another family's widths
+        ("resnet18", models.ResNetWidths((64, 128, 256), (64,) * 8)),  # a stage missing
+        (
+            "vgg11",
+            models.PlainWidths((64,) * 7, ()),
+        ),  # VGG11 has 8 convolutions
+        ("vgg11", models.PlainWidths((64, 0, 1, 1, 1, 1, 1, 1), ())),  # a width of 0
+        ("lenet300", models.PlainWidths((), (300, 100), input_features=(3, 2))),
+        ("lenet300", models.PlainWidths((), (300, 100), input_features=(0, 64))),
+        ("densenet121", models.DenseNetWidths(64, (128,) * 58, (32,) * 58, (128, 256))),
+    ],
+)
+def test_malformed_widths_raise_value_error(name, widths):
+  with pytest.raises(ValueError, match="widths|input_features"):
+    _narrow(name, widths, DIGITS if name == "lenet300" else CIFAR)

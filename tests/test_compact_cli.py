@@ -1,0 +1,103 @@
+"""experiments.compact on tiny synthetic LeNet-300-100 runs (one pruned, one dense)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import compact
+from experiments import mnist
+
+# A few seconds each: 8 steps of 32 synthetic images per epoch, 200 test images.
+TINY_RUN = [
+    "--model=lenet300",
+    "--synthetic",
+    "--synthetic_train=256",
+    "--synthetic_test=200",
+    "--batch_size=32",
+    "--eval_batch_size=100",
+    "--epochs=2",
+    "--no-progress",
+    "--no-tensorboard",
+]
+REPORT_KEYS = {
+    "dense_parameters",
+    "compact_parameters",
+    "dense_flops",
+    "compact_flops",
+    "max_abs_logit_difference",
+    "test_accuracy_dense",
+    "test_accuracy_compact",
+    "dense_ms_per_batch",
+    "compact_ms_per_batch",
+    "speedup",
+}
+
+
+def train_tiny_run(workdir, *flags) -> str:
+  assert mnist.main([*TINY_RUN, f"--workdir={workdir}", *flags]) == 0
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+  return train_tiny_run(tmp_path_factory.mktemp("pruned"), "--method=random", "--sparsity=0.99")
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  return train_tiny_run(tmp_path_factory.mktemp("dense"), "--method=dense")
+
+
+def test_compact_run_prints_and_writes_the_report(pruned_run, tmp_path, capsys):
+  report_file = tmp_path / "compact.json"
+  assert compact.main(["--workdir", pruned_run, "--json", str(report_file), "--repeats", "3"]) == 0
+  printed = capsys.readouterr().out
+  report = json.loads(report_file.read_text())
+  assert REPORT_KEYS <= report.keys()
+  assert "speedup" in printed and "SYNTHETIC" in printed
+  # LeNet-300-100 on 28x28x1, 10 classes: 784*300+300 + 300*100+100 + 100*10+10.
+  assert report["dense_parameters"] == 266_610
+  assert 0 < report["compact_parameters"] < report["dense_parameters"]
+  assert report["dense_flops"] == 2 * (784 * 300 + 300 * 100 + 100 * 10)
+  assert 0 < report["compact_flops"] < report["dense_flops"]
+  # Same predictions: float32 rounding only (see tests/test_compaction.py for the bound).
+  assert report["max_abs_logit_difference"] < 1e-4
+  assert report["test_accuracy_compact"] == report["test_accuracy_dense"]
+  assert report["batch_size"] == 100 and report["repeats"] == 3
+  assert report["dense_ms_per_batch"] > 0 and report["compact_ms_per_batch"] > 0
+  assert report["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--workdir", "{empty}"], "has no checkpoints/ folder"),
+        (["--workdir", "{empty}/missing"], "has no checkpoints/ folder"),
+        (["--workdir", "{dense}"], "without pruning"),
+        (["--workdir", "{pruned}", "--repeats", "0"], "--repeats"),
+        (["--workdir", "{pruned}", "--json", "{empty}"], "--json"),
+        ([], "--workdir"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(pruned_run, dense_run, tmp_path, capsys, argv, match):
+  argv = [arg.format(empty=tmp_path, dense=dense_run, pruned=pruned_run) for arg in argv]
+  assert compact.main(argv) == 2
+  error = capsys.readouterr().err
+  assert len(error.strip().splitlines()) == 1, error
+  assert match in error and "Traceback" not in error
+  assert error.startswith("python -m experiments.compact: error:")
+
+
+def test_real_process_prints_one_line_and_no_traceback(dense_run):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.compact", "--workdir", dense_run],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert result.returncode == 2
+  assert len(result.stderr.splitlines()) == 1 and "without pruning" in result.stderr
