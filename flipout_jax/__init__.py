@@ -23,6 +23,7 @@ from flipout_jax._src.noise import GradientNoiseState
 from flipout_jax._src.noise import gradient_noise
 from flipout_jax._src.prune import PruneState
 from flipout_jax._src.prune import apply_masks
+from flipout_jax._src.prune import cubic_event_steps
 from flipout_jax._src.prune import event_steps
 from flipout_jax._src.prune import fixed_masks
 from flipout_jax._src.prune import flip_counts
@@ -43,6 +44,7 @@ __all__ = (
     "PruneState",
     "Summary",
     "apply_masks",
+    "cubic_event_steps",
     "event_steps",
     "export",
     "fixed_masks",

@@ -29,6 +29,19 @@ def reference_events(target, total_steps, prune_every, rate):
   return {s: None for s in range(prune_every, last + 1, prune_every)}
 
 
+def reference_cubic_fractions(initial, final, begin, end, every):
+  """Cubic events (Zhu & Gupta, 2017): step -> sparsity reached at that step.
+
+  Events at begin, begin + every, ... before end, and at end;
+  s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin))^3, s_f at end.
+  """
+  steps = list(range(begin, end, every)) + [end]
+  return {
+      t: final if t == end else final + (initial - final) * (1 - (t - begin) / (end - begin)) ** 3
+      for t in steps
+  }
+
+
 def _wanted(size, pruned, rate, target, final):
   if final:
     return round(target * size)
@@ -82,8 +95,13 @@ def simulate(
     p=2.0,
     criterion="flipout",
     seed=0,
+    cubic=None,
 ):
   """Runs prune as the last link of a chain whose updates are given.
+
+  ``cubic``: ``(initial_sparsity, begin_step, end_step, prune_every)`` for
+  ``schedule="cubic"``: each event prunes up to ``round(s_t * size)`` of its
+  group (never fewer than already pruned); ``target`` is the final sparsity.
 
   Args:
     weights: list of float arrays (the prunable leaves, in leaf order), of any
@@ -98,7 +116,10 @@ def simulate(
   weights = [np.array(w) for w in weights]
   masks = [np.ones(w.shape, bool) for w in weights]
   flips = [np.zeros(w.shape, np.int32) for w in weights]
-  events = reference_events(target, total_steps, prune_every, rate)
+  if cubic is None:
+    events = reference_events(target, total_steps, prune_every, rate)
+  else:
+    events = reference_cubic_fractions(cubic[0], target, *cubic[1:])
   for step, step_updates in enumerate(updates, start=1):
     new = [
         np.where(m, (w + u).astype(w.dtype), w.dtype.type(0))
@@ -118,7 +139,10 @@ def simulate(
       for group in groups:
         size = sum(new[i].size for i in group)
         pruned = sum(int((~masks[i]).sum()) for i in group)
-        count = _wanted(size, pruned, rate, target, final) - pruned
+        if cubic is None:
+          count = _wanted(size, pruned, rate, target, final) - pruned
+        else:
+          count = max(round(events[step] * size), pruned) - pruned
         flat_scores = np.concatenate([scores[i].ravel() for i in group])
         flat_live = np.concatenate([masks[i].ravel() for i in group])
         chosen = _select_lowest(flat_scores, flat_live, max(count, 0))

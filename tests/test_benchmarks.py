@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import _common, gpu_throughput, memory, mnist_real, prune_event, step_overhead
+from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_event
+from benchmarks import step_overhead
 from experiments import cli, input_pipeline
 
 LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
@@ -144,6 +145,21 @@ def test_prune_event_tiny(tmp_path, capsys):
   assert [r["size"] for r in payload["results"]] == [4096, 16384]
   assert [a["size"] for a in payload["argsort"]] == [4096, 16384]
   assert all(r["event_update_seconds"] > 0 for r in payload["results"])
+
+
+def test_noise_rng_tiny_times_every_generator(tmp_path, capsys):
+  output = tmp_path / "rng.json"
+  assert noise_rng.main(["--tiny", "--json", str(output)]) == 0
+  printed = capsys.readouterr().out
+  assert "[TINY: not a result]" in printed and f"{LENET300_KERNEL_WEIGHTS:,} float32" in printed
+  for name in (noise_rng.OURS, *noise_rng.IMPLS, noise_rng.NON_PARTITIONABLE):
+    assert f"| {name} " in printed
+  assert set(_read_json(output)["samples"]) == {
+      "dense step",
+      noise_rng.OURS,
+      *noise_rng.IMPLS,
+      noise_rng.NON_PARTITIONABLE,
+  }
 
 
 def test_prune_event_problem_prunes_half_at_the_event():

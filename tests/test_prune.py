@@ -418,8 +418,8 @@ def test_state_is_five_bytes_per_prunable_weight():
 
 @pytest.mark.parametrize("fraction", [0.0, 1e-6, 0.3, 0.5, 0.999, 1.0])
 def test_lowest_k_on_large_arrays_uses_exact_counts(fraction):
-  # Above 1M keys a random sample narrows the search first; k = 0 and k = N
-  # make the sampled bracket fail its check and exercise the full search.
+  # Large leaves (summed by rows of 32, keys recomputed in every pass); k = 0
+  # and k = N are the ends of the bisection's range.
   rng = np.random.default_rng(7)
   first = np.round(rng.normal(size=(700, 1000)), 2).astype(np.float32)  # many ties
   second = rng.standard_exponential(size=1_300_000).astype(np.float32)

@@ -190,9 +190,9 @@ def test_integer_leaf_selected_explicitly_is_refused_at_init(make):
 
 @pytest.mark.parametrize("fraction,live_fraction", [(0.0, 0.9), (0.3, 0.9), (1.0, 0.9), (1.0, 1.0)])
 def test_lowest_k_ranks_float64_with_float32_exactly_on_large_arrays(fraction, live_fraction):
-  # Above 1M keys the search starts from a sampled bracket (k = 0, and k = N
-  # with every weight live, make its check fail and search the full uint64
-  # range); float32 keys are widened to rank with float64 ones.
+  # Large arrays, 64 bisection passes over uint64 keys (k = 0 and k = N with
+  # every weight live are the ends of the range); float32 keys are widened to
+  # rank with float64 ones.
   with jax.enable_x64(True):
     rng = np.random.default_rng(3)
     wide = 1.0 + rng.integers(0, 1000, 1_100_000) * 1e-12  # ties in float32 only

@@ -42,6 +42,58 @@ def _noise_key(seed: int, count: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_STREAM_TAG), count)
 
 
+# Threefry-2x32 (Salmon et al. 2011, 20 rounds), as JAX defines it.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KEY_PARITY = np.uint32(0x1BD11BDA)
+_MAX_DRAW = 2**32  # counters' high word is 0 below this
+_THREEFRY = "threefry2x32"
+
+
+def _rotate_left(x: jax.Array, r: int) -> jax.Array:
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(k0, k1, x0, x1) -> tuple[jax.Array, jax.Array]:
+  """The Threefry-2x32 block function, unrolled.
+
+  The same arithmetic as JAX's ``threefry2x32`` primitive. On CPU JAX lowers
+  that primitive as a loop over its five 4-round blocks, which writes both
+  words of every element out to memory after each block; unrolled, the 20
+  rounds are a few hundred fused integer operations per element and XLA fuses
+  them (and the normal transform) into the loop that adds the noise.
+  """
+  keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
+  x0, x1 = x0 + keys[0], x1 + keys[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ _rotate_left(x1, r)
+    x0 = x0 + keys[(block + 1) % 3]
+    x1 = x1 + keys[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def _stream_normals(key: jax.Array, start: int, size: int) -> jax.Array:
+  r"""Entries ``start .. start + size`` of ``jax.random.normal(key, (n,), float32)``.
+
+  Bit for bit, for a threefry key under ``jax_threefry_partitionable`` (JAX's
+  default) and ``start + size <= 2**32``: entry ``j`` hashes the counter pair
+  ``(0, j)``, takes the xor of the two output words as its 32 random bits,
+  maps their top 23 bits to a uniform ``u`` in ``(-1, 1)`` and returns
+  :math:`\sqrt{2}\,\mathrm{erf}^{-1}(u)`, as ``jax.random.normal`` does. Each
+  leaf draws its own slice of the one stream where it is used, so no normal
+  is ever written out per weight.
+  """
+  k0, k1 = jax.random.key_data(key)
+  counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start)
+  y0, y1 = _threefry2x32(k0, k1, jnp.zeros_like(counters), counters)
+  mantissa = ((y0 ^ y1) >> np.uint32(9)) | np.uint32(0x3F800000)  # in [1, 2)
+  unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
+  low = np.nextafter(np.float32(-1), np.float32(0))
+  uniform = jnp.maximum(low, unit * (np.float32(1) - low) + low)
+  return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
 def gradient_noise(
     scale: float = 1.0, seed: int = 0, where=None, *, prunable=None
 ) -> optax.GradientTransformation:
@@ -79,6 +131,17 @@ def gradient_noise(
   is a pure function of ``(seed, count)``: a run resumed from a checkpointed
   state draws the same noise as one that never stopped.
 
+  The draw is ``jax.random.normal(key_t, (N,), float32)`` with JAX's default
+  generator (threefry2x32, partitionable counters), bit for bit, but computed
+  here leaf by leaf with the 20 rounds unrolled, where the noise is added:
+  JAX's own CPU lowering loops over the rounds and writes every word out 5
+  times, and the concatenated draw was written out too. That is the fastest
+  of JAX's generators on CPU with no change of stream (``rbg`` and
+  ``unsafe_rbg`` are 3-7x slower there; ``python -m benchmarks.noise_rng``,
+  BENCHMARKS.md section 1). Other key implementations
+  (``jax_default_prng_impl``) or ``jax_threefry_partitionable=False`` draw
+  with ``jax.random.normal`` itself.
+
   Args:
     scale: the paper's lambda, ``>= 0``.
     seed: base seed of the noise stream (an int).
@@ -114,11 +177,20 @@ def gradient_noise(
     pruning = jax.tree.leaves(prunable_lib.prunable_tree(params, prunable))
     grads, treedef = jax.tree.flatten(updates)
     noisy = [add_noise and _gets_noise(g) for g, add_noise in zip(grads, noisy)]
-    # One draw for all leaves, split afterwards: a draw per leaf compiles a
-    # separate random-number kernel for each (seconds per leaf on CPU).
+    # One stream for all leaves: leaf i gets its entries offsets[i] onwards.
     sizes = [np.size(g) if add_noise else 0 for g, add_noise in zip(grads, noisy)]
-    normals = jax.random.normal(_noise_key(seed, state.count), (sum(sizes),), jnp.float32)
+    key = _noise_key(seed, state.count)
     offsets = np.cumsum([0] + sizes)
+    if (
+        offsets[-1] > _MAX_DRAW
+        or str(jax.random.key_impl(key)) != _THREEFRY
+        or not jax.config.jax_threefry_partitionable
+    ):
+      # Anything but JAX's default threefry: its own draw, split.
+      normals = jax.random.normal(key, (int(offsets[-1]),), jnp.float32)
+      draw = lambda start, size: normals[start : start + size]
+    else:
+      draw = lambda start, size: _stream_normals(key, int(start), int(size))
     new = []
     for g, w, add_noise, can_be_pruned, start in zip(
         grads, treedef.flatten_up_to(params), noisy, pruning, offsets
@@ -130,7 +202,7 @@ def gradient_noise(
       wide = jnp.asarray(g).astype(_compute_dtype(jnp.result_type(g)))
       live_grad = jnp.where(w != 0, wide, 0) if can_be_pruned else wide
       sigma = scale * jnp.linalg.norm(live_grad.ravel()) / np.sqrt(max(wide.size, 1))
-      noise = normals[start : start + wide.size].reshape(wide.shape).astype(wide.dtype)
+      noise = draw(start, wide.size).reshape(wide.shape).astype(wide.dtype)
       new.append((wide + sigma * noise).astype(jnp.result_type(g)))
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 

@@ -37,6 +37,7 @@ from flipout_jax._src import select
 
 # Public through flipout_jax; the checks are shared with baselines.snip.
 event_steps = schedule_lib.event_steps
+cubic_event_steps = schedule_lib.cubic_event_steps
 num_events_for = schedule_lib.num_events_for
 _check_fraction = schedule_lib.check_fraction
 _check_steps = schedule_lib.check_steps
@@ -59,8 +60,10 @@ class PruneState(NamedTuple):
   flips: Any
 
 
-# An event rule maps (step, new_params, masks, flips) to the new masks. It is
-# built once the leaf sizes are known (at trace time) by an event factory.
+# An event rule maps (step, new_params, masks, flips) to the new masks, where
+# new_params and flips are functions returning the trees (recomputed at each
+# use, see _ranked_event). It is built once the leaf sizes are known (at trace
+# time) by an event factory.
 EventRule = Callable[[jax.Array, Any, Any, Any], Any]
 
 
@@ -70,20 +73,34 @@ def _ranked_event(
     event_index: Callable[[jax.Array], jax.Array],
     seed: int,
 ) -> EventRule:
-  """Prunes the lowest-scored live weights down to ``table[event_index]``."""
+  """Prunes the lowest-scored live weights down to ``table[event_index]``.
+
+  ``new_params`` and ``flips`` are functions returning the trees: the scores
+  and their keys are recomputed from them inside every counting pass of the
+  selection (``select.lowest_k_cut``), so no score or key per weight is ever
+  held in memory and the event adds no scratch per weight to the step's peak.
+  """
   table = jnp.asarray(table)
 
   def event(step, new_params, masks, flips):
-    scores = rule.score(new_params, flips, criteria_lib.random_criterion_key(seed, step))
+    key = criteria_lib.random_criterion_key(seed, step)
     mask_leaves, treedef = jax.tree.flatten(masks)
-    keys = [select.sortable_keys(s, m) for s, m in zip(_leaves_at(masks, scores), mask_leaves)]
+
+    def keys(group):
+      def compute():
+        scores = _leaves_at(masks, rule.score(new_params(), flips(), key))
+        return [select.sortable_keys(scores[i], mask_leaves[i]) for i in group]
+
+      return compute
+
     targets = table[event_index(step)]
-    groups = [[i] for i in range(len(keys))] if rule.layerwise else [list(range(len(keys)))]
+    count = len(mask_leaves)
+    groups = [[i] for i in range(count)] if rule.layerwise else [list(range(count))]
     new_masks = list(mask_leaves)
     for group, target in zip(groups, targets):
-      pruned = sum(jnp.sum(~mask_leaves[i], dtype=table.dtype) for i in group)
-      chosen = select.lowest_k([keys[i] for i in group], jnp.maximum(target - pruned, 0))
-      for i, leaf_chosen in zip(group, chosen):
+      pruned = sum(select.count(~mask_leaves[i], table.dtype) for i in group)
+      cut = select.lowest_k_cut(keys(group), jnp.maximum(target - pruned, 0))
+      for i, leaf_chosen in zip(group, select.chosen_by(cut, keys(group))):
         new_masks[i] = mask_leaves[i] & ~leaf_chosen
     return jax.tree.unflatten(treedef, new_masks)
 
@@ -177,50 +194,63 @@ def _masking_transform(
     step = state.count + 1
     not_last = _pruned_weights_moved(step, state.masks, params)
 
-    def counted_flips():
-      new_params = [
+    flips_before = jax.tree.leaves(state.flips)
+
+    # The weights after this step and their flip counts, as functions: each
+    # use recomputes them from params and updates inside its own fused loop,
+    # so neither is ever written out per weight.
+    def new_params():
+      return [
           jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
           for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)
       ]
+
+    def counted_flips():
       # `& m`: zeroing a masked weight of dense params (fixed_masks' first
       # step) is not a flip; pruned weights keep a count of 0.
-      flips = [
+      return [
           f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(jnp.int32)
-          for f, m, new, p in zip(
-              jax.tree.leaves(state.flips), mask_leaves, new_params, params_at_masks
-          )
+          for f, m, new, p in zip(flips_before, mask_leaves, new_params(), params_at_masks)
       ]
-      return new_params, flips
 
-    def without_event():
-      return mask_leaves, counted_flips()[1]
-
-    def with_event():
-      new_params, flips = counted_flips()
-      masks = jax.tree.leaves(
-          event(
-              step,
-              mask_structure.unflatten(new_params),
-              state.masks,
-              mask_structure.unflatten(flips),
-          )
-      )
-      return masks, [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
-
-    # Both branches recompute w + u from the operands, so outside an event
-    # nothing but the flip counts is written: the cheap branch fuses.
+    # The cond decides only the masks: the event branch returns new masks,
+    # the other its operands unchanged (no per-weight work). Flip counts and
+    # updates are computed after it, once, where XLA fuses each leaf's flip
+    # count and masked update with the rest of the step.
     if make_event is None:
-      masks, flips = without_event()
+      masks = mask_leaves
     else:
       is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
+
+      def with_event():
+        return jax.tree.leaves(
+            event(
+                step,
+                lambda: mask_structure.unflatten(new_params()),
+                state.masks,
+                lambda: mask_structure.unflatten(counted_flips()),
+            )
+        )
+
       # A stopped run (count -1, so step 0) must not look like an event step.
-      masks, flips = jax.lax.cond(is_event(step) & ~not_last, with_event, without_event)
+      masks = jax.lax.cond(is_event(step) & ~not_last, with_event, lambda: mask_leaves)
+    # Masks only lose weights (new mask => old mask), so where the new mask is
+    # live the old one was too and w + u is the new weight. Reading only the
+    # new mask lets XLA write it over the old one in place.
+    flips = [
+        jnp.where(m, f + (jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)).astype(jnp.int32), 0)
+        for m, f, p, u in zip(masks, flips_before, params_at_masks, updates_at_masks)
+    ]
 
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
+    # `(f | 1) != 0` is always True: it only makes the updates depend on the
+    # flip counts. The counts read the old params, which the training step
+    # then overwrites in place with w + update; without this dependency XLA
+    # cannot order the read before the write and copies every param first.
     masked_updates = [
-        jnp.where(not_last, jnp.nan, _masked_update(m, p, u))
-        for m, p, u in zip(masks, params_at_masks, updates_at_masks)
+        jnp.where(not_last, jnp.nan, _masked_update(m & ((f | 1) != 0), p, u))
+        for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
     updates = _replace_at(updates, state.masks, masked_updates)
     return updates, PruneState(
@@ -280,15 +310,20 @@ def prune(
     *,
     total_steps: int | None = None,
     prune_every: int | None = None,
-    rate: float = 0.5,
+    rate: float | None = None,
     p: float = 2.0,
     criterion: str | Callable[[Any, Any], Any] = "flipout",
     where=None,
     seed: int = 0,
+    schedule: str = "halving",
+    initial_sparsity: float = 0.0,
+    begin_step: int | None = None,
+    end_step: int | None = None,
 ) -> optax.GradientTransformation:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
-  Two schedules (``docs/algorithm.md``, "Schedules"):
+  Three schedules (``docs/algorithm.md``, "Schedules"); the first two are the
+  paper's ``schedule="halving"``:
 
   * **Target mode** (``target_sparsity`` and ``total_steps``): with
     ``k`` the smallest number of events such that
@@ -301,6 +336,16 @@ def prune(
     ``prune_every`` steps pruning ``floor((N - P) * rate)`` more, capped at
     ``round(target_sparsity * N)`` when a target is given, and only at steps
     before ``total_steps`` when that is given (never at the last step).
+  * **Cubic** (``schedule="cubic"``, Zhu & Gupta 2017, the polynomial decay of
+    TF Model Optimization and SparseML): events at ``begin_step``,
+    ``begin_step + prune_every``, ... before ``end_step``, and at ``end_step``.
+    After the event at step ``t`` each group of ``N`` weights has
+    ``round(s_t * N)`` pruned, with
+    :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_{end} - t_0))^3`,
+    :math:`s_i` = ``initial_sparsity``, :math:`s_f` = ``target_sparsity``,
+    :math:`t_0` = ``begin_step``, :math:`t_{end}` = ``end_step`` (never fewer
+    than after the previous event); the last event, at ``end_step``, lands
+    exactly on ``round(target_sparsity * N)``. ``rate`` must be left unset.
 
   Scores are ranked globally over all prunable leaves, except for
   ``criterion="magnitude"`` which prunes each leaf separately (its counts
@@ -318,8 +363,9 @@ def prune(
   Args:
     target_sparsity: fraction of prunable weights to prune, in ``[0, 1)``.
     total_steps: number of optimizer steps of the run (target mode).
-    prune_every: steps between events (rate mode).
-    rate: fraction of the live weights pruned per event, in ``(0, 1)``.
+    prune_every: steps between events (rate mode, and the cubic schedule).
+    rate: fraction of the live weights pruned per event, in ``(0, 1)``; None:
+      0.5. Halving schedule only.
     p: exponent of ``|w|`` in the FlipOut saliency, ``> 0``.
     criterion: ``"flipout"`` (:math:`|w|^p / (\mathrm{flips} + 1)`),
       ``"global_magnitude"`` (``|w|``), ``"magnitude"`` (``|w|``,
@@ -334,6 +380,11 @@ def prune(
       own (the tag is ``zlib.crc32(b"flipout_jax/random_criterion") &
       0x7FFFFFFF``), so they never coincide with the ``fold_in(key(seed), t)``
       keys of a data pipeline or with gradient noise's stream.
+    schedule: ``"halving"`` (target and rate mode above) or ``"cubic"``.
+    initial_sparsity: ``cubic``: :math:`s_i`, in ``[0, target_sparsity]``.
+    begin_step: ``cubic``: step of the first event, ``>= 1``.
+    end_step: ``cubic``: step of the last event, ``>= begin_step`` and, when
+      ``total_steps`` is given, ``< total_steps``.
 
   Returns:
     A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
@@ -343,7 +394,15 @@ def prune(
     target_sparsity = _check_fraction("target_sparsity", target_sparsity, low_open=False)
   total_steps = _check_steps("total_steps", total_steps)
   prune_every = _check_steps("prune_every", prune_every)
-  rate = _check_fraction("rate", rate, low_open=True)
+  if not isinstance(schedule, str):
+    raise TypeError(f"schedule must be a str, one of {schedule_lib.SCHEDULES}")
+  if schedule not in schedule_lib.SCHEDULES:
+    raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {schedule!r}")
+  if schedule == "cubic" and rate is not None:
+    raise ValueError(
+        "rate: schedule='cubic' takes its counts from the sparsity ramp; leave rate unset"
+    )
+  rate = _check_fraction("rate", 0.5 if rate is None else rate, low_open=True)
   if isinstance(p, bool) or not isinstance(p, (int, float, np.number)):
     raise TypeError(f"p must be a positive number, got {type(p).__name__}")
   if not p > 0:
@@ -351,8 +410,21 @@ def prune(
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {type(seed).__name__}")
   rule = criteria_lib.resolve(criterion, float(p))
+  cubic = schedule_lib.cubic_steps(
+      schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
+  )
 
-  if prune_every is None:
+  if cubic is not None:
+    initial = float(initial_sparsity)
+    step_array = np.asarray(cubic, np.int32)
+
+    def is_event(step):
+      return jnp.any(step == step_array)
+
+    def event_index(step):
+      return jnp.argmax(step == step_array)
+
+  elif prune_every is None:
     if target_sparsity is None or total_steps is None:
       raise ValueError(
           "prune needs a schedule: target_sparsity with total_steps (target "
@@ -388,14 +460,19 @@ def prune(
       return step // prune_every - 1
 
   def make_event(sizes):
-    table = schedule_lib.count_table(
-        sizes,
-        rate=rate,
-        num_events=num_events,
-        cap=cap,
-        final_fraction=final_fraction,
-        layerwise=rule.layerwise,
-    )
+    if cubic is not None:
+      table = schedule_lib.cubic_count_table(
+          sizes, initial=initial, final=target_sparsity, steps=cubic, layerwise=rule.layerwise
+      )
+    else:
+      table = schedule_lib.count_table(
+          sizes,
+          rate=rate,
+          num_events=num_events,
+          cap=cap,
+          final_fraction=final_fraction,
+          layerwise=rule.layerwise,
+      )
     if len(table) == 0:
       return (lambda step: jnp.bool_(False)), (lambda step, new, masks, flips: masks)
     clipped = lambda step: jnp.minimum(event_index(step), len(table) - 1)
@@ -452,7 +529,7 @@ def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTra
 
   def event(_, new_params, masks, flips):
     del flips
-    return jax.tree.map(lambda m, w: m & (jnp.abs(w) >= threshold), masks, new_params)
+    return jax.tree.map(lambda m, w: m & (jnp.abs(w) >= threshold), masks, new_params())
 
   def make_event(sizes):
     del sizes

@@ -115,3 +115,111 @@ def count_table(
   padded = [c + [c[-1]] * (length - len(c)) if c else [0] * length for c in columns]
   dtype = select.count_dtype(max(groups))
   return np.asarray(padded, dtype).T.reshape(length, len(groups))
+
+
+SCHEDULES = ("halving", "cubic")
+
+
+def cubic_event_steps(begin_step: int, end_step: int, prune_every: int) -> tuple[int, ...]:
+  """Steps (counted from 1) of the cubic schedule's events.
+
+  ``begin_step, begin_step + prune_every, ...`` while before ``end_step``, then
+  ``end_step`` itself: the last event always falls on ``end_step``, also when
+  ``prune_every`` does not divide ``end_step - begin_step``.
+  """
+  return tuple(range(begin_step, end_step, prune_every)) + (end_step,)
+
+
+def cubic_sparsity(
+    step: int, *, initial: float, final: float, begin_step: int, end_step: int
+) -> float:
+  r"""Zhu & Gupta's sparsity at ``step``:
+  :math:`s_f + (s_i - s_f)(1 - (t - t_0) / (t_{end} - t_0))^3`, clipped to
+  ``[t_0, t_end]``; ``final`` at ``end_step`` (also when ``begin == end``)."""
+  if step >= end_step:
+    return final
+  progress = max(step - begin_step, 0) / (end_step - begin_step)
+  return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def cubic_count_table(
+    sizes: list[int],
+    *,
+    initial: float,
+    final: float,
+    steps: tuple[int, ...],
+    layerwise: bool,
+) -> np.ndarray:
+  """(events, groups) table of the pruned count after each cubic event.
+
+  Each group of ``n`` weights has ``round(s_t * n)`` pruned after the event at
+  step ``t`` (never fewer than after the previous event); the last event, at
+  ``steps[-1]`` (the end step), lands exactly on ``round(final * n)``.
+  """
+  groups = group_sizes(sizes, layerwise)
+  begin, end = steps[0], steps[-1]
+  fractions = [
+      cubic_sparsity(t, initial=initial, final=final, begin_step=begin, end_step=end) for t in steps
+  ]
+  columns = []
+  for size in groups:
+    column, pruned = [], 0
+    for fraction in fractions[:-1]:
+      pruned = max(pruned, round(fraction * size))
+      column.append(pruned)
+    column.append(round(final * size))
+    columns.append(column)
+  dtype = select.count_dtype(max(groups))
+  return np.asarray(columns, dtype).T.reshape(len(steps), len(groups))
+
+
+def cubic_steps(
+    schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
+) -> tuple[int, ...] | None:
+  """Checks the cubic schedule's arguments of ``prune``; its event steps (None: ``halving``).
+
+  Raises:
+    ValueError, TypeError: an argument out of range, missing, or given without
+      ``schedule="cubic"``; the message names it and what is allowed.
+  """
+  begin_step = check_steps("begin_step", begin_step)
+  end_step = check_steps("end_step", end_step)
+  if schedule != "cubic":
+    given = [
+        name
+        for name, value in (("begin_step", begin_step), ("end_step", end_step))
+        if value is not None
+    ]
+    if isinstance(initial_sparsity, bool) or initial_sparsity != 0.0:
+      given.append("initial_sparsity")
+    if given:
+      raise ValueError(f"{', '.join(given)}: only for schedule='cubic' (got schedule={schedule!r})")
+    return None
+  initial = check_fraction("initial_sparsity", initial_sparsity, low_open=False)
+  missing = [
+      name
+      for name, value in (
+          ("target_sparsity", target_sparsity),
+          ("begin_step", begin_step),
+          ("end_step", end_step),
+          ("prune_every", prune_every),
+      )
+      if value is None
+  ]
+  if missing:
+    raise ValueError(
+        f"schedule='cubic' needs target_sparsity, begin_step, end_step and prune_every; "
+        f"missing {', '.join(missing)}"
+    )
+  if initial > target_sparsity:
+    raise ValueError(
+        f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got {initial}"
+    )
+  if end_step < begin_step:
+    raise ValueError(f"end_step must be >= begin_step={begin_step}, got {end_step}")
+  if total_steps is not None and end_step >= total_steps:
+    raise ValueError(
+        f"end_step must be < total_steps={total_steps} (the last event needs steps after "
+        f"it), got {end_step}"
+    )
+  return cubic_event_steps(begin_step, end_step, prune_every)

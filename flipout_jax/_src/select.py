@@ -1,12 +1,21 @@
-"""Exact selection of the k lowest scores over many arrays, without sorting.
+r"""Exact selection of the k lowest scores over many arrays, without sorting.
 
 A pruning event must remove exactly the ``k`` live weights with the lowest
 scores. Sorting all ``N`` scores costs ``O(N log N)`` and, on CPU, seconds for
 tens of millions of weights. Instead each score is mapped to an unsigned
-integer key whose integer order is the float order, and the ``k``-th smallest
-key is found by a binary search over the key values: one counting pass over the
-keys per key bit, so ``O(32 N)`` with no sort and no concatenation of the
-leaves (``docs/algorithm.md``, "Selection without a sort").
+integer key whose integer order is the float order, and the threshold
+
+.. math:: t = \min \{ t : \#\{\mathrm{key} \le t\} \ge k \}
+
+is found by bisection over the key values: one counting pass per key bit,
+``O(32 N)``, with no sort and no concatenation of the leaves
+(``docs/algorithm.md``, "Selection without a sort").
+
+Memory: the keys may be given as a function that computes them (from the
+weights and flip counts); it is called again inside every counting pass, so
+XLA fuses each leaf's score, key, comparison and partial sum into one loop
+and no score or key per weight is ever written. Only the row sums of a
+count (``1 / 32`` of an int per weight) are.
 
 Scores are compared as float32 (uint32 keys), or as float64 (uint64 keys, 64
 passes) when any score is float64, which needs ``jax_enable_x64``: float64
@@ -16,17 +25,18 @@ or int64 for 2**31 weights or more, which also needs ``jax_enable_x64``.
 Ties at the threshold are broken by position: leaf order (``jax.tree.leaves``
 order) first, then row-major index inside the leaf. That is the order of a
 stable ascending sort of the concatenated scores, which is what the NumPy
-reference in the tests does.
+reference in the tests does. When a tie group is split, a second bisection
+over positions finds where to cut it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SAMPLE_SIZE = 1 << 16
+_ROW = 32  # XLA's CPU tree-reduction window: rows this long are summed in place
 MAX_INT32_COUNT = 2**31 - 1
 
 
@@ -40,6 +50,7 @@ class _KeyFormat(NamedTuple):
   pruned: int
 
 
+_INFINITY_BITS = {jnp.uint32: 0x7F800000, jnp.uint64: 0x7FF0000000000000}
 _KEYS_32 = _KeyFormat(jnp.float32, jnp.uint32, 1 << 31, 2**32 - 1)
 _KEYS_64 = _KeyFormat(jnp.float64, jnp.uint64, 1 << 63, 2**64 - 1)
 
@@ -76,11 +87,16 @@ def sortable_keys(scores: jax.Array, live: jax.Array) -> jax.Array:
   """
   scores = jnp.asarray(scores)
   keys = _key_format(scores.dtype)
-  scores = scores.astype(keys.float_type)
-  scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-  scores = jnp.where(scores == 0, 0.0, scores)  # XLA folds `x + 0.0` away
-  bits = jax.lax.bitcast_convert_type(scores, keys.key_type)
-  negative = (bits & keys.key_type(keys.sign_bit)) != 0
+  # Everything is done on the bits, so the score is read once: XLA does not
+  # fuse a costly score (a division) into a loop that reads it several
+  # times, and would write it out per weight instead.
+  bits = jax.lax.bitcast_convert_type(scores.astype(keys.float_type), keys.key_type)
+  sign = keys.key_type(keys.sign_bit)
+  magnitude = bits & ~sign
+  infinity = keys.key_type(_INFINITY_BITS[keys.key_type])
+  # NaN (exponent all ones, mantissa not 0) -> +inf; -0.0 -> +0.0.
+  bits = jnp.where(magnitude > infinity, infinity, jnp.where(magnitude == 0, 0, bits))
+  negative = (bits & sign) != 0
   # IEEE floats compare like sign-magnitude integers: flip all bits of
   # negatives and only the sign bit of positives to get two's order.
   ordered = jnp.where(negative, ~bits, bits | keys.key_type(keys.sign_bit))
@@ -102,96 +118,190 @@ def _widen(keys: jax.Array) -> jax.Array:
   )
 
 
+# Keys are either arrays or, to hold no key per weight, a function returning
+# them that is called again inside every counting pass (see ``lowest_k``).
+Keys = Sequence[jax.Array] | Callable[[], Sequence[jax.Array]]
+
+
 def _common_format(keys: Sequence[jax.Array]) -> tuple[list[jax.Array], _KeyFormat]:
   if any(k.dtype == jnp.uint64 for k in keys):
     return [_widen(k) for k in keys], _KEYS_64
   return list(keys), _KEYS_32
 
 
-def _count_at_most(keys: Sequence[jax.Array], threshold: jax.Array, dtype) -> jax.Array:
-  return sum(jnp.sum(k <= threshold, dtype=dtype) for k in keys)
+def count(mask: jax.Array, dtype=np.int32) -> jax.Array:
+  """Number of True entries of ``mask``, without materialising it per weight.
 
-
-def _sample(keys: Sequence[jax.Array], size: int) -> jax.Array:
-  """``size`` keys at fixed pseudo-random positions of the concatenation."""
-  sizes = [key.size for key in keys]
-  positions = np.sort(np.random.default_rng(0).choice(sum(sizes), size, replace=False))
-  starts = np.cumsum([0] + sizes)
-  parts = []
-  for key, start, stop in zip(keys, starts[:-1], starts[1:]):
-    inside = positions[(positions >= start) & (positions < stop)] - start
-    if inside.size:
-      parts.append(key.ravel()[inside])
-  return jnp.concatenate(parts)
-
-
-def _search_bounds(keys: Sequence[jax.Array], k: jax.Array, form: _KeyFormat):
-  """A narrow key range that surely holds the threshold, or the full range.
-
-  The k-th smallest of a random sample brackets the k-th smallest key; one
-  counting pass checks the bracket, so a bad sample only costs speed.
+  XLA on CPU rewrites a long reduction into a windowed tree (for precision)
+  that reads a materialised input. Rows of ``_ROW`` entries are summed where
+  ``mask`` is computed (the input is padded with False to whole rows, so that
+  it has that one consumer), and only the row sums, ``1 / _ROW`` of an int
+  per weight, are written.
   """
-  total = sum(key.size for key in keys)
-  lowest, highest = form.key_type(0), form.key_type(form.pruned)
-  if total <= 16 * _SAMPLE_SIZE:
-    return lowest, highest
-  sample = jnp.sort(_sample(keys, _SAMPLE_SIZE))
-  rank = k.astype(jnp.float32) * (_SAMPLE_SIZE / total)
-  margin = 3 * np.sqrt(_SAMPLE_SIZE) + 16  # 6 sigma: a binomial std is <= sqrt(n)/2
-  low_index = jnp.floor(rank - margin).astype(jnp.int32)
-  high_index = jnp.ceil(rank + margin).astype(jnp.int32)
-  low = jnp.where(low_index < 0, lowest, sample[jnp.clip(low_index, 0, _SAMPLE_SIZE - 1)])
-  high = jnp.where(
-      high_index >= _SAMPLE_SIZE, highest, sample[jnp.clip(high_index, 0, _SAMPLE_SIZE - 1)]
-  )
-  holds = (sum(jnp.sum(key < low, dtype=k.dtype) for key in keys) < k) & (
-      _count_at_most(keys, high, k.dtype) >= k
-  )
-  return jnp.where(holds, low, lowest), jnp.where(holds, high, highest)
+  flat = mask.ravel()
+  padded = jnp.pad(flat, (0, -flat.size % _ROW))
+  rows = jnp.sum(padded.reshape(-1, _ROW), axis=1, dtype=dtype)
+  # The barrier keeps XLA from merging the two sums back into one long one.
+  return jnp.sum(jax.lax.optimization_barrier(rows), dtype=dtype)
 
 
-def lowest_k(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+_count = count
+
+
+def _count_at_most(keys: Sequence[jax.Array], threshold: jax.Array, dtype) -> jax.Array:
+  return sum(_count(k <= threshold, dtype) for k in keys)
+
+
+class Cut(NamedTuple):
+  """Where the ``k`` lowest keys end: all keys below ``threshold``, and the
+  keys equal to it at (leaf order, then row-major) positions below ``position``."""
+
+  threshold: jax.Array
+  position: jax.Array
+
+
+def lowest_k_cut(keys: Keys, k) -> Cut:
+  """The :class:`Cut` of the ``k`` smallest keys across all arrays, exactly.
+
+  Args:
+    keys: arrays from :func:`sortable_keys`, or a function returning them.
+      With a function, no key array exists at once: it is called again in
+      every counting pass, inside the pass's loop, so XLA fuses each leaf's
+      keys (and whatever the function computes them from) into that pass's
+      sums. uint32 keys are widened when others are uint64, so float32 and
+      float64 scores rank together.
+    k: number to select (traced integer scalar), ``0 <= k <= total size``.
+
+  The threshold ``t`` is the smallest key with ``count(keys <= t) >= k``,
+  found by bisection over the key values, one counting pass per key bit;
+  the counts at the two ends of the final interval give ``count(keys < t)``
+  and ``count(keys <= t)`` for free. When only some of the keys equal to
+  ``t`` are wanted, a second bisection finds the smallest position ``q``
+  with ``count(keys == t and pos < q) >= k - count(keys < t)``; otherwise
+  the loop never runs and ``q`` is the total size.
+  """
+  compute = _as_function(keys)
+  abstract = jax.eval_shape(compute)
+  sizes = [int(np.prod(key.shape)) for key in abstract]
+  total = sum(sizes)
+  form = _KEYS_64 if any(key.dtype == jnp.uint64 for key in abstract) else _KEYS_32
+  dtype = count_dtype(total)
+  k = jnp.asarray(k, dtype)
+  fresh = _Fresh(lambda: _common_format(compute())[0])
+
+  # Invariant: low <= t <= high, below = count(keys < low) and
+  # at_most = count(keys <= high).
+  def halve_keys(carry):
+    low, high, below, at_most = carry
+    middle = low + (high - low) // 2
+    counted = _count_at_most(fresh(middle), middle, dtype)
+    enough = counted >= k
+    return (
+        jnp.where(enough, low, middle + 1),
+        jnp.where(enough, middle, high),
+        jnp.where(enough, below, counted),
+        jnp.where(enough, counted, at_most),
+    )
+
+  start = (
+      form.key_type(0),
+      form.key_type(form.pruned),
+      jnp.zeros([], dtype),
+      jnp.asarray(total, dtype),
+  )
+  threshold, _, below, at_most = jax.lax.while_loop(
+      lambda carry: carry[0] < carry[1], halve_keys, start
+  )
+  ties_wanted = k - below
+  offsets = np.cumsum([0] + sizes)[:-1]
+
+  def halve_positions(carry):
+    low, high = carry
+    middle = low + (high - low) // 2
+    ties = sum(
+        _count((key.ravel() == threshold) & _before(key.size, middle - dtype(offset)), dtype)
+        for key, offset in zip(fresh(middle), offsets)
+    )
+    enough = ties >= ties_wanted
+    return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+  # Usually every key equal to the threshold is wanted: then the positional
+  # search has nothing to do (its range is empty, the loop never runs).
+  everything = jnp.asarray(total, dtype)
+  some = at_most - below != ties_wanted
+  position, _ = jax.lax.while_loop(
+      lambda carry: carry[0] < carry[1],
+      halve_positions,
+      (jnp.where(some, jnp.zeros([], dtype), everything), everything),
+  )
+  return Cut(threshold, position)
+
+
+def chosen_by(cut: Cut, keys: Keys) -> list[jax.Array]:
+  """Boolean masks of the keys inside ``cut`` (one per key array, same shapes).
+
+  ``keys`` as for :func:`lowest_k_cut`; a function is called once more here.
+  """
+  keys = _common_format(_as_function(keys)())[0]
+  dtype = cut.position.dtype
+  offsets = np.cumsum([0] + [key.size for key in keys])[:-1]
+  return [
+      (
+          (key.ravel() < cut.threshold)
+          | ((key.ravel() == cut.threshold) & _before(key.size, cut.position - dtype.type(offset)))
+      ).reshape(key.shape)
+      for key, offset in zip(keys, offsets)
+  ]
+
+
+def lowest_k(keys: Keys, k) -> list[jax.Array]:
   """Boolean masks marking exactly the ``k`` smallest keys across all arrays.
 
   Args:
-    keys: arrays from :func:`sortable_keys`; uint32 keys are widened when
-      others are uint64, so float32 and float64 scores rank together.
+    keys: arrays from :func:`sortable_keys`, or a function returning them
+      (see :func:`lowest_k_cut`).
     k: number to select (traced integer scalar), ``0 <= k <= total size``.
 
   Returns:
     One boolean array per key array; exactly ``k`` entries are True in total.
   """
-  keys, form = _common_format(keys)
-  k = jnp.asarray(k, count_dtype(sum(key.size for key in keys)))
-
-  def halve(bounds):
-    low, high = bounds
-    middle = low + (high - low) // 2
-    enough = _count_at_most(keys, middle, k.dtype) >= k
-    return (jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high))
-
-  # Invariant: the smallest t with count(keys <= t) >= k lies in [low, high].
-  threshold, _ = jax.lax.while_loop(
-      lambda bounds: bounds[0] < bounds[1], halve, _search_bounds(keys, k, form)
-  )
-  below = [key < threshold for key in keys]
-  ties = [key == threshold for key in keys]
-  ties_wanted = k - sum(jnp.sum(b, dtype=k.dtype) for b in below)
-  ties_found = sum(jnp.sum(t, dtype=k.dtype) for t in ties)
-  # Usually every key equal to the threshold is wanted; only otherwise rank the
-  # ties by position, since a cumulative sum costs several counting passes.
-  chosen_ties = jax.lax.cond(
-      ties_found == ties_wanted, lambda: ties, lambda: _first_ties(ties, ties_wanted)
-  )
-  return [b | t for b, t in zip(below, chosen_ties)]
+  return chosen_by(lowest_k_cut(keys, k), keys)
 
 
-def _first_ties(ties: Sequence[jax.Array], wanted: jax.Array) -> list[jax.Array]:
-  """The first ``wanted`` True entries of ``ties`` in leaf, then index, order."""
-  chosen = []
-  before = jnp.zeros([], wanted.dtype)
-  for tie in ties:
-    rank = before + jnp.cumsum(tie.ravel(), dtype=wanted.dtype).reshape(tie.shape)
-    chosen.append(tie & (rank <= wanted))
-    before = before + jnp.sum(tie, dtype=wanted.dtype)
-  return chosen
+def _as_function(keys: Keys) -> Callable[[], list[jax.Array]]:
+  if callable(keys):
+    return lambda: [jnp.asarray(key) for key in keys()]
+  arrays = [jnp.asarray(key) for key in keys]
+  return lambda: arrays
+
+
+class _Fresh:
+  """Calls ``compute`` anew at each use, in a way XLA can neither hoist nor share.
+
+  XLA moves loop-invariant code out of while loops, and computes a value
+  used by several sums once, into a buffer, when it is costly (a division);
+  either would hold every key in memory at once. Each call passes the arrays
+  ``compute`` closes over through an optimization barrier together with
+  ``carry`` (a loop's carry) and a tag of its own, so every counting pass
+  recomputes its keys inside its own fused sums and nothing per weight is
+  written.
+  """
+
+  def __init__(self, compute: Callable[[], list[jax.Array]]):
+    self._converted, self._operands = jax.closure_convert(compute)
+    self._calls = 0
+
+  def __call__(self, carry) -> list[jax.Array]:
+    self._calls += 1
+    tag = jnp.asarray(self._calls, jnp.int32)
+    operands, _ = jax.lax.optimization_barrier((self._operands, (carry, tag)))
+    return self._converted(*operands)
+
+
+def _before(size: int, position: jax.Array) -> jax.Array:
+  """Whether each index of a flat array of ``size`` is below ``position`` (any int).
+
+  A bare 1-D iota compared with a scalar: XLA neither hoists it out of a loop
+  nor writes it out per weight (a reshaped iota it would).
+  """
+  return jnp.arange(size, dtype=position.dtype) < position

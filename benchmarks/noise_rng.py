@@ -1,0 +1,114 @@
+r"""Cost of the paper's gradient noise: JAX's random bit generators side by side.
+
+``python -m benchmarks.noise_rng`` times, in one process with interleaved repetitions (see
+``benchmarks/_common.py``), one float32 standard normal per prunable weight of LeNet-300-100
+(266,610 draws, the per-step draw of ``gradient_noise``) with each generator JAX offers
+(``jax.random.key(seed, impl=...)``: threefry2x32 with partitionable counters, JAX's default,
+and without them; threefry4x32, philox2x32, philox4x32, rbg, unsafe_rbg), and the same
+threefry2x32 stream computed by ``gradient_noise`` itself (the 20 rounds unrolled, bit for bit
+``jax.random.normal``). The unit is a dense LeNet-300-100 training step at batch 128 timed
+beside them: the issue's goal is the whole noise at most 0.5 of that step (``flipout`` at
+most 1.5x ``dense``), measured end to end by ``benchmarks.step_overhead``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _common
+from experiments import cli
+from flipout_jax._src import noise
+
+CASE = _common.CPU_CASES[0]  # lenet300 b128
+IMPLS = ("threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "rbg", "unsafe_rbg")
+NON_PARTITIONABLE = "threefry2x32 (not partitionable)"
+OURS = "threefry2x32 unrolled (gradient_noise)"
+
+
+def _draw(impl: str, size: int) -> Callable[[jax.Array], jax.Array]:
+  def key(count):
+    return jax.random.fold_in(jax.random.key(0, impl=impl), count)
+
+  if impl == NON_PARTITIONABLE:
+
+    def draw(count):
+      with jax.threefry_partitionable(False):
+        return jax.random.normal(_tf_key(count), (size,), jnp.float32)
+
+    return jax.jit(draw)
+  if impl == OURS:
+    return jax.jit(lambda count: noise._stream_normals(_tf_key(count), 0, size))
+  return jax.jit(lambda count: jax.random.normal(key(count), (size,), jnp.float32))
+
+
+def _tf_key(count):
+  return jax.random.fold_in(jax.random.key(0, impl="threefry2x32"), count)
+
+
+def _runner(draw: Callable[[jax.Array], jax.Array]) -> Callable[[int], None]:
+  def run(calls: int) -> None:
+    out = None
+    for count in range(calls):
+      out = draw(jnp.int32(count))
+    jax.block_until_ready(out)
+
+  return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line: times every generator against the dense step, prints the table."""
+  prog = "python -m benchmarks.noise_rng"
+  parser = cli.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+  _common.add_timing_arguments(parser, repetitions=15, window_s=0.3)
+  args = parser.parse_args(argv)
+  case = _common.TINY_CASES[0] if args.tiny else CASE
+  repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
+  model = _common.init_model(case)
+  size = sum(leaf.size for leaf in jax.tree.leaves(model.params) if leaf.ndim >= 2)
+  names = (OURS, *IMPLS, NON_PARTITIONABLE)
+  runners = {"dense step": _common.StepRunner(case, _common.DENSE, model=model)}
+  runners.update({name: _runner(_draw(name, size)) for name in names})
+  info = _common.machine_info()
+  print(
+      f"noise generators on {_common.describe_machine(info)}; {size:,} float32 normals per "
+      f"call, unit: one dense {case.label} step; median of {repetitions} interleaved "
+      "repetitions [25th-75th percentile]" + (" [TINY: not a result]" if args.tiny else ""),
+      flush=True,
+  )
+  timings = _common.interleaved_timings(runners, repetitions=repetitions, window_s=window_s)
+  seconds = timings.seconds
+  rows = []
+  for name in names:
+    low, high = _common.ratio_spread(seconds[name], seconds["dense step"])
+    rows.append(
+        [
+            name,
+            f"{1e3 * statistics.median(seconds[name]):.3f}",
+            f"{_common.median_ratio(seconds[name], seconds['dense step']):.3f} "
+            f"[{low:.3f}-{high:.3f}]",
+            f"{_common.median_ratio(seconds[name], seconds['threefry2x32']):.2f}",
+        ]
+    )
+  print(
+      f"dense {case.label} step: {1e3 * statistics.median(seconds['dense step']):.2f} ms (median)"
+  )
+  print(
+      cli.format_table(
+          ["generator", "ms per draw", "draw / dense step", "draw / threefry2x32"], rows
+      )
+  )
+  if args.json:
+    _common.write_json(
+        args.json,
+        {"benchmark": "noise_rng", "machine": info, "tiny": args.tiny, "samples": seconds},
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
