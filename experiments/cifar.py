@@ -26,7 +26,7 @@ DEFAULTS = config_lib.Config(
     milestones=(150, 250),
     momentum=0.9,
     weight_decay=5e-4,
-    noise_scale=1.0,
+    noise_scale=None,
     p=2.0,
     prune_rate=0.5,
 )

@@ -68,6 +68,10 @@ def _optional_float(text: str) -> float | None:
   return None if text.lower() in ("", "none") else float(text)
 
 
+def _optional_int(text: str) -> int | None:
+  return None if text.lower() in ("", "none") else int(text)
+
+
 # Flags that set the config_lib.Config field of their name: (name, parser, help).
 _VALUE_FLAGS = (
     ("sparsity", float, "final fraction of prunable weights pruned, in [0, 1)"),
@@ -82,9 +86,31 @@ _VALUE_FLAGS = (
     ),
     ("momentum", float, "SGD momentum"),
     ("weight_decay", float, "coupled L2 weight decay (added to the gradient before momentum)"),
-    ("noise_scale", float, "gradient noise scale lambda (flipout)"),
+    (
+        "noise_scale",
+        _optional_float,
+        "gradient noise scale lambda, for any scheduled method (None: 1 for flipout, 0 for "
+        "the baselines, as the paper)",
+    ),
     ("p", float, "exponent of the FlipOut saliency |w|^p / (flips + 1)"),
-    ("prune_rate", float, "fraction of live weights pruned per event"),
+    ("prune_rate", float, "fraction of live weights pruned per event (halving schedule)"),
+    (
+        "schedule",
+        str,
+        "pruning schedule: halving (the paper's) or cubic (Zhu & Gupta's polynomial ramp)",
+    ),
+    ("initial_sparsity", float, "sparsity of the first cubic event"),
+    (
+        "prune_begin_epoch",
+        _optional_int,
+        "cubic: first event after this many epochs (None: the halving schedule's first event)",
+    ),
+    (
+        "prune_end_epoch",
+        _optional_int,
+        "cubic: last event, on --sparsity, after this many epochs (None: halving's last event)",
+    ),
+    ("prune_every_steps", _optional_int, "cubic: steps between events (None: one epoch)"),
     ("hoyer_lambda", float, "Hoyer-Square regulariser weight (hoyer_square)"),
     (
         "hoyer_threshold",

@@ -51,9 +51,20 @@ class Config:
     milestones: epochs after which the learning rate is multiplied by 0.1.
     momentum: SGD momentum.
     weight_decay: coupled L2 weight decay (added to the gradient before momentum).
-    noise_scale: the paper's lambda for the gradient noise (``flipout`` only).
+    noise_scale: the paper's lambda for the gradient noise, for any scheduled method
+      (:data:`SCHEDULED_CRITERIA`); None: the method's default (:func:`noise_scale_of`),
+      1 for ``flipout`` and 0 for the baselines, as in the paper.
     p: exponent of ``|w|`` in the FlipOut saliency ``|w|^p / (flips + 1)``.
-    prune_rate: fraction of the live weights pruned at each event but the last.
+    prune_rate: fraction of the live weights pruned at each event but the last (``halving``).
+    schedule: ``halving`` (the paper's: each event prunes ``prune_rate`` of the live weights,
+      the last lands on ``sparsity``) or ``cubic`` (Zhu & Gupta's polynomial ramp from
+      ``initial_sparsity`` to ``sparsity``; see ``flipout.prune``); scheduled methods only.
+    initial_sparsity: sparsity of the first ``cubic`` event, in ``[0, sparsity]``.
+    prune_begin_epoch: ``cubic``: the first event after this many epochs; None: at the step
+      of the ``halving`` schedule's first event (the same span as the paper's schedule).
+    prune_end_epoch: ``cubic``: the last event (landing on ``sparsity``) after this many
+      epochs, before the end of the run; None: at the ``halving`` schedule's last event.
+    prune_every_steps: ``cubic``: steps between events; None: one epoch.
     hoyer_lambda: weight of the Hoyer-Square regulariser (``hoyer_square`` only).
     hoyer_threshold: fixed magnitude threshold for ``hoyer_square``; None: the threshold
       that reaches ``sparsity`` exactly.
@@ -88,9 +99,14 @@ class Config:
   milestones: tuple[int, ...] = (150, 250)
   momentum: float = 0.9
   weight_decay: float = 5e-4
-  noise_scale: float = 1.0
+  noise_scale: float | None = None
   p: float = 2.0
   prune_rate: float = 0.5
+  schedule: str = "halving"
+  initial_sparsity: float = 0.0
+  prune_begin_epoch: int | None = None
+  prune_end_epoch: int | None = None
+  prune_every_steps: int | None = None
   hoyer_lambda: float = 1e-6
   hoyer_threshold: float | None = None
   seed: int = 0
@@ -108,6 +124,19 @@ class Config:
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+
+
+SCHEDULES: tuple[str, ...] = ("halving", "cubic")
+# The gradient noise scale of each method when --noise_scale is not given (the paper's).
+DEFAULT_NOISE_SCALE = {"flipout": 1.0}
+
+
+def noise_scale_of(config: Config) -> float:
+  """The gradient noise scale the run uses: ``noise_scale``, or the method's default (1 for
+  ``flipout``, 0 for the other methods) when it is None. The one place that resolves it."""
+  if config.noise_scale is not None:
+    return float(config.noise_scale)
+  return DEFAULT_NOISE_SCALE.get(config.method, 0.0)
 
 
 class ConfigError(ValueError):
@@ -150,9 +179,10 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     raise ConfigError(f"--lr must be > 0, got {config.lr}")
   if not 0.0 <= config.momentum < 1.0:
     raise ConfigError(f"--momentum must be in [0, 1), got {config.momentum}")
-  for name in ("weight_decay", "noise_scale", "hoyer_lambda"):
+  for name in ("weight_decay", "hoyer_lambda"):
     if not getattr(config, name) >= 0:
       raise ConfigError(f"--{name} must be >= 0, got {getattr(config, name)}")
+  _validate_noise_and_schedule(config)
   if not config.p > 0:
     raise ConfigError(f"--p must be > 0, got {config.p}")
   if not 0.0 < config.prune_rate < 1.0:
@@ -168,6 +198,34 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
         "--milestones must be strictly increasing positive epochs like 150,250; "
         f"got {milestones}"
     )
+
+
+def _validate_noise_and_schedule(config: Config) -> None:
+  """The gradient noise and the schedule flags: ranges, and only for scheduled methods."""
+  scheduled = ", ".join(SCHEDULED_CRITERIA)
+  if config.noise_scale is not None and not config.noise_scale >= 0:
+    raise ConfigError(f"--noise_scale must be >= 0, got {config.noise_scale}")
+  if noise_scale_of(config) > 0 and config.method not in SCHEDULED_CRITERIA:
+    raise ConfigError(
+        f"--noise_scale applies to the scheduled methods ({scheduled}); got "
+        f"--noise_scale={config.noise_scale} with --method={config.method}"
+    )
+  check_choice("schedule", config.schedule, SCHEDULES)
+  if config.schedule != "halving" and config.method not in SCHEDULED_CRITERIA:
+    raise ConfigError(
+        f"--schedule={config.schedule} applies to the scheduled methods ({scheduled}); "
+        f"got --method={config.method}"
+    )
+  if not 0.0 <= config.initial_sparsity <= config.sparsity:
+    raise ConfigError(
+        f"--initial_sparsity must be in [0, --sparsity={config.sparsity}], got "
+        f"{config.initial_sparsity}"
+    )
+  for name in ("prune_begin_epoch", "prune_end_epoch"):
+    if getattr(config, name) is not None:
+      check_int(name, getattr(config, name), minimum=0)
+  if config.prune_every_steps is not None:
+    check_int("prune_every_steps", config.prune_every_steps, minimum=1)
 
 
 def validate_processes(address: str | None, num_processes, process_id) -> None:
@@ -221,6 +279,11 @@ def config_from_json(fields: dict[str, Any]) -> Config:
   """Inverse of :func:`config_to_json`; unknown keys are ignored."""
   known = {field.name for field in dataclasses.fields(Config)}
   values = {key: value for key, value in fields.items() if key in known}
+  if "schedule" not in fields and "noise_scale" in values:
+    # Saved before --noise_scale applied to every scheduled method: it acted on flipout
+    # alone, so a baseline's value (or flipout's default 1) is today's None.
+    if fields.get("method") != "flipout" or values["noise_scale"] == 1.0:
+      values["noise_scale"] = None
   if "milestones" in values:
     values["milestones"] = tuple(values["milestones"])
   return Config(**values)

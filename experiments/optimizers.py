@@ -12,6 +12,13 @@ do); the learning rate is ``lr * 0.1^(milestones passed)``::
                      add_decayed_weights -> sgd -> one-shot magnitude pruning (see below)
   dense              add_decayed_weights -> sgd
 
+The gradient noise link is there for each of the four scheduled methods (flipout,
+global_magnitude, magnitude, random) whose noise scale (``config_lib.noise_scale_of``:
+``--noise_scale``, default 1 for flipout and 0 for the others) is above 0, so the paper's
+ablation rows (flipout without noise, global magnitude with noise) are one flag away.
+``--schedule cubic`` swaps their halving events for Zhu & Gupta's cubic ramp
+(:func:`cubic_steps`); SNIP, Hoyer-Square and dense take neither.
+
 Hoyer-Square prunes once, at step ``round(T / 2)`` of the ``T`` steps, every weight whose
 magnitude is below a threshold, and trains on with the mask fixed and without the regulariser.
 With ``hoyer_threshold`` unset (the default) the threshold is the one that reaches ``sparsity``
@@ -41,6 +48,14 @@ def learning_rate_schedule(config: config_lib.Config, steps_per_epoch: int) -> o
   return optax.piecewise_constant_schedule(config.lr, boundaries)
 
 
+def paper_milestones(epochs: int) -> tuple[int, ...]:
+  """The paper's learning-rate shape for a run of ``epochs``: x0.1 after
+  ``round(150/350 * epochs)`` and ``round(250/350 * epochs)`` epochs (150 and 250 of its 350),
+  at least 1, dropping a milestone that is not before the end."""
+  marks = sorted({max(1, round(epochs * 150 / 350)), max(1, round(epochs * 250 / 350))})
+  return tuple(mark for mark in marks if mark < epochs)
+
+
 def learning_rate_at(config: config_lib.Config, steps_per_epoch: int, step: int) -> float:
   """The schedule's value at ``step``, computed on the host (for logs)."""
   passed = sum(step >= int(m) * steps_per_epoch for m in config.milestones)
@@ -52,20 +67,64 @@ def hoyer_prune_step(total_steps: int) -> int:
   return max(1, round(total_steps / 2))
 
 
+def cubic_steps(
+    config: config_lib.Config, total_steps: int, steps_per_epoch: int
+) -> tuple[int, int, int]:
+  """``(begin_step, end_step, prune_every)`` of a ``--schedule cubic`` run.
+
+  ``--prune_begin_epoch`` / ``--prune_end_epoch`` in steps (epoch 0: step 1); unset, the
+  steps of the halving schedule's first and last events, so both schedules prune over the
+  same span. ``--prune_every_steps`` unset: one epoch.
+
+  Raises:
+    ValueError: the halving schedule the defaults come from does not fit the run.
+  """
+  halving = flipout.event_steps(config.sparsity, total_steps, config.prune_rate)
+  if (config.prune_begin_epoch is None or config.prune_end_epoch is None) and (
+      not halving or halving[0] < 1 or halving[-1] >= total_steps
+  ):
+    raise ValueError(
+        "the default cubic span is the halving schedule's, which does not fit this run; "
+        "set --prune_begin_epoch and --prune_end_epoch"
+    )
+  if config.prune_begin_epoch is None:
+    begin = halving[0]
+  else:
+    begin = max(1, config.prune_begin_epoch * steps_per_epoch)
+  end = halving[-1] if config.prune_end_epoch is None else config.prune_end_epoch * steps_per_epoch
+  every = config.prune_every_steps or steps_per_epoch
+  return begin, end, every
+
+
 def _pruning_transform(
-    config: config_lib.Config, total_steps: int, snip_masks
+    config: config_lib.Config, total_steps: int, steps_per_epoch: int, snip_masks
 ) -> optax.GradientTransformation | None:
   """The last link of the chain: how (and whether) the method prunes."""
   method = config.method
   if method == "dense":
     return None
   if method in config_lib.SCHEDULED_CRITERIA:
+    criterion = config_lib.SCHEDULED_CRITERIA[method]
+    if config.schedule == "cubic":
+      begin, end, every = cubic_steps(config, total_steps, steps_per_epoch)
+      return flipout.prune(
+          config.sparsity,
+          total_steps=total_steps,
+          prune_every=every,
+          p=config.p,
+          criterion=criterion,
+          seed=config.seed,
+          schedule="cubic",
+          initial_sparsity=config.initial_sparsity,
+          begin_step=begin,
+          end_step=end,
+      )
     return flipout.prune(
         config.sparsity,
         total_steps=total_steps,
         rate=config.prune_rate,
         p=config.p,
-        criterion=config_lib.SCHEDULED_CRITERIA[method],
+        criterion=criterion,
         seed=config.seed,
     )
   if method == "snip":
@@ -92,18 +151,24 @@ def build_optimizer(
   """
   total_steps = config.epochs * steps_per_epoch
   links = []
-  if config.method == "flipout" and config.noise_scale > 0:
-    links.append(flipout.gradient_noise(config.noise_scale, seed=config.seed))
+  noise_scale = config_lib.noise_scale_of(config)
+  if config.method in config_lib.SCHEDULED_CRITERIA and noise_scale > 0:
+    links.append(flipout.gradient_noise(noise_scale, seed=config.seed))
   links += [
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
   ]
   try:
-    pruning = _pruning_transform(config, total_steps, snip_masks)
+    pruning = _pruning_transform(config, total_steps, steps_per_epoch, snip_masks)
   except ValueError as error:
+    schedule = (
+        f"--prune_rate={config.prune_rate}"
+        if config.schedule == "halving"
+        else f"--schedule={config.schedule}"
+    )
     raise config_lib.ConfigError(
         f"{config.epochs} epochs of {steps_per_epoch} steps cannot reach --sparsity="
-        f"{config.sparsity} with --prune_rate={config.prune_rate}: {config_lib.one_line(error)}; "
+        f"{config.sparsity} with {schedule}: {config_lib.one_line(error)}; "
         "train for more epochs or lower --sparsity"
     ) from None
   if pruning is not None:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from experiments import cifar, cli, digits, imagenette, mnist, plot
+from experiments import config as config_lib
 
 
 def one_error_line(capsys) -> str:
@@ -141,12 +142,13 @@ def test_cifar_defaults_are_the_papers_vgg19_run():
       milestones=(150, 250),
       momentum=0.9,
       weight_decay=5e-4,
-      noise_scale=1.0,
+      noise_scale=None,  # the method's default: 1 for flipout, as the paper
       p=2.0,
       prune_rate=0.5,
       synthetic=False,
   )
   assert {key: getattr(defaults, key) for key in expected} == expected
+  assert config_lib.noise_scale_of(defaults) == 1.0
   parsed = cli.build_parser(defaults, cifar.MODELS).parse_args([])
   assert dataclasses.replace(defaults, **vars(parsed)) == defaults
 
