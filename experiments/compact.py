@@ -75,6 +75,27 @@ def time_side_by_side(forwards, batch, repeats: int, *, show: bool = False) -> l
   return times
 
 
+def kernel_usage(model: nnx.Module) -> dict[str, int]:
+  """How full the kernels of ``model``'s convolution and Linear layers are.
+
+  Returns:
+    ``kernel_entries`` (all kernel weights), ``live_weights`` (the nonzero ones),
+    ``units`` (output units and channels) and ``single_input_units`` (units with exactly one
+    live incoming weight: compaction keeps them, as they carry a varying value, yet each
+    costs a whole row of the dense kernel that reads it).
+  """
+  usage = dict(kernel_entries=0, live_weights=0, units=0, single_input_units=0)
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, (nnx.Conv, nnx.Linear)):
+      kernel = np.asarray(module.kernel[...])
+      live_in = np.count_nonzero(kernel.reshape(-1, kernel.shape[-1]), axis=0)
+      usage["kernel_entries"] += kernel.size
+      usage["live_weights"] += int(live_in.sum())
+      usage["units"] += kernel.shape[-1]
+      usage["single_input_units"] += int(np.sum(live_in == 1))
+  return usage
+
+
 def _accuracy(logits: np.ndarray, labels) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
 
@@ -130,6 +151,7 @@ def compact_run(
       "dense_ms_per_batch": 1e3 * statistics.median(dense_times),
       "compact_ms_per_batch": 1e3 * statistics.median(compact_times),
       "speedup": statistics.median(d / c for d, c in zip(dense_times, compact_times)),
+      "compact_kernels": kernel_usage(result.model),
   }
 
 
@@ -143,6 +165,7 @@ def _json_widths(widths) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
   """The report as a heading, a table and two lines."""
   synthetic = "  [SYNTHETIC DATA: not a result]" if report["synthetic"] else ""
+  usage = report["compact_kernels"]
   rows = [
       ("parameters", f"{report['dense_parameters']:,}", f"{report['compact_parameters']:,}"),
       ("FLOPs per image", f"{report['dense_flops']:,}", f"{report['compact_flops']:,}"),
@@ -170,6 +193,9 @@ def format_report(report: dict[str, Any]) -> str:
           f"speedup {report['speedup']:.2f}x (median of {report['repeats']} interleaved "
           f"repetitions); max |logit difference| {report['max_abs_logit_difference']:.3g}",
           f"compact widths: {widths}",
+          f"compact kernels: {usage['live_weights']:,} live of {usage['kernel_entries']:,} "
+          f"({usage['live_weights'] / max(usage['kernel_entries'], 1):.2%}); "
+          f"{usage['single_input_units']:,} of {usage['units']:,} units read one live weight",
       ]
   )
 

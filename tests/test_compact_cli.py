@@ -5,23 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from experiments import compact
-from experiments import mnist
 
-# A few seconds each: 8 steps of 32 synthetic images per epoch, 200 test images.
-TINY_RUN = [
-    "--model=lenet300",
-    "--synthetic",
-    "--synthetic_train=256",
-    "--synthetic_test=200",
-    "--batch_size=32",
-    "--eval_batch_size=100",
-    "--epochs=2",
-    "--no-progress",
-    "--no-tensorboard",
-]
 REPORT_KEYS = {
     "dense_parameters",
     "compact_parameters",
@@ -34,21 +23,6 @@ REPORT_KEYS = {
     "compact_ms_per_batch",
     "speedup",
 }
-
-
-def train_tiny_run(workdir, *flags) -> str:
-  assert mnist.main([*TINY_RUN, f"--workdir={workdir}", *flags]) == 0
-  return str(workdir)
-
-
-@pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory):
-  return train_tiny_run(tmp_path_factory.mktemp("pruned"), "--method=random", "--sparsity=0.99")
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory):
-  return train_tiny_run(tmp_path_factory.mktemp("dense"), "--method=dense")
 
 
 def test_compact_run_prints_and_writes_the_report(pruned_run, tmp_path, capsys):
@@ -69,6 +43,25 @@ def test_compact_run_prints_and_writes_the_report(pruned_run, tmp_path, capsys):
   assert report["batch_size"] == 100 and report["repeats"] == 3
   assert report["dense_ms_per_batch"] > 0 and report["compact_ms_per_batch"] > 0
   assert report["speedup"] > 0
+  usage = report["compact_kernels"]
+  hidden = report["widths"]["hidden"]
+  assert usage["units"] == sum(hidden) + 10
+  features = report["widths"]["input_features"]
+  entries = (
+      (len(features) if features else 784) * hidden[0] + hidden[0] * hidden[1] + hidden[1] * 10
+  )
+  assert usage["kernel_entries"] == entries
+  assert 0 < usage["live_weights"] < usage["kernel_entries"]
+  assert "units read one live weight" in printed
+
+
+def test_kernel_usage_counts_live_weights_and_single_input_units():
+  layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  # Units 0 and 2 read one live weight, unit 1 reads three, unit 3 none.
+  layer.kernel[...] = jnp.array([[1.0, 2, 0, 0], [0, 3, 0, 0], [0, 4, 5, 0]])
+  assert compact.kernel_usage(layer) == dict(
+      kernel_entries=12, live_weights=5, units=4, single_input_units=2
+  )
 
 
 @pytest.mark.parametrize(

@@ -316,6 +316,68 @@ def test_residual_channel_stays_while_any_block_writes_it_and_goes_when_none_doe
   assert_same_logits(dense, result.model, (8, 8, 3))
 
 
+def _zero(variable, index):
+  variable[...] = variable[...].at[index].set(0.0)
+
+
+def _set(variable, index, value):
+  variable[...] = variable[...].at[index].set(value)
+
+
+def test_resnet_inner_layer_that_loses_all_units_but_one_stays_exact():
+  dense = random_model(named("resnet18", (8, 8, 3)), 0.0, seed=8, dead=0.0)
+  first = dense.blocks[1].first
+  # Block 1's first conv: channels 1.. have no incoming weight, so each is the constant
+  # relu(BatchNorm(0)); a large negative offset makes that 0, which the 3x3 conv after it can
+  # drop at every position, padding or not.
+  _zero(first.conv.kernel, (..., slice(1, None)))
+  _set(first.norm.bias, slice(1, None), -5.0)
+  result = compaction.compact(dense, (8, 8, 3))
+  assert result.widths.inner[1] == 1
+  assert (
+      result.widths.inner[:1] + result.widths.inner[2:]
+      == models.default_widths("resnet18").inner[:1] + models.default_widths("resnet18").inner[2:]
+  )
+  assert_same_logits(dense, result.model, (8, 8, 3))
+
+
+def test_resnet_channel_whose_only_live_weight_is_its_batch_norm_offset_is_folded():
+  dense = random_model(named("resnet18", (8, 8, 3)), 0.0, seed=9, dead=0.0)
+  first = dense.blocks[7].first
+  # Block 7 works on a 1x1 map (8 -> 4 -> 2 -> 1): its second conv's off-centre taps read only
+  # padding, so the constant relu(BatchNorm(0)) of channel 3 folds into that conv's BatchNorm.
+  _zero(first.conv.kernel, (..., 3))
+  _set(first.norm.bias, 3, 1.5)
+  norm = first.norm
+  constant = (0.0 - norm.mean[...][3]) * norm.scale[...][3]
+  constant = constant / np.sqrt(norm.var[...][3] + 1e-5) + 1.5
+  assert constant > 0.5  # a real constant, not a zero that could simply be dropped
+  result = compaction.compact(dense, (8, 8, 3))
+  assert result.widths.inner[7] == 511
+  assert_same_logits(dense, result.model, (8, 8, 3))
+
+
+def test_densenet_bottleneck_that_loses_all_units_but_one_stays_exact():
+  dense = random_model(tiny_densenet, 0.0, seed=10, dead=0.0)
+  layer = dense.layers[0]
+  _zero(layer.bottleneck.conv.kernel, (..., slice(1, None)))
+  _set(layer.expand.norm.bias, slice(1, None), -5.0)  # relu(BatchNorm(0)) = 0 on channels 1..
+  result = compaction.compact(dense, (16, 16, 3))
+  assert result.widths.bottleneck == (1, 8, 8, 8, 8)
+  assert_same_logits(dense, result.model, (16, 16, 3))
+
+
+def test_densenet_constant_channel_is_folded_through_the_concatenation():
+  dense = random_model(tiny_densenet, 0.0, seed=11, dead=0.0)
+  # Growth channel 0 of the last layer before the transition has no incoming weight: it is
+  # 0, concatenated, then read by the transition's BatchNorm + ReLU as a non-zero constant
+  # through a 1x1 conv, whose BatchNorm readers take it.
+  _zero(dense.layers[1].expand.conv.kernel, (..., 0))
+  result = compaction.compact(dense, (16, 16, 3))
+  assert result.widths.growth == (4, 3, 4, 4, 4)
+  assert_same_logits(dense, result.model, (16, 16, 3))
+
+
 @pytest.mark.parametrize(
     "factory, input_shape",
     [
