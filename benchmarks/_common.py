@@ -421,3 +421,8 @@ def add_timing_arguments(
       help="tiny sizes and few repetitions: a smoke test, never a result",
   )
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def timing_budget(args: argparse.Namespace) -> tuple[int, float]:
+  """``(repetitions, window_s)`` of the flags from :func:`add_timing_arguments`; few under --tiny."""
+  return (3, 0.02) if args.tiny else (args.repetitions, args.window_s)

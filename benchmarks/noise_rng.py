@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   _common.add_timing_arguments(parser, repetitions=15, window_s=0.3)
   args = parser.parse_args(argv)
   case = _common.TINY_CASES[0] if args.tiny else CASE
-  repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
+  repetitions, window_s = _common.timing_budget(args)
   model = _common.init_model(case)
   size = sum(leaf.size for leaf in jax.tree.leaves(model.params) if leaf.ndim >= 2)
   names = (OURS, *IMPLS, NON_PARTITIONABLE)

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.fail(prog, error)
   if not sizes:
     return cli.fail(prog, "--sizes must name at least one size, like 1M,20M")
-  repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
+  repetitions, window_s = _common.timing_budget(args)
   reference_case = TINY_REFERENCE if args.tiny else REFERENCE
   info = _common.machine_info()
   print(

@@ -182,7 +182,7 @@ def run_command(
     cases, variants = selected_cases(args, device), selected_variants(args)
   except ValueError as error:
     return cli.fail(prog, error)
-  repetitions, window_s = (3, 0.02) if args.tiny else (args.repetitions, args.window_s)
+  repetitions, window_s = _common.timing_budget(args)
   info = _common.machine_info()
   print(
       f"{title} on {_common.describe_machine(info)}; median of {repetitions} interleaved "
