@@ -57,7 +57,9 @@ LEARNING_RATE = 0.01  # small: synthetic labels, many steps; keeps the weights f
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 TARGET_SPARSITY = 0.999
-# Target mode puts the first event at round(T / 11) for 99.9%: far beyond any timed window.
+# The run the pruning chains are built for by default. Steps are timed after its last event
+# (StepRunner), and that event lies beyond step 65535, so its flip counters are int32: the
+# widest state. --total_steps 60000 gives the uint16 counters of runs up to ~65k steps.
 STEADY_TOTAL_STEPS = 10**8
 
 
@@ -244,7 +246,10 @@ def _cached_chain_and_step(graphdef, variant, total_steps, seed):
 class StepRunner:
   """Runs ``n`` training steps of one variant on a fixed batch, then blocks.
 
-  Holds the evolving state, so consecutive windows continue the same run.
+  Holds the evolving state, so consecutive windows continue the same run. The chain is built
+  for a run of ``total_steps`` and its step counters start at ``total_steps - 1``: every step
+  is timed after the run's last pruning event, with the state (flip counter dtype included)
+  of that run.
   """
 
   def __init__(
@@ -263,7 +268,11 @@ class StepRunner:
         jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
         for tree in (model.params, model.batch_stats)
     )
-    self.state = (params, batch_stats, jax.jit(self.tx.init)(params))
+    opt_state = jax.jit(self.tx.init)(params)
+    if variant != DENSE:
+      # A host scalar: each count becomes a buffer of its own, as the donated state needs.
+      opt_state = optax.tree_utils.tree_set(opt_state, count=np.int32(total_steps - 1))
+    self.state = (params, batch_stats, opt_state)
     self.images, self.labels = synthetic_batch(case, seed)
 
   def __call__(self, calls: int) -> None:
@@ -396,6 +405,18 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
       "--variants",
       default=",".join(VARIANTS),
       help=f"comma-separated chains among {','.join(VARIANTS)}; the first is the baseline",
+  )
+
+
+def add_run_length_argument(parser: argparse.ArgumentParser) -> None:
+  """``--total_steps``: the run the pruning chains are built for (its flip counter dtype)."""
+  parser.add_argument(
+      "--total_steps",
+      type=cli.positive_int,
+      default=STEADY_TOTAL_STEPS,
+      help="length of the run the pruning chains are built for (steps are timed after its last "
+      "event): its flip counters are uint16 when that event is at step 65535 or earlier (e.g. "
+      "60000), int32 otherwise (default: 10^8)",
   )
 
 

@@ -8,8 +8,8 @@ three chains side by side in one process (see ``benchmarks/_common.py`` for the 
 * ``flipout``: gradient_noise(1.0) -> the same -> flipout.prune(0.999)  (the paper's chain)
 
 and prints the median per-repetition ratio ``prune / dense`` and ``flipout / dense``. Steps
-are taken between pruning events (``total_steps`` is 10^8, the first event is at step ~9M);
-the run checks afterwards that no weight was pruned. Cases: LeNet-300-100 at batch 128,
+are taken after the last pruning event of a run of ``--total_steps`` steps (default 10^8: int32
+flip counters; 60000: uint16 ones); the run checks afterwards that no weight was pruned. Cases: LeNet-300-100 at batch 128,
 ResNet18 and VGG19 at batch 32 on CPU; VGG19 and ResNet18 at batch 128 on a GPU.
 Goals (issue 5): <= 1.10x LeNet-300-100 CPU, <= 1.02x VGG19 CPU, <= 1.03x GPU.
 """
@@ -62,7 +62,8 @@ def measure_case(
   timings = _common.interleaved_timings(runners, repetitions=repetitions, window_s=window_s)
   if not all(runner.all_live() for runner in runners.values()):
     raise RuntimeError(
-        f"{case.label}: a pruning event fell inside the timed steps; raise total_steps"
+        f"{case.label}: a pruning event fell inside the timed steps, which start after the "
+        "run's last event"
     )
   baseline = timings.seconds[variants[0]]
   ratios = {}
@@ -114,6 +115,7 @@ def build_parser(
   """The command line shared with ``gpu_throughput``: device, models, variants, timing."""
   parser = cli.OneLineParser(prog=prog, description=description)
   _common.add_case_arguments(parser)
+  _common.add_run_length_argument(parser)
   _common.add_timing_arguments(parser, repetitions=repetitions, window_s=window_s)
   return parser
 
@@ -192,7 +194,13 @@ def run_command(
   results = []
   for case in cases:
     results.append(
-        measure_case(case, variants=variants, repetitions=repetitions, window_s=window_s)
+        measure_case(
+            case,
+            variants=variants,
+            repetitions=repetitions,
+            window_s=window_s,
+            total_steps=args.total_steps,
+        )
     )
     print(f"  measured {case.label}", flush=True)
   print(table(results, device, variants))
@@ -205,6 +213,7 @@ def run_command(
             "device": device,
             "tiny": args.tiny,
             "repetitions": repetitions,
+            "total_steps": args.total_steps,
             "results": results,
         },
     )

@@ -2,7 +2,8 @@
 
 What is asserted are facts with an independent reason: LeNet-300-100 has 784*300 + 300*100 +
 100*10 = 266,200 kernel weights; FlipOut's state is a bool mask and an int32 counter per
-prunable weight (5 bytes, FLIPOUT.md); a pruning event at target 0.5 prunes round(0.5 N)
+prunable weight (5 bytes, FLIPOUT.md), with a uint16 counter (3 bytes) when the run's last event
+is at step 65535 or earlier (docs/algorithm.md); a pruning event at target 0.5 prunes round(0.5 N)
 weights; a study grid's size follows from its definition; a mean and a sample standard
 deviation of known numbers.
 """
@@ -12,6 +13,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_event
@@ -188,22 +190,39 @@ def test_prune_event_bad_size_is_one_line(sizes, capsys):
   _assert_one_line_error(capsys)
 
 
-def test_memory_tiny_counts_five_bytes_per_prunable_weight(tmp_path, capsys):
+@pytest.mark.parametrize("total_steps,counter_bytes", [(None, 4), (60_000, 2), (72_095, 4)])
+def test_memory_tiny_counts_state_bytes_per_prunable_weight(
+    tmp_path, capsys, total_steps, counter_bytes
+):
+  # 99.9% in target mode has 10 events, the last at 10 * round(total_steps / 11): step 54,550
+  # for 60,000 steps (uint16 counters), step 65,540 for 72,095 (int32), and ~91M by default.
   output = tmp_path / "memory.json"
-  assert memory.main(["--tiny", "--json", str(output)]) == 0
+  run_length = [] if total_steps is None else ["--total_steps", str(total_steps)]
+  assert memory.main(["--tiny", "--json", str(output), *run_length]) == 0
   assert "prune state B/weight" in capsys.readouterr().out
   (result,) = _read_json(output)["results"]
   assert result["prunable_weights"] == LENET300_KERNEL_WEIGHTS
-  # bool mask + int32 flip counter per weight, plus one int32 step counter for the whole state.
+  # bool mask + flip counter per weight, plus one int32 step counter for the whole state.
   assert result["state_bytes_per_prunable_weight"]["prune"] == pytest.approx(
-      5 + 4 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + 4 / LENET300_KERNEL_WEIGHTS
   )
   # gradient_noise adds one more int32 step counter.
   assert result["state_bytes_per_prunable_weight"]["flipout"] == pytest.approx(
-      5 + 8 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + 8 / LENET300_KERNEL_WEIGHTS
   )
   # The pruning state is an input and an output of the step: strictly more memory than dense.
   assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0
+
+
+def test_step_runner_times_steps_after_the_last_event():
+  case = _common.cases_for("cpu", tiny=True)[0]
+  runner = _common.StepRunner(case, _common.PRUNE, total_steps=60_000)
+  runner(2)
+  prune_state = optax.tree_utils.tree_get(runner.state[2], "PruneState")
+  # Counters start at total_steps - 1, after the last event (step 54,550).
+  assert int(prune_state.count) == 60_001
+  assert all(f.dtype == np.uint16 for f in jax.tree.leaves(prune_state.flips))
+  assert runner.all_live()
 
 
 def test_memory_rejects_a_baseline_other_than_dense(capsys):

@@ -116,9 +116,14 @@ def _run_and_compare(
         ("magnitude", 2.0, 0.8),
     ],
 )
-def test_target_mode_matches_reference(criterion, p, target):
-  tx = flipout.prune(target, total_steps=40, p=p, criterion=criterion)
-  _run_and_compare(tx, 40, target=target, total_steps=40, p=p, criterion=criterion)
+@pytest.mark.parametrize("flip_count_dtype", [None, "int32"])
+def test_target_mode_matches_reference(criterion, p, target, flip_count_dtype):
+  tx = flipout.prune(
+      target, total_steps=40, p=p, criterion=criterion, flip_count_dtype=flip_count_dtype
+  )
+  _, state = _run_and_compare(tx, 40, target=target, total_steps=40, p=p, criterion=criterion)
+  stored = state.flips["conv"]["kernel"].dtype
+  assert stored == (jnp.uint16 if flip_count_dtype is None else jnp.int32)
 
 
 @pytest.mark.parametrize(
@@ -403,14 +408,17 @@ def _lowest_k_split(scores, live, k):
   return jnp.concatenate([first, second.ravel()])
 
 
-def test_state_is_five_bytes_per_prunable_weight():
+@pytest.mark.parametrize("total_steps,bytes_per_weight", [(10, 3), (10**6, 5)])
+def test_state_bytes_per_prunable_weight(total_steps, bytes_per_weight):
+  # A bool mask and a uint16 counter while the last event is at step 65535 or
+  # earlier (here step 8), an int32 counter otherwise (step 800,000).
   params = {
       "conv": {"kernel": jnp.ones((3, 3, 16, 32)), "bias": jnp.ones(32)},
       "bn": {"scale": jnp.ones(32)},
   }
-  state = jax.eval_shape(flipout.prune(0.9, total_steps=10).init, params)
+  state = jax.eval_shape(flipout.prune(0.9, total_steps=total_steps).init, params)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.masks, state.flips)))
-  assert state_bytes == 5 * 3 * 3 * 16 * 32
+  assert state_bytes == bytes_per_weight * 3 * 3 * 16 * 32
   assert state.masks["conv"]["bias"] is None and state.flips["bn"]["scale"] is None
   # Reading an abstract state (jax.eval_shape) works too.
   assert flipout.masks(state)["conv"]["kernel"].shape == (3, 3, 16, 32)

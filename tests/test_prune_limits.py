@@ -32,34 +32,41 @@ def test_too_many_weights_without_x64_is_refused_at_init(make, shapes):
     jax.eval_shape(make().init, _abstract(*shapes))
 
 
+# Flip counters are uint16 where the last event is at step 65535 or earlier
+# (tests/test_flip_counters.py), whatever the number of weights.
 @pytest.mark.parametrize(
-    "make,shapes",
+    "make,shapes,flips_dtype",
     [
-        (lambda: flipout.prune(0.9, total_steps=100), [(_LIMIT, 1)]),
-        (lambda: flipout.prune(prune_every=10, criterion="magnitude"), [(2**15, 2**15)] * 3),
-        (lambda: flipout.prune_below(0.1, step=3), [(2**16, 2**15), (7, 3)]),  # counts nothing
+        (lambda: flipout.prune(0.9, total_steps=100), [(_LIMIT, 1)], jnp.uint16),
+        (
+            lambda: flipout.prune(prune_every=10, criterion="magnitude"),
+            [(2**15, 2**15)] * 3,
+            jnp.int32,
+        ),
+        # prune_below counts nothing.
+        (lambda: flipout.prune_below(0.1, step=3), [(2**16, 2**15), (7, 3)], jnp.uint16),
     ],
 )
-def test_counts_that_fit_int32_trace_without_x64(make, shapes):
+def test_counts_that_fit_int32_trace_without_x64(make, shapes, flips_dtype):
   updates, state = _trace_update(make(), _abstract(*shapes))
-  assert updates["w0"].shape == shapes[0] and state.flips["w0"].dtype == jnp.int32
+  assert updates["w0"].shape == shapes[0] and state.flips["w0"].dtype == flips_dtype
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make,flips_dtype",
     [
-        lambda: flipout.prune(0.9, total_steps=100),
-        lambda: flipout.prune(prune_every=10, rate=0.3, target_sparsity=0.99),
-        lambda: flipout.prune(prune_every=10, criterion="magnitude"),
-        lambda: flipout.prune(0.5, total_steps=10, criterion="random"),
+        (lambda: flipout.prune(0.9, total_steps=100), jnp.uint16),
+        (lambda: flipout.prune(prune_every=10, rate=0.3, target_sparsity=0.99), jnp.int32),
+        (lambda: flipout.prune(prune_every=10, criterion="magnitude"), jnp.int32),
+        (lambda: flipout.prune(0.5, total_steps=10, criterion="random"), jnp.uint16),
     ],
 )
-def test_more_than_2_31_weights_trace_with_x64(make):
+def test_more_than_2_31_weights_trace_with_x64(make, flips_dtype):
   with jax.enable_x64(True):
     params = _abstract((2**16, 2**15), (3, 2**30 + 1))  # 5 * 2**30 + 3 weights
     updates, state = _trace_update(make(), params)
     assert updates["w1"].shape == (3, 2**30 + 1) and updates["w1"].dtype == jnp.float32
-    assert state.masks["w0"].dtype == jnp.bool_ and state.flips["w1"].dtype == jnp.int32
+    assert state.masks["w0"].dtype == jnp.bool_ and state.flips["w1"].dtype == flips_dtype
 
 
 def _equations(jaxpr):

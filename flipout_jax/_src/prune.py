@@ -17,9 +17,11 @@ r"""FlipOut pruning as an Optax gradient transformation.
 Everything is traced: the event is a ``lax.cond`` on the step counter held in
 the state, and the number of weights pruned at each event is a table computed
 in Python from the static leaf sizes (``schedule.py``). Selection is exact
-without sorting (``select.py``). The state holds a bool mask and an int32 flip
-counter per prunable weight (5 bytes) and nothing for other leaves. The
-algorithm, schedules and design decisions are described in ``docs/algorithm.md``.
+without sorting (``select.py``). The state holds a bool mask and a flip
+counter per prunable weight (3 bytes with the uint16 counters of schedules
+whose last event is at step 65535 or earlier, 5 with int32 ones, see
+``counters.py``) and nothing for other leaves. The algorithm, schedules and
+design decisions are described in ``docs/algorithm.md``.
 """
 
 from collections.abc import Callable
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flipout_jax._src import counters
 from flipout_jax._src import criteria as criteria_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src import schedule as schedule_lib
@@ -51,8 +54,10 @@ class PruneState(NamedTuple):
       was stopped because pruned weights moved (``prune`` not last).
     masks: tree shaped like params, a bool array (True = live) at each prunable
       leaf and ``None`` elsewhere.
-    flips: tree shaped like params, int32 sign-flip counts of live weights at
-      each prunable leaf (0 for pruned weights) and ``None`` elsewhere.
+    flips: tree shaped like params, sign-flip counts of live weights at each
+      prunable leaf (0 for pruned weights) and ``None`` elsewhere: uint16 or
+      int32 (``prune``'s ``flip_count_dtype``); read them with
+      :func:`flip_counts`.
   """
 
   count: jax.Array
@@ -148,6 +153,7 @@ def _masking_transform(
     initial_masks: Callable[[Any, Any], Any],
     make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
     check_sizes: Callable[[list[int]], Any] = lambda sizes: None,
+    flip_dtype=np.int32,
 ) -> optax.GradientTransformation:
   """Builds the transform: masking, flip counting and optional events.
 
@@ -158,6 +164,7 @@ def _masking_transform(
       time with the sizes of the prunable leaves; None for no events.
     check_sizes: called at init with the sizes of the prunable leaves, to
       refuse params that ``make_event`` could not trace.
+    flip_dtype: storage of the flip counts (``counters.flip_count_dtype``).
   """
   prunable_lib.check_where(where)
 
@@ -166,7 +173,7 @@ def _masking_transform(
     masks = initial_masks(params, prunable)
     prunable_lib.check_floating(params, masks)
     check_sizes([int(np.size(m)) for m in jax.tree.leaves(masks)])
-    flips = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.int32), masks)
+    flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
     return PruneState(count=jnp.zeros([], jnp.int32), masks=masks, flips=flips)
 
   def update_fn(updates, state, params=None):
@@ -207,9 +214,13 @@ def _masking_transform(
 
     def counted_flips():
       # `& m`: zeroing a masked weight of dense params (fixed_masks' first
-      # step) is not a flip; pruned weights keep a count of 0.
+      # step) is not a flip; pruned weights keep a count of 0. Criteria get
+      # int32 counts, so `flips + 1` cannot wrap. The sum cannot wrap in the
+      # stored dtype (an event at step t reads counts <= t), and converting
+      # after it lets XLA fuse the conversion into every counting pass;
+      # converting the stored counts first made XLA keep an int32 copy.
       return [
-          f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(jnp.int32)
+          counters.as_int32(f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(f.dtype))
           for f, m, new, p in zip(flips_before, mask_leaves, new_params(), params_at_masks)
       ]
 
@@ -238,7 +249,7 @@ def _masking_transform(
     # live the old one was too and w + u is the new weight. Reading only the
     # new mask lets XLA write it over the old one in place.
     flips = [
-        jnp.where(m, f + (jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)).astype(jnp.int32), 0)
+        jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
         for m, f, p, u in zip(masks, flips_before, params_at_masks, updates_at_masks)
     ]
 
@@ -319,6 +330,7 @@ def prune(
     initial_sparsity: float = 0.0,
     begin_step: int | None = None,
     end_step: int | None = None,
+    flip_count_dtype=None,
 ) -> optax.GradientTransformation:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
@@ -385,6 +397,12 @@ def prune(
     begin_step: ``cubic``: step of the first event, ``>= 1``.
     end_step: ``cubic``: step of the last event, ``>= begin_step`` and, when
       ``total_steps`` is given, ``< total_steps``.
+    flip_count_dtype: storage of the flip counts: ``None`` (uint16 when the
+      last event falls at step 65535 or earlier, int32 otherwise and in rate
+      mode without ``total_steps``), ``"uint16"`` or ``"int32"``. A weight
+      flips at most once per step, so uint16 counts are exact at every event;
+      after the last one they saturate at 65535 (``int32`` keeps them exact
+      for the whole run, for 2 more bytes per prunable weight).
 
   Returns:
     A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
@@ -414,74 +432,20 @@ def prune(
       schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
   )
 
-  if cubic is not None:
-    initial = float(initial_sparsity)
-    step_array = np.asarray(cubic, np.int32)
-
-    def is_event(step):
-      return jnp.any(step == step_array)
-
-    def event_index(step):
-      return jnp.argmax(step == step_array)
-
-  elif prune_every is None:
-    if target_sparsity is None or total_steps is None:
-      raise ValueError(
-          "prune needs a schedule: target_sparsity with total_steps (target "
-          "mode), or prune_every (rate mode, optionally capped by target_sparsity)"
-      )
-    steps = schedule_lib.event_steps(target_sparsity, total_steps, rate)
-    if steps and (steps[0] < 1 or steps[-1] >= total_steps):
-      raise ValueError(
-          f"total_steps={total_steps} is too short for the {len(steps)} pruning "
-          f"events that target_sparsity={target_sparsity} needs at rate={rate} "
-          f"(events at multiples of round(total_steps / {len(steps) + 1}) must "
-          f"fall before the last step): use total_steps >= "
-          f"{schedule_lib.shortest_schedule(target_sparsity, rate)}"
-      )
-    num_events, final_fraction, cap = len(steps), target_sparsity, None
-    step_array = np.asarray(steps or [0], np.int32)
-
-    def is_event(step):
-      return jnp.any(step == step_array)
-
-    def event_index(step):
-      return jnp.argmax(step == step_array)
-
-  else:
-    num_events = None if total_steps is None else (total_steps - 1) // prune_every
-    final_fraction, cap = None, target_sparsity
-
-    def is_event(step):
-      within = True if total_steps is None else step < total_steps
-      return (step % prune_every == 0) & within
-
-    def event_index(step):
-      return step // prune_every - 1
+  plan = schedule_lib.plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsity)
+  flip_dtype = counters.flip_count_dtype(flip_count_dtype, plan.last_step)
 
   def make_event(sizes):
-    if cubic is not None:
-      table = schedule_lib.cubic_count_table(
-          sizes, initial=initial, final=target_sparsity, steps=cubic, layerwise=rule.layerwise
-      )
-    else:
-      table = schedule_lib.count_table(
-          sizes,
-          rate=rate,
-          num_events=num_events,
-          cap=cap,
-          final_fraction=final_fraction,
-          layerwise=rule.layerwise,
-      )
+    table = plan.table(sizes, rule.layerwise)
     if len(table) == 0:
       return (lambda step: jnp.bool_(False)), (lambda step, new, masks, flips: masks)
-    clipped = lambda step: jnp.minimum(event_index(step), len(table) - 1)
-    return is_event, _ranked_event(rule, table, clipped, seed)
+    clipped = lambda step: jnp.minimum(plan.event_index(step), len(table) - 1)
+    return plan.is_event, _ranked_event(rule, table, clipped, seed)
 
   def check_sizes(sizes):
     select.count_dtype(max(schedule_lib.group_sizes(sizes, rule.layerwise)))
 
-  return _masking_transform(where, _all_live, make_event, check_sizes)
+  return _masking_transform(where, _all_live, make_event, check_sizes, flip_dtype)
 
 
 def fixed_masks(masks) -> optax.GradientTransformation:
@@ -535,7 +499,8 @@ def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTra
     del sizes
     return (lambda current: current == at_step), event
 
-  return _masking_transform(where, _all_live, make_event)
+  flip_dtype = counters.flip_count_dtype(None, at_step)
+  return _masking_transform(where, _all_live, make_event, flip_dtype=flip_dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -570,8 +535,12 @@ def masks(opt_state):
 
 
 def flip_counts(opt_state):
-  """Sign-flip counts from an optimizer state, ``None`` at non-prunable leaves."""
-  return _prune_state(opt_state).flips
+  """Sign-flip counts from an optimizer state as int32, ``None`` at non-prunable leaves.
+
+  Stored uint16 counts (see ``prune``'s ``flip_count_dtype``) are widened, so
+  arithmetic on them cannot wrap.
+  """
+  return jax.tree.map(counters.as_int32, _prune_state(opt_state).flips)
 
 
 def apply_masks(params, masks):

@@ -1,13 +1,17 @@
 """When pruning events happen and how many weights each leaves pruned.
 
 Everything here is plain Python on static sizes, run once when the transform
-is built or traced: the event steps of target mode (``docs/algorithm.md``,
-"Schedules") and the table of pruned counts after each event, which the traced
-event reads by index.
+is built or traced: the event steps (``docs/algorithm.md``, "Schedules") and
+the table of pruned counts after each event, which the traced event reads by
+index; :func:`plan` bundles them with the traced test "is this step an event".
 """
 
+from collections.abc import Callable
 import math
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flipout_jax._src import select
@@ -223,3 +227,76 @@ def cubic_steps(
         f"it), got {end_step}"
     )
   return cubic_event_steps(begin_step, end_step, prune_every)
+
+
+class Plan(NamedTuple):
+  """When ``prune``'s events fall and how many weights each leaves pruned."""
+
+  is_event: Callable[[jax.Array], jax.Array]  # traced step -> whether it is an event
+  event_index: Callable[[jax.Array], jax.Array]  # traced event step -> row of the table
+  table: Callable[[list[int], bool], np.ndarray]  # (leaf sizes, layerwise) -> count table
+  # The last step an event can fall on (flip counts read at events never
+  # exceed it); None when events go on for as long as training does.
+  last_step: int | None
+
+
+def _at_steps(steps) -> tuple[Callable, Callable]:
+  step_array = np.asarray(steps or [0], np.int32)
+  return (lambda step: jnp.any(step == step_array)), (lambda step: jnp.argmax(step == step_array))
+
+
+def plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsity) -> Plan:
+  """The :class:`Plan` of ``prune``'s checked arguments (``cubic``: its event steps or None).
+
+  Raises:
+    ValueError: no schedule is given, or ``total_steps`` is too short for the
+      events of target mode.
+  """
+  if cubic is not None:
+    table = lambda sizes, layerwise: cubic_count_table(
+        sizes,
+        initial=float(initial_sparsity),
+        final=target_sparsity,
+        steps=cubic,
+        layerwise=layerwise,
+    )
+    return Plan(*_at_steps(cubic), table, max(cubic))
+  if prune_every is None:
+    if target_sparsity is None or total_steps is None:
+      raise ValueError(
+          "prune needs a schedule: target_sparsity with total_steps (target "
+          "mode), or prune_every (rate mode, optionally capped by target_sparsity)"
+      )
+    steps = event_steps(target_sparsity, total_steps, rate)
+    if steps and (steps[0] < 1 or steps[-1] >= total_steps):
+      raise ValueError(
+          f"total_steps={total_steps} is too short for the {len(steps)} pruning "
+          f"events that target_sparsity={target_sparsity} needs at rate={rate} "
+          f"(events at multiples of round(total_steps / {len(steps) + 1}) must "
+          f"fall before the last step): use total_steps >= "
+          f"{shortest_schedule(target_sparsity, rate)}"
+      )
+    num_events, final_fraction, cap = len(steps), target_sparsity, None
+    is_event, event_index = _at_steps(steps)
+    last_step = max(steps, default=0)
+  else:
+    num_events = None if total_steps is None else (total_steps - 1) // prune_every
+    final_fraction, cap = None, target_sparsity
+    last_step = None if total_steps is None else num_events * prune_every
+
+    def is_event(step):
+      within = True if total_steps is None else step < total_steps
+      return (step % prune_every == 0) & within
+
+    def event_index(step):
+      return step // prune_every - 1
+
+  table = lambda sizes, layerwise: count_table(
+      sizes,
+      rate=rate,
+      num_events=num_events,
+      cap=cap,
+      final_fraction=final_fraction,
+      layerwise=layerwise,
+  )
+  return Plan(is_event, event_index, table, last_step)
