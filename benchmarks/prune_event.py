@@ -12,8 +12,9 @@ The event's cost is their difference, :math:`t_{event} - t_{steady}`, expressed 
 steps as the median over interleaved repetitions of
 :math:`(t_{event} - t_{steady}) / t_{reference}`. Linear growth means a constant time per
 weight; the table reports it (ns/weight) for each size. The event ranks the FlipOut scores
-with a 32-pass binary search over uint32 keys; for comparison, a full ``jnp.argsort`` of the
-same number of scores is timed up to ``--argsort_max`` weights.
+with a 13-pass search over uint32 keys (5 thresholds counted per pass over the weights); for
+comparison, a full ``jnp.argsort`` of the same number of scores is timed up to
+``--argsort_max`` weights.
 
 Before timing, every event is checked to prune exactly ``round(0.5 N)`` weights and every
 steady update none, so the timed branches are the intended ones.

@@ -7,20 +7,29 @@ integer key whose integer order is the float order, and the threshold
 
 .. math:: t = \min \{ t : \#\{\mathrm{key} \le t\} \ge k \}
 
-is found by bisection over the key values: one counting pass per key bit,
-``O(32 N)``, with no sort and no concatenation of the leaves
-(``docs/algorithm.md``, "Selection without a sort").
+is found by searching the key values, with no sort and no concatenation of
+the leaves (``docs/algorithm.md``, "Selection without a sort"). Each pass
+over the weights counts ``#{key <= t_i}`` for ``m`` thresholds at once,
+which cut the remaining interval of keys into ``m + 1`` parts, so a pass
+gains ``log2(m + 1)`` bits: 13 passes for uint32 keys (``m = 5``), where a
+bisection needs 32, so ``O(13 N)``. The ``m`` counts share one integer sum:
+per weight ``sum_i [key <= t_i] << (6 i)``, summed over rows of ``_ROW = 32``
+weights, so no field exceeds 32 and none carries into the next (6 bits
+each, 5 fields in an int32); only the row sums are written, and a second,
+small sum unpacks and totals each field.
 
 Memory: the keys may be given as a function that computes them (from the
 weights and flip counts); it is called again inside every counting pass, so
-XLA fuses each leaf's score, key, comparison and partial sum into one loop
-and no score or key per weight is ever written. Only the row sums of a
-count (``1 / 32`` of an int per weight) are.
+XLA fuses each leaf's score, key, comparisons and packed partial sum into
+one loop and no score or key per weight is ever written. Only the row sums
+of a count (``1 / 32`` of an int per weight) are.
 
-Scores are compared as float32 (uint32 keys), or as float64 (uint64 keys, 64
-passes) when any score is float64, which needs ``jax_enable_x64``: float64
-scores that are equal in float32 are still ranked exactly. Counts are int32,
-or int64 for 2**31 weights or more, which also needs ``jax_enable_x64``.
+Scores are compared as float32 (uint32 keys), or as float64 (uint64 keys)
+when any score is float64, which needs ``jax_enable_x64``: float64 scores
+that are equal in float32 are still ranked exactly. Counts are int32, or
+int64 for 2**31 weights or more, which also needs ``jax_enable_x64``. Either
+way the counts are packed into an int64 instead, 10 thresholds per pass: 19
+passes for uint64 keys (a bisection: 64), 10 for uint32.
 
 Ties at the threshold are broken by position: leaf order (``jax.tree.leaves``
 order) first, then row-major index inside the leaf. That is the order of a
@@ -37,6 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 _ROW = 32  # XLA's CPU tree-reduction window: rows this long are summed in place
+# A row's count is at most _ROW = 32, which needs 6 bits: 5 thresholds fit in
+# a packed int32 sum, 10 in an int64 (the sign bit left unused).
+_FIELD_BITS = 6
 MAX_INT32_COUNT = 2**31 - 1
 
 
@@ -148,8 +160,51 @@ def count(mask: jax.Array, dtype=np.int32) -> jax.Array:
 _count = count
 
 
-def _count_at_most(keys: Sequence[jax.Array], threshold: jax.Array, dtype) -> jax.Array:
-  return sum(_count(k <= threshold, dtype) for k in keys)
+def _pack_type(key_type, dtype):
+  """The integer that packs a pass's counts: int64 where x64 is needed anyway.
+
+  That is with uint64 keys or int64 counts; every sum over the weights then
+  stays int64, as a count of 2**31 weights or more must be.
+  """
+  wide = jnp.dtype(key_type).itemsize == 8 or jnp.dtype(dtype).itemsize == 8
+  return np.dtype(np.int64 if wide else np.int32)
+
+
+def _fields(pack) -> int:
+  """How many thresholds one packed ``pack`` sum counts (the sign bit unused)."""
+  return (np.iinfo(pack).bits - 1) // _FIELD_BITS
+
+
+def _count_at_most_each(keys: Sequence[jax.Array], thresholds: jax.Array, dtype) -> jax.Array:
+  """``count(keys <= t)`` for each ``t`` of ``thresholds``, in one pass over the keys.
+
+  The comparisons with all thresholds are packed into one integer per key (a
+  bit field of ``_FIELD_BITS`` each, at most :func:`_fields` of them) and
+  summed in rows as :func:`count` does, so each leaf costs one fused loop
+  that computes its keys once and writes only the row sums; the fields are
+  then separated and totalled in ``dtype`` over the row sums alone.
+  """
+  pack = _pack_type(thresholds.dtype, dtype)
+  assert thresholds.size <= _fields(pack), (thresholds.size, pack)
+  shifts = np.arange(thresholds.size) * _FIELD_BITS
+  field = pack.type((1 << _FIELD_BITS) - 1)
+  totals = jnp.zeros(thresholds.shape, dtype)
+  for key in keys:
+    flat = key.ravel()
+    packed = sum(
+        (flat <= thresholds[i]).astype(pack) << pack.type(shift) for i, shift in enumerate(shifts)
+    )
+    padded = jnp.pad(packed, (0, -flat.size % _ROW))
+    rows = jnp.sum(padded.reshape(-1, _ROW), axis=1, dtype=pack)
+    # The fields are summed in rows of row sums too: one long sum over the
+    # row sums would be rewritten as a tree that writes every field of every
+    # row out first (5 / 32 of a word per weight). The barrier keeps XLA from
+    # merging the two sums of each field back into one long one.
+    rows = jnp.pad(rows, (0, -rows.size % _ROW)).reshape(1, -1, _ROW)
+    fields = (rows >> shifts.astype(pack)[:, None, None]) & field
+    partial = jax.lax.optimization_barrier(jnp.sum(fields, axis=2, dtype=dtype))
+    totals = totals + jnp.sum(partial, axis=1, dtype=dtype)
+  return totals
 
 
 class Cut(NamedTuple):
@@ -173,12 +228,15 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
     k: number to select (traced integer scalar), ``0 <= k <= total size``.
 
   The threshold ``t`` is the smallest key with ``count(keys <= t) >= k``,
-  found by bisection over the key values, one counting pass per key bit;
-  the counts at the two ends of the final interval give ``count(keys < t)``
-  and ``count(keys <= t)`` for free. When only some of the keys equal to
-  ``t`` are wanted, a second bisection finds the smallest position ``q``
-  with ``count(keys == t and pos < q) >= k - count(keys < t)``; otherwise
-  the loop never runs and ``q`` is the total size.
+  found by narrowing an interval of key values: each counting pass counts
+  ``keys <= t_i`` for ``m`` thresholds spread over the interval (5, or 10
+  with uint64 keys or int64 counts; see :func:`_count_at_most_each`) and
+  keeps the part where the count first reaches ``k``: 13 passes for uint32
+  keys (10 with int64 counts), 19 for uint64. The counts at the two ends of the final interval give
+  ``count(keys < t)`` and ``count(keys <= t)`` for free. When only some of
+  the keys equal to ``t`` are wanted, a second bisection finds the smallest
+  position ``q`` with ``count(keys == t and pos < q) >= k - count(keys < t)``;
+  otherwise the loop never runs and ``q`` is the total size.
   """
   compute = _as_function(keys)
   abstract = jax.eval_shape(compute)
@@ -189,18 +247,26 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
   k = jnp.asarray(k, dtype)
   fresh = _Fresh(lambda: _common_format(compute())[0])
 
+  parts = _fields(_pack_type(form.key_type, dtype)) + 1
+  steps = np.arange(1, parts, dtype=form.key_type)
+
   # Invariant: low <= t <= high, below = count(keys < low) and
   # at_most = count(keys <= high).
-  def halve_keys(carry):
+  def narrow_keys(carry):
     low, high, below, at_most = carry
-    middle = low + (high - low) // 2
-    counted = _count_at_most(fresh(middle), middle, dtype)
-    enough = counted >= k
+    span = high - low
+    # low + floor(span * i / parts), without the product overflowing: the
+    # thresholds rise, stay below high, and split the interval evenly.
+    thresholds = low + (span // parts) * steps + (span % parts) * steps // parts
+    counted = _count_at_most_each(fresh(thresholds), thresholds, dtype)
+    # The counts rise with the thresholds: the first that reaches k (or high,
+    # whose count does) ends the part that holds t.
+    part = jnp.sum(counted < k)
     return (
-        jnp.where(enough, low, middle + 1),
-        jnp.where(enough, middle, high),
-        jnp.where(enough, below, counted),
-        jnp.where(enough, counted, at_most),
+        jnp.concatenate([low[None], thresholds + 1])[part],
+        jnp.concatenate([thresholds, high[None]])[part],
+        jnp.concatenate([below[None], counted])[part],
+        jnp.concatenate([counted, at_most[None]])[part],
     )
 
   start = (
@@ -210,7 +276,7 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
       jnp.asarray(total, dtype),
   )
   threshold, _, below, at_most = jax.lax.while_loop(
-      lambda carry: carry[0] < carry[1], halve_keys, start
+      lambda carry: carry[0] < carry[1], narrow_keys, start
   )
   ties_wanted = k - below
   offsets = np.cumsum([0] + sizes)[:-1]
