@@ -6,7 +6,10 @@ r"""Cost of the paper's gradient noise: JAX's random bit generators side by side
 (``jax.random.key(seed, impl=...)``: threefry2x32 with partitionable counters, JAX's default,
 and without them; threefry4x32, philox2x32, philox4x32, rbg, unsafe_rbg), and the same
 threefry2x32 stream computed by ``gradient_noise`` itself (the 20 rounds unrolled, bit for bit
-``jax.random.normal``). The unit is a dense LeNet-300-100 training step at batch 128 timed
+``jax.random.normal``). Two more rows split that draw's cost: its random bits alone (no normal
+transform) and its normal transform alone (``sqrt(2) erf_inv(u)`` of bits that cost nothing to
+make: a counter times an odd constant), each with one float32 add per entry so that XLA
+computes every entry. The unit is a dense LeNet-300-100 training step at batch 128 timed
 beside them: the issue's goal is the whole noise at most 0.5 of that step (``flipout`` at
 most 1.5x ``dense``), measured end to end by ``benchmarks.step_overhead``.
 """
@@ -28,6 +31,9 @@ CASE = _common.CPU_CASES[0]  # lenet300 b128
 IMPLS = ("threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "rbg", "unsafe_rbg")
 NON_PARTITIONABLE = "threefry2x32 (not partitionable)"
 OURS = "threefry2x32 unrolled (gradient_noise)"
+BITS_ONLY = "  its bits only (no normal transform)"
+TRANSFORM_ONLY = "  its normal transform only (erf_inv)"
+_GOLDEN = 0x9E3779B1  # odd: multiplying the counters by it spreads them over 32 bits
 
 
 def _draw(impl: str, size: int) -> Callable[[jax.Array], jax.Array]:
@@ -43,6 +49,20 @@ def _draw(impl: str, size: int) -> Callable[[jax.Array], jax.Array]:
     return jax.jit(draw)
   if impl == OURS:
     return jax.jit(lambda count: noise._stream_normals(_tf_key(count), 0, size))
+  if impl == BITS_ONLY:
+    return jax.jit(
+        lambda count: jax.lax.bitcast_convert_type(
+            noise._stream_bits(_tf_key(count), 0, size) >> 9 | 0x3F800000, jnp.float32
+        )
+        + 1.0
+    )
+  if impl == TRANSFORM_ONLY:
+
+    def transform(count):
+      bits = (jax.lax.iota(jnp.uint32, size) + count.astype(jnp.uint32)) * jnp.uint32(_GOLDEN)
+      return noise._normal_from_bits(bits) + 1.0
+
+    return jax.jit(transform)
   return jax.jit(lambda count: jax.random.normal(key(count), (size,), jnp.float32))
 
 
@@ -70,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   repetitions, window_s = _common.timing_budget(args)
   model = _common.init_model(case)
   size = sum(leaf.size for leaf in jax.tree.leaves(model.params) if leaf.ndim >= 2)
-  names = (OURS, *IMPLS, NON_PARTITIONABLE)
+  names = (OURS, BITS_ONLY, TRANSFORM_ONLY, *IMPLS, NON_PARTITIONABLE)
   runners = {"dense step": _common.StepRunner(case, _common.DENSE, model=model)}
   runners.update({name: _runner(_draw(name, size)) for name in names})
   info = _common.machine_info()

@@ -154,14 +154,16 @@ def test_noise_rng_tiny_times_every_generator(tmp_path, capsys):
   assert noise_rng.main(["--tiny", "--json", str(output)]) == 0
   printed = capsys.readouterr().out
   assert "[TINY: not a result]" in printed and f"{LENET300_KERNEL_WEIGHTS:,} float32" in printed
-  for name in (noise_rng.OURS, *noise_rng.IMPLS, noise_rng.NON_PARTITIONABLE):
-    assert f"| {name} " in printed
-  assert set(_read_json(output)["samples"]) == {
-      "dense step",
+  names = (
       noise_rng.OURS,
+      noise_rng.BITS_ONLY,
+      noise_rng.TRANSFORM_ONLY,
       *noise_rng.IMPLS,
       noise_rng.NON_PARTITIONABLE,
-  }
+  )
+  for name in names:
+    assert f"| {name} " in printed
+  assert set(_read_json(output)["samples"]) == {"dense step", *names}
 
 
 def test_prune_event_problem_prunes_half_at_the_event():

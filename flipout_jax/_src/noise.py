@@ -84,10 +84,20 @@ def _stream_normals(key: jax.Array, start: int, size: int) -> jax.Array:
   leaf draws its own slice of the one stream where it is used, so no normal
   is ever written out per weight.
   """
+  return _normal_from_bits(_stream_bits(key, start, size))
+
+
+def _stream_bits(key: jax.Array, start: int, size: int) -> jax.Array:
+  """The 32 random bits of entries ``start .. start + size`` (see :func:`_stream_normals`)."""
   k0, k1 = jax.random.key_data(key)
   counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start)
   y0, y1 = _threefry2x32(k0, k1, jnp.zeros_like(counters), counters)
-  mantissa = ((y0 ^ y1) >> np.uint32(9)) | np.uint32(0x3F800000)  # in [1, 2)
+  return y0 ^ y1
+
+
+def _normal_from_bits(bits: jax.Array) -> jax.Array:
+  """``jax.random.normal``'s transform: the top 23 bits to ``u`` in (-1, 1), then sqrt(2) erfinv(u)."""
+  mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)  # in [1, 2)
   unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
   low = np.nextafter(np.float32(-1), np.float32(0))
   uniform = jnp.maximum(low, unit * (np.float32(1) - low) + low)
@@ -137,7 +147,7 @@ def gradient_noise(
   JAX's own CPU lowering loops over the rounds and writes every word out 5
   times, and the concatenated draw was written out too. That is the fastest
   of JAX's generators on CPU with no change of stream (``rbg`` and
-  ``unsafe_rbg`` are 3-7x slower there; ``python -m benchmarks.noise_rng``,
+  ``unsafe_rbg`` are 2.6-9x slower there; ``python -m benchmarks.noise_rng``,
   BENCHMARKS.md section 1). Other key implementations
   (``jax_default_prng_impl``) or ``jax_threefry_partitionable=False`` draw
   with ``jax.random.normal`` itself.
