@@ -41,7 +41,7 @@ REFERENCE = Case("vgg19", 32, _common.CIFAR_SHAPE)
 TINY_REFERENCE = _common.TINY_CASES[0]
 # One event, at step event_steps(0.5, 3)[0] == 2, pruning round(0.5 N) weights.
 _TARGET, _TOTAL_STEPS = 0.5, 3
-_COLUMNS = 256  # width of the synthetic 2-D leaves
+_COLUMNS = 256  # default width of the synthetic 2-D leaves
 GOAL_AT_20M = 0.25  # issue 5: an event costs <= 0.25 of a VGG19 step at 20M weights
 
 
@@ -72,24 +72,24 @@ def parse_size(text: str) -> int:
   return value
 
 
-def make_problem(size: int, leaves: int, seed: int = 0) -> EventProblem:
-  """``leaves`` float32 leaves of shape ``(rows, 256)`` holding about ``size`` weights.
+def make_problem(size: int, leaves: int, seed: int = 0, columns: int = _COLUMNS) -> EventProblem:
+  """``leaves`` float32 leaves of shape ``(rows, columns)`` holding about ``size`` weights.
 
   Weights are standard normal, gradients 0.01x standard normal, flip counts uniform in 0..7
   (so FlipOut scores differ), everything drawn by NumPy.
   """
-  rows = max(1, round(size / leaves / _COLUMNS))
+  rows = max(1, round(size / leaves / columns))
   rng = np.random.default_rng(seed)
   names = [f"layer{index}" for index in range(leaves)]
   draw = lambda scale: {
-      n: jnp.asarray(scale * rng.standard_normal((rows, _COLUMNS), np.float32)) for n in names
+      n: jnp.asarray(scale * rng.standard_normal((rows, columns), np.float32)) for n in names
   }
   params, grads = draw(np.float32(1.0)), draw(np.float32(0.01))
-  flips = {n: jnp.asarray(rng.integers(0, 8, (rows, _COLUMNS), np.int32)) for n in names}
-  masks = {n: jnp.ones((rows, _COLUMNS), bool) for n in names}
+  flips = {n: jnp.asarray(rng.integers(0, 8, (rows, columns), np.int32)) for n in names}
+  masks = {n: jnp.ones((rows, columns), bool) for n in names}
   event_step = flipout.event_steps(_TARGET, _TOTAL_STEPS)[0]
   state = lambda count: flipout.PruneState(jnp.asarray(count, jnp.int32), masks, flips)
-  return EventProblem(params, grads, state(event_step - 1), state(0), leaves * rows * _COLUMNS)
+  return EventProblem(params, grads, state(event_step - 1), state(0), leaves * rows * columns)
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,9 +155,10 @@ def measure_size(
     repetitions: int,
     window_s: float,
     seed: int = 0,
+    columns: int = _COLUMNS,
 ) -> dict[str, Any]:
   """Times the event and steady updates of ``size`` weights against the reference step."""
-  problem = make_problem(size, leaves, seed)
+  problem = make_problem(size, leaves, seed, columns)
   update = event_update()
   check_branches(update, problem)
   timings = _common.interleaved_timings(
@@ -259,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       help="number of 2-D leaves the weights are split over",
   )
   parser.add_argument(
+      "--columns",
+      type=cli.positive_int,
+      default=_COLUMNS,
+      help="width of each 2-D leaf (256: leaf sizes are multiples of 32, as in most networks)",
+  )
+  parser.add_argument(
       "--argsort_max", default="20M", help="time jnp.argsort for sizes up to this count (0: never)"
   )
   parser.add_argument(
@@ -299,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference=reference,
             repetitions=repetitions,
             window_s=window_s,
+            columns=args.columns,
         )
     )
     actual = results[-1]["size"]
@@ -325,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tiny": args.tiny,
             "reference": reference_case._asdict(),
             "repetitions": repetitions,
+            "columns": args.columns,
             "results": results,
             "argsort": list(argsorts.values()),
             "linearity": growth,

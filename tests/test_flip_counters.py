@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import flipout_jax as flipout
+from experiments import checkpoints
 
 _PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
 
@@ -133,3 +135,19 @@ def test_last_possible_event_reads_the_largest_count_exactly():
   np.testing.assert_array_equal(state.flips["w"], [[0, 0]])
   # The pruned weight lands on exactly 0; the live one keeps its update.
   np.testing.assert_array_equal(np.asarray(params["w"]) + new_updates["w"], [[0.0, 1.0]])
+
+
+def test_a_checkpoint_with_int32_counts_resumes_into_uint16_counters(tmp_path):
+  # Runs checkpointed before counters could be uint16 hold int32 counts; the
+  # trainer restores into the state tx.init builds now, and orbax converts.
+  params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  counts = np.asarray([[0, 1, 2], [3, 4, 50_000]], np.int32)
+  old = flipout.prune(0.5, total_steps=100, flip_count_dtype="int32").init(params)
+  old = old._replace(flips={"w": jnp.asarray(counts), "b": None})
+  manager = ocp.CheckpointManager(tmp_path.absolute())
+  checkpoints.save(manager, 1, {"opt_state": old}, {"note": "int32 counts"})
+  manager.wait_until_finished()
+  target = {"opt_state": flipout.prune(0.5, total_steps=100).init(params)}
+  restored, _ = checkpoints.restore(manager, 1, target)
+  assert restored["opt_state"].flips["w"].dtype == jnp.uint16
+  np.testing.assert_array_equal(flipout.flip_counts(restored["opt_state"])["w"], counts)

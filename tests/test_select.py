@@ -86,11 +86,22 @@ def test_lazy_float64_keys_rank_with_float32_keys_exactly():
       np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("size", [1, 31, 32, 33, 1000, 4099])
+# Rows of 32 (32, 4096), of another length from 16 to 32 that divides the size
+# (31, 1000: 25, 30000: 30, 323: 19), or padded to rows of 32 (1, 33, 4099).
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 323, 1000, 4096, 4099, 30000])
 def test_count_matches_numpy(size):
   mask = np.random.default_rng(size).random(size) < 0.4
   assert int(jax.jit(select.count)(mask)) == np.count_nonzero(mask)
   assert int(jax.jit(select.count)(mask.reshape(size, 1))) == np.count_nonzero(mask)
+
+
+@pytest.mark.parametrize("size,padded", [(250_016, False), (250_000, False), (250_001, True)])
+def test_counts_pad_only_sizes_without_a_row_length_from_16_to_32(size, padded):
+  # A fused pad keeps XLA from vectorising the counting loop (a leaf of
+  # 250,000 weights counted 6x slower than one of 250,016): 250,000 is rows
+  # of 25; 250,001 = 53 * 53 * 89 has no divisor from 16 to 32.
+  hlo = jax.jit(select.count).lower(jax.ShapeDtypeStruct((size,), jnp.bool_)).as_text()
+  assert ("pad(" in hlo or "stablehlo.pad" in hlo) == padded
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +132,9 @@ def _raw_want(keys, k):
         "boundaries",  # keys equal to each threshold and one either side
     ],
 )
-@pytest.mark.parametrize("sizes", [(32,), (1,), (31, 33, 32 * 9 + 7), tuple(range(1, 40, 3))])
+@pytest.mark.parametrize(
+    "sizes", [(32,), (1,), (31, 33, 32 * 9 + 7), tuple(range(1, 40, 3)), (30000, 1000, 17 * 19)]
+)
 def test_packed_counts_match_numpy_for_each_threshold(fill, sizes):
   thresholds = np.asarray([0, 1, 1000, 2**31, _MAX32 - 1], np.uint32)
   rng = np.random.default_rng(len(sizes))
