@@ -51,7 +51,11 @@ CIFAR_SHAPE = (32, 32, 3)
 DENSE = "dense"  # add_decayed_weights -> sgd(momentum)
 PRUNE = "prune"  # ... -> flipout.prune
 FLIPOUT = "flipout"  # gradient_noise -> ... -> flipout.prune (the paper's full chain)
-VARIANTS = (DENSE, PRUNE, FLIPOUT)
+# ... -> flipout.fixed_masks(all live): prune's masking and flip counting without its event
+# (no conditional in the step), to tell the two costs apart.
+MASKS = "masks"
+VARIANTS = (DENSE, PRUNE, FLIPOUT, MASKS)
+DEFAULT_VARIANTS = (DENSE, PRUNE, FLIPOUT)
 
 LEARNING_RATE = 0.01  # small: synthetic labels, many steps; keeps the weights finite
 MOMENTUM = 0.9
@@ -176,18 +180,26 @@ def make_chain(
     total_steps: int = STEADY_TOTAL_STEPS,
     learning_rate: float = LEARNING_RATE,
     seed: int = 0,
+    params=None,
 ) -> optax.GradientTransformation:
   """The chain of ``variant`` (one of :data:`VARIANTS`), built by the trainer's own builder.
 
   ``dense`` is the trainer's dense method; ``prune`` its flipout method without the noise;
   ``flipout`` the paper's full chain. One "epoch" of ``total_steps`` steps and no milestones:
-  a constant learning rate.
+  a constant learning rate. ``masks`` is the dense chain followed by ``fixed_masks`` with every
+  weight of the leaves of 2+ dimensions of ``params`` (arrays or shapes) live.
 
   Raises:
-    ValueError: unknown ``variant``.
+    ValueError: unknown ``variant``, or ``masks`` without ``params``.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+  if variant == MASKS:
+    if params is None:
+      raise ValueError(f"variant {MASKS!r} needs params: its masks are shaped like them")
+    dense = make_chain(DENSE, total_steps=total_steps, learning_rate=learning_rate, seed=seed)
+    all_live = lambda leaf: np.ones(leaf.shape, bool) if len(leaf.shape) >= 2 else None
+    return optax.chain(dense, flipout.fixed_masks(jax.tree.map(all_live, params)))
   run_config = config_lib.Config(
       method="dense" if variant == DENSE else "flipout",
       sparsity=TARGET_SPARSITY,
@@ -237,6 +249,16 @@ def chain_and_step(
   return _cached_chain_and_step(graphdef, variant, total_steps, seed)
 
 
+def model_chain_and_step(
+    model: PureModel, variant: str, total_steps: int = STEADY_TOTAL_STEPS, seed: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
+  """:func:`chain_and_step` for ``model``; the ``masks`` chain (built from its params) uncached."""
+  if variant != MASKS:
+    return chain_and_step(model.graphdef, variant, total_steps, seed)
+  tx = make_chain(MASKS, total_steps=total_steps, seed=seed, params=model.params)
+  return tx, make_train_step(model.graphdef, tx)
+
+
 @functools.lru_cache(maxsize=32)
 def _cached_chain_and_step(graphdef, variant, total_steps, seed):
   tx = make_chain(variant, total_steps=total_steps, seed=seed)
@@ -262,7 +284,7 @@ class StepRunner:
       model: PureModel | None = None,
   ):
     model = init_model(case, seed) if model is None else model
-    self.tx, self.step = chain_and_step(model.graphdef, variant, total_steps, seed)
+    self.tx, self.step = model_chain_and_step(model, variant, total_steps, seed)
     # Own copies (from the host): the state is donated, and runners may share one model.
     params, batch_stats = (
         jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
@@ -403,7 +425,7 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
   )
   parser.add_argument(
       "--variants",
-      default=",".join(VARIANTS),
+      default=",".join(DEFAULT_VARIANTS),
       help=f"comma-separated chains among {','.join(VARIANTS)}; the first is the baseline",
   )
 

@@ -6,6 +6,8 @@ three chains side by side in one process (see ``benchmarks/_common.py`` for the 
 * ``dense``:   add_decayed_weights(5e-4) -> sgd(momentum 0.9)
 * ``prune``:   the same -> flipout.prune(0.999)
 * ``flipout``: gradient_noise(1.0) -> the same -> flipout.prune(0.999)  (the paper's chain)
+* ``masks`` (only with ``--variants``): the dense chain -> flipout.fixed_masks(all live), the
+  masking and flip counting of ``prune`` without its event (no conditional in the step)
 
 and prints the median per-repetition ratio ``prune / dense`` and ``flipout / dense``. Steps
 are taken after the last pruning event of a run of ``--total_steps`` steps (default 10^8: int32

@@ -105,6 +105,20 @@ def test_step_overhead_tiny(tmp_path, capsys):
   assert all(len(samples) == 3 for samples in result["samples"].values())
 
 
+def test_step_overhead_tiny_masks_variant_counts_flips_without_events(tmp_path, capsys):
+  output = tmp_path / "overhead.json"
+  argv = ["--tiny", "--variants", "dense,masks", "--json", str(output)]
+  assert step_overhead.main(argv) == 0
+  assert "masks / dense" in capsys.readouterr().out
+  (result,) = _read_json(output)["results"]
+  assert math.isfinite(result["ratios"]["masks"]["median"])
+
+
+def test_masks_chain_needs_params():
+  with pytest.raises(ValueError, match="masks.*params"):
+    _common.make_chain(_common.MASKS)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -214,6 +228,16 @@ def test_memory_tiny_counts_state_bytes_per_prunable_weight(
   )
   # The pruning state is an input and an output of the step: strictly more memory than dense.
   assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0
+
+
+def test_memory_tiny_masks_variant_is_a_mask_and_an_int32_counter(tmp_path):
+  # fixed_masks has no events, so its counts stay int32: 5 bytes per prunable weight.
+  output = tmp_path / "memory.json"
+  assert memory.main(["--tiny", "--variants", "dense,masks", "--json", str(output)]) == 0
+  (result,) = _read_json(output)["results"]
+  assert result["state_bytes_per_prunable_weight"]["masks"] == pytest.approx(
+      5 + 4 / LENET300_KERNEL_WEIGHTS
+  )
 
 
 def test_step_runner_times_steps_after_the_last_event():
