@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -67,15 +68,36 @@ def restore_metadata(manager: ocp.CheckpointManager, epoch: int) -> dict[str, An
 
 
 def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
-  """Restores state (shaped and sharded like ``target_state``) and metadata of ``epoch``."""
+  """Restores state (shaped and sharded like ``target_state``) and metadata of ``epoch``.
+
+  Integer leaves narrower than 32 bits (uint16 flip counters) are read as int32 and saturated
+  into their dtype: a checkpoint written with int32 counters may hold counts above 65535,
+  which orbax's cast would wrap (70,000 would come back as 4,464).
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   restored = manager.restore(
       epoch,
       args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()
+          state=ocp.args.StandardRestore(jax.tree.map(_read_as_int32, abstract)),
+          metadata=ocp.args.JsonRestore(),
       ),
   )
-  return restored["state"], restored["metadata"]
+  return jax.tree.map(_saturate_into, restored["state"], abstract), restored["metadata"]
+
+
+def _read_as_int32(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  narrow = jnp.issubdtype(leaf.dtype, jnp.integer) and jnp.dtype(leaf.dtype).itemsize < 4
+  if not narrow:
+    return leaf
+  return jax.ShapeDtypeStruct(leaf.shape, jnp.int32, sharding=leaf.sharding)
+
+
+def _saturate_into(value: jax.Array, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+  if value.dtype == leaf.dtype:
+    return value
+  limits = jnp.iinfo(leaf.dtype)
+  saturate = lambda x: jnp.clip(x, limits.min, limits.max).astype(leaf.dtype)
+  return jax.jit(saturate, out_shardings=leaf.sharding)(value)
 
 
 def check_resumable(saved: config_lib.Config, config: config_lib.Config) -> None:
