@@ -12,16 +12,27 @@ make: a counter times an odd constant), each with one float32 add per entry so t
 computes every entry. The unit is a dense LeNet-300-100 training step at batch 128 timed
 beside them: the issue's goal is the whole noise at most 0.5 of that step (``flipout`` at
 most 1.5x ``dense``), measured end to end by ``benchmarks.step_overhead``.
+
+A second table times whole training steps beside the same dense step: ``prune`` (no noise),
+``flipout`` (the paper's noise), and two ablations of ``flipout`` that show where the noise's
+cost lies inside the fused step: its threefry bits used as uniform noise (``sqrt(2) u``, no
+normal transform), and its normal transform of bits that cost nothing to make (the counter plus
+the step's key, times an odd constant; no threefry). The ablations swap ``gradient_noise``'s
+private bit or transform function while their step is compiled; they are measurements, not
+noise anyone should train with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import _common
 from experiments import cli
@@ -34,6 +45,12 @@ OURS = "threefry2x32 unrolled (gradient_noise)"
 BITS_ONLY = "  its bits only (no normal transform)"
 TRANSFORM_ONLY = "  its normal transform only (erf_inv)"
 _GOLDEN = 0x9E3779B1  # odd: multiplying the counters by it spreads them over 32 bits
+# Rows of the in-step table: whole training steps, over a dense step.
+PRUNE_STEP = "prune (no noise)"
+FLIPOUT_STEP = "flipout (the paper's noise)"
+UNIFORM_STEP = "flipout, threefry bits as uniform noise (no normal transform)"
+HASHED_STEP = "flipout, normal transform of hashed counters (no threefry)"
+IN_STEP = (PRUNE_STEP, FLIPOUT_STEP, UNIFORM_STEP, HASHED_STEP)
 
 
 def _draw(impl: str, size: int) -> Callable[[jax.Array], jax.Array]:
@@ -70,6 +87,40 @@ def _tf_key(count):
   return jax.random.fold_in(jax.random.key(0, impl="threefry2x32"), count)
 
 
+def _uniform_noise(bits: jax.Array) -> jax.Array:
+  return np.float32(np.sqrt(2)) * noise._uniform_from_bits(bits)
+
+
+def _hashed_bits(key: jax.Array, start: int, size: int) -> jax.Array:
+  # The step's key keeps XLA from folding the draw into a constant.
+  counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start) + jax.random.key_data(key)[0]
+  return counters * np.uint32(_GOLDEN)
+
+
+@contextlib.contextmanager
+def _ablated_noise(name: str) -> Iterator[None]:
+  """``gradient_noise`` with its normal transform or its threefry bits swapped, for ``name``."""
+  if name == UNIFORM_STEP:
+    with mock.patch.object(noise, "_normal_from_bits", _uniform_noise):
+      yield
+  elif name == HASHED_STEP:
+    with mock.patch.object(noise, "_stream_bits", _hashed_bits):
+      yield
+  else:
+    yield
+
+
+def _step_runner(case: _common.Case, model: _common.PureModel, name: str) -> _common.StepRunner:
+  """A training step of row ``name`` of the in-step table, compiled (and run once) here."""
+  variant = _common.PRUNE if name == PRUNE_STEP else _common.FLIPOUT
+  runner = _common.StepRunner(case, variant, model=model)
+  # A jitted step of its own: the ablation is traced into this one compilation only.
+  runner.step = _common.make_train_step(model.graphdef, runner.tx)
+  with _ablated_noise(name):
+    runner(1)
+  return runner
+
+
 def _runner(draw: Callable[[jax.Array], jax.Array]) -> Callable[[int], None]:
   def run(calls: int) -> None:
     out = None
@@ -93,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   names = (OURS, BITS_ONLY, TRANSFORM_ONLY, *IMPLS, NON_PARTITIONABLE)
   runners = {"dense step": _common.StepRunner(case, _common.DENSE, model=model)}
   runners.update({name: _runner(_draw(name, size)) for name in names})
+  runners.update({name: _step_runner(case, model, name) for name in IN_STEP})
   info = _common.machine_info()
   print(
       f"noise generators on {_common.describe_machine(info)}; {size:,} float32 normals per "
@@ -102,24 +154,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   timings = _common.interleaved_timings(runners, repetitions=repetitions, window_s=window_s)
   seconds = timings.seconds
-  rows = []
-  for name in names:
+
+  def _ratio(name: str) -> str:
     low, high = _common.ratio_spread(seconds[name], seconds["dense step"])
-    rows.append(
-        [
-            name,
-            f"{1e3 * statistics.median(seconds[name]):.3f}",
-            f"{_common.median_ratio(seconds[name], seconds['dense step']):.3f} "
-            f"[{low:.3f}-{high:.3f}]",
-            f"{_common.median_ratio(seconds[name], seconds['threefry2x32']):.2f}",
-        ]
-    )
+    median = _common.median_ratio(seconds[name], seconds["dense step"])
+    return f"{median:.3f} [{low:.3f}-{high:.3f}]"
+
+  rows = [
+      [
+          name,
+          f"{1e3 * statistics.median(seconds[name]):.3f}",
+          _ratio(name),
+          f"{_common.median_ratio(seconds[name], seconds['threefry2x32']):.2f}",
+      ]
+      for name in names
+  ]
   print(
       f"dense {case.label} step: {1e3 * statistics.median(seconds['dense step']):.2f} ms (median)"
   )
   print(
       cli.format_table(
           ["generator", "ms per draw", "draw / dense step", "draw / threefry2x32"], rows
+      )
+  )
+  print(
+      cli.format_table(
+          ["training step", "ms per step", "step / dense step"],
+          [
+              [name, f"{1e3 * statistics.median(seconds[name]):.3f}", _ratio(name)]
+              for name in IN_STEP
+          ],
       )
   )
   if args.json:

@@ -12,6 +12,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,6 +20,8 @@ import pytest
 from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_event
 from benchmarks import step_overhead
 from experiments import cli, input_pipeline
+import flipout_jax as flipout
+from flipout_jax._src import noise
 
 LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
 
@@ -174,10 +177,39 @@ def test_noise_rng_tiny_times_every_generator(tmp_path, capsys):
       noise_rng.TRANSFORM_ONLY,
       *noise_rng.IMPLS,
       noise_rng.NON_PARTITIONABLE,
+      *noise_rng.IN_STEP,
   )
   for name in names:
     assert f"| {name} " in printed
   assert set(_read_json(output)["samples"]) == {"dense step", *names}
+
+
+def test_noise_rng_ablations_swap_the_normal_transform_or_the_bits_and_nothing_else():
+  params = {"w": jnp.ones((64, 32))}
+  grads = {"w": jnp.ones((64, 32))}  # sigma = ||g|| / sqrt(n) = 1: the update is 1 + noise
+  tx = flipout.gradient_noise(1.0, seed=3)
+  state = tx.init(params)
+
+  def noise_of(row):
+    with noise_rng._ablated_noise(row):
+      updates, _ = tx.update(grads, state, params)  # eager: traced inside the ablation
+    return np.asarray(updates["w"]) - 1.0
+
+  real = noise_of(noise_rng.FLIPOUT_STEP)
+  np.testing.assert_allclose(
+      real,
+      np.asarray(jax.random.normal(noise._noise_key(3, 0), (64 * 32,))).reshape(64, 32),
+      atol=1e-6,
+  )
+  # The same bits as uniform noise: sqrt(2) u has erfinv(u)'s sign and stays within sqrt(2).
+  uniform = noise_of(noise_rng.UNIFORM_STEP)
+  assert np.abs(uniform).max() <= np.sqrt(2) < np.abs(real).max()
+  np.testing.assert_array_equal(np.sign(uniform), np.sign(real))
+  # The same transform of other bits: normal, but not the stream.
+  hashed = noise_of(noise_rng.HASHED_STEP)
+  assert np.abs(hashed).max() > np.sqrt(2) and 0.8 < hashed.std() < 1.2
+  assert np.mean(np.sign(hashed) == np.sign(real)) < 0.6
+  np.testing.assert_array_equal(noise_of(noise_rng.FLIPOUT_STEP), real)  # restored after
 
 
 def test_prune_event_problem_prunes_half_at_the_event():

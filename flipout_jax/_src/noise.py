@@ -96,12 +96,16 @@ def _stream_bits(key: jax.Array, start: int, size: int) -> jax.Array:
 
 
 def _normal_from_bits(bits: jax.Array) -> jax.Array:
-  """``jax.random.normal``'s transform: the top 23 bits to ``u`` in (-1, 1), then sqrt(2) erfinv(u)."""
+  """``jax.random.normal``'s transform: sqrt(2) erfinv(u) of :func:`_uniform_from_bits`."""
+  return np.float32(np.sqrt(2)) * jax.lax.erf_inv(_uniform_from_bits(bits))
+
+
+def _uniform_from_bits(bits: jax.Array) -> jax.Array:
+  """``jax.random.normal``'s uniform: the top 23 bits to ``u`` in (-1, 1)."""
   mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)  # in [1, 2)
   unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
   low = np.nextafter(np.float32(-1), np.float32(0))
-  uniform = jnp.maximum(low, unit * (np.float32(1) - low) + low)
-  return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+  return jnp.maximum(low, unit * (np.float32(1) - low) + low)
 
 
 def gradient_noise(
