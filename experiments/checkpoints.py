@@ -82,7 +82,7 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
           metadata=ocp.args.JsonRestore(),
       ),
   )
-  return jax.tree.map(_saturate_into, restored["state"], abstract), restored["metadata"]
+  return _saturate_into(restored["state"], abstract), restored["metadata"]
 
 
 def _read_as_int32(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -92,12 +92,31 @@ def _read_as_int32(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(leaf.shape, jnp.int32, sharding=leaf.sharding)
 
 
-def _saturate_into(value: jax.Array, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-  if value.dtype == leaf.dtype:
-    return value
-  limits = jnp.iinfo(leaf.dtype)
-  saturate = lambda x: jnp.clip(x, limits.min, limits.max).astype(leaf.dtype)
-  return jax.jit(saturate, out_shardings=leaf.sharding)(value)
+def _saturate_into(state, abstract):
+  """``state`` with each leaf read wider than its ``abstract`` dtype clipped into that dtype.
+
+  One compiled function for all such leaves, placed as ``abstract`` says; other leaves are
+  returned as they are (no copy).
+  """
+  leaves, treedef = jax.tree.flatten(state)
+  targets = treedef.flatten_up_to(abstract)
+  wide = [i for i, (leaf, target) in enumerate(zip(leaves, targets)) if leaf.dtype != target.dtype]
+  if not wide:
+    return state
+
+  def saturate(values):
+    narrowed = []
+    for i, value in zip(wide, values):
+      limits = jnp.iinfo(targets[i].dtype)
+      narrowed.append(jnp.clip(value, limits.min, limits.max).astype(targets[i].dtype))
+    return narrowed
+
+  narrowed = jax.jit(saturate, out_shardings=[targets[i].sharding for i in wide])(
+      [leaves[i] for i in wide]
+  )
+  for i, value in zip(wide, narrowed):
+    leaves[i] = value
+  return treedef.unflatten(leaves)
 
 
 def check_resumable(saved: config_lib.Config, config: config_lib.Config) -> None:
