@@ -22,7 +22,7 @@ Memory: the keys may be given as a function that computes them (from the
 weights and flip counts); it is called again inside every counting pass, so
 XLA fuses each leaf's score, key, comparisons and packed partial sum into
 one loop and no score or key per weight is ever written. Only the row sums
-of a count (``1 / 32`` of an int per weight) are.
+of a count (at most ``1 / 16`` of an int per weight, see :func:`count`) are.
 
 Scores are compared as float32 (uint32 keys), or as float64 (uint64 keys)
 when any score is float64, which needs ``jax_enable_x64``: float64 scores
@@ -131,7 +131,7 @@ def _widen(keys: jax.Array) -> jax.Array:
 
 
 # Keys are either arrays or, to hold no key per weight, a function returning
-# them that is called again inside every counting pass (see ``lowest_k``).
+# them that is called again inside every counting pass (see ``lowest_k_cut``).
 Keys = Sequence[jax.Array] | Callable[[], Sequence[jax.Array]]
 
 
@@ -153,9 +153,6 @@ def count(mask: jax.Array, dtype=np.int32) -> jax.Array:
   rows = jnp.sum(_in_rows(mask.ravel()), axis=1, dtype=dtype)
   # The barrier keeps XLA from merging the two sums back into one long one.
   return jnp.sum(jax.lax.optimization_barrier(rows), dtype=dtype)
-
-
-_count = count
 
 
 def _in_rows(flat: jax.Array) -> jax.Array:
@@ -245,8 +242,9 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
   ``keys <= t_i`` for ``m`` thresholds spread over the interval (5, or 10
   with uint64 keys or int64 counts; see :func:`_count_at_most_each`) and
   keeps the part where the count first reaches ``k``: 13 passes for uint32
-  keys (10 with int64 counts), 19 for uint64. The counts at the two ends of the final interval give
-  ``count(keys < t)`` and ``count(keys <= t)`` for free. When only some of
+  keys (10 with int64 counts), 19 for uint64. The counts at the two ends of
+  the final interval give ``count(keys < t)`` and ``count(keys <= t)`` for
+  free. When only some of
   the keys equal to ``t`` are wanted, a second bisection finds the smallest
   position ``q`` with ``count(keys == t and pos < q) >= k - count(keys < t)``;
   otherwise the loop never runs and ``q`` is the total size.
@@ -298,7 +296,7 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
     low, high = carry
     middle = low + (high - low) // 2
     ties = sum(
-        _count((key.ravel() == threshold) & _before(key.size, middle - dtype(offset)), dtype)
+        count((key.ravel() == threshold) & _before(key.size, middle - dtype(offset)), dtype)
         for key, offset in zip(fresh(middle), offsets)
     )
     enough = ties >= ties_wanted
