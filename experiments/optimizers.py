@@ -104,28 +104,24 @@ def _pruning_transform(
   if method == "dense":
     return None
   if method in config_lib.SCHEDULED_CRITERIA:
-    criterion = config_lib.SCHEDULED_CRITERIA[method]
     if config.schedule == "cubic":
       begin, end, every = cubic_steps(config, total_steps, steps_per_epoch)
-      return flipout.prune(
-          config.sparsity,
-          total_steps=total_steps,
-          prune_every=every,
-          p=config.p,
-          criterion=criterion,
-          seed=config.seed,
+      schedule = dict(
           schedule="cubic",
+          prune_every=every,
           initial_sparsity=config.initial_sparsity,
           begin_step=begin,
           end_step=end,
       )
+    else:
+      schedule = dict(rate=config.prune_rate)
     return flipout.prune(
         config.sparsity,
         total_steps=total_steps,
-        rate=config.prune_rate,
         p=config.p,
-        criterion=criterion,
+        criterion=config_lib.SCHEDULED_CRITERIA[method],
         seed=config.seed,
+        **schedule,
     )
   if method == "snip":
     return flipout.fixed_masks(snip_masks)

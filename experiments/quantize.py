@@ -151,11 +151,9 @@ def format_report(report: dict[str, Any]) -> str:
       f"live weights that rounded to int8 zero: {report['live_weights_rounded_to_zero']}",
       f"bytes on disk: dense float32 {sizes['dense_float32']:,}, sparse float32 "
       f"{sizes['sparse_float32']:,}, sparse int8 {sizes['sparse_int8']:,}",
-  ]
-  lines.append(
       f"reloaded from {report['export']}/sparse_int8.npz: test accuracy "
-      f"{report['export_int8_accuracy']:.2%}"
-  )
+      f"{report['export_int8_accuracy']:.2%}",
+  ]
   return "\n".join(lines)
 
 
