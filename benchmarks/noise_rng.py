@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from unittest import mock
 
 import jax
@@ -97,27 +97,30 @@ def _hashed_bits(key: jax.Array, start: int, size: int) -> jax.Array:
   return counters * np.uint32(_GOLDEN)
 
 
-@contextlib.contextmanager
-def _ablated_noise(name: str) -> Iterator[None]:
-  """``gradient_noise`` with its normal transform or its threefry bits swapped, for ``name``."""
-  if name == UNIFORM_STEP:
-    with mock.patch.object(noise, "_normal_from_bits", _uniform_noise):
-      yield
-  elif name == HASHED_STEP:
-    with mock.patch.object(noise, "_stream_bits", _hashed_bits):
-      yield
-  else:
-    yield
+# The in-step rows that swap a private function of gradient_noise: its name, its stand-in.
+_ABLATIONS = {
+    UNIFORM_STEP: ("_normal_from_bits", _uniform_noise),
+    HASHED_STEP: ("_stream_bits", _hashed_bits),
+}
+
+
+def _ablated_noise(name: str) -> contextlib.AbstractContextManager:
+  """``gradient_noise`` with its normal transform or its threefry bits swapped, for ``name``
+  (unchanged for a row that is not an ablation)."""
+  if name not in _ABLATIONS:
+    return contextlib.nullcontext()
+  return mock.patch.object(noise, *_ABLATIONS[name])
 
 
 def _step_runner(case: _common.Case, model: _common.PureModel, name: str) -> _common.StepRunner:
-  """A training step of row ``name`` of the in-step table, compiled (and run once) here."""
+  """A training step of row ``name`` of the in-step table; an ablation is compiled here."""
   variant = _common.PRUNE if name == PRUNE_STEP else _common.FLIPOUT
   runner = _common.StepRunner(case, variant, model=model)
-  # A jitted step of its own: the ablation is traced into this one compilation only.
-  runner.step = _common.make_train_step(model.graphdef, runner.tx)
-  with _ablated_noise(name):
-    runner(1)
+  if name in _ABLATIONS:
+    # A jitted step of its own: the ablation is traced into this one compilation only.
+    runner.step = _common.make_train_step(model.graphdef, runner.tx)
+    with _ablated_noise(name):
+      runner(1)
   return runner
 
 

@@ -11,8 +11,9 @@ three chains side by side in one process (see ``benchmarks/_common.py`` for the 
 
 and prints the median per-repetition ratio ``prune / dense`` and ``flipout / dense``. Steps
 are taken after the last pruning event of a run of ``--total_steps`` steps (default 10^8: int32
-flip counters; 60000: uint16 ones); the run checks afterwards that no weight was pruned. Cases: LeNet-300-100 at batch 128,
-ResNet18 and VGG19 at batch 32 on CPU; VGG19 and ResNet18 at batch 128 on a GPU.
+flip counters; 60000: uint16 ones); the run checks afterwards that no weight was pruned.
+Cases: LeNet-300-100 at batch 128, ResNet18 and VGG19 at batch 32 on CPU; VGG19 and ResNet18
+at batch 128 on a GPU.
 Goals (issue 5): <= 1.10x LeNet-300-100 CPU, <= 1.02x VGG19 CPU, <= 1.03x GPU.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from benchmarks import _common
 from experiments import cli
-from benchmarks._common import DENSE, FLIPOUT, PRUNE, Case
+from benchmarks._common import Case
 
 # (device, model) -> the issue's goal for the overhead ratio.
 GOALS = {
@@ -39,7 +40,7 @@ GOALS = {
 def measure_case(
     case: Case,
     *,
-    variants: Sequence[str] = (DENSE, PRUNE, FLIPOUT),
+    variants: Sequence[str] = _common.DEFAULT_VARIANTS,
     repetitions: int,
     window_s: float,
     total_steps: int = _common.STEADY_TOTAL_STEPS,
