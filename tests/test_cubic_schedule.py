@@ -9,7 +9,7 @@ import pytest
 
 import flipout_jax as flipout
 from tests import reference
-from tests.test_prune import _kernels, _params, _run_and_compare
+from tests.test_prune import _params, _run_and_compare
 
 SIZE = sum(int(np.prod(shape)) for shape in ((3, 3, 2, 4), (12, 5), (5, 3)))
 
@@ -39,15 +39,18 @@ def test_cubic_run_matches_reference(criterion, initial, begin, end, every):
   _run_and_compare(tx, 34, target=target, criterion=criterion, cubic=(initial, begin, end, every))
 
 
-def _pruned_per_step(tx, steps):
-  params = _params(1)
+def _pruned_per_step(tx, steps, params=None, update_scale=0.01):
+  """Pruned weights after each of ``steps`` updates of ``tx``, each ``update_scale`` everywhere
+  (``params``: ``test_prune``'s by default)."""
+  params = _params(1) if params is None else params
   state = tx.init(params)
   step_fn = jax.jit(tx.update)
+  constant = jax.tree.map(lambda x: update_scale * np.ones_like(x), params)
   counts = []
-  for u in [jax.tree.map(lambda x: 0.01 * np.ones_like(x), params)] * steps:
-    updates, state = step_fn(u, state, params)
+  for _ in range(steps):
+    updates, state = step_fn(constant, state, params)
     params = optax.apply_updates(params, updates)
-    counts.append(sum(int((~m).sum()) for m in _kernels(flipout.masks(state))))
+    counts.append(sum(int((~m).sum()) for m in jax.tree.leaves(flipout.masks(state))))
   return counts
 
 

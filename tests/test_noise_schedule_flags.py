@@ -4,12 +4,12 @@ import dataclasses
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import flipout_jax as flipout
 from experiments import checkpoints, cli, mnist, optimizers
 from experiments import config as config_lib
+from tests.test_cubic_schedule import _pruned_per_step
 
 PARAMS = {
     "dense": {"kernel": np.linspace(-1, 1, 40 * 25, dtype=np.float32).reshape(40, 25)},
@@ -115,15 +115,7 @@ def test_saved_config_with_default_noise_resumes_and_a_changed_one_does_not():
 
 def _pruned_after_each_step(config, steps_per_epoch):
   tx = optimizers.build_optimizer(config, steps_per_epoch)
-  params, state = PARAMS, tx.init(PARAMS)
-  step_fn = jax.jit(tx.update)
-  grads = jax.tree.map(lambda w: 0.1 * np.ones_like(w), PARAMS)
-  counts = []
-  for _ in range(config.epochs * steps_per_epoch):
-    updates, state = step_fn(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    counts.append(sum(int((~m).sum()) for m in jax.tree.leaves(flipout.masks(state))))
-  return counts
+  return _pruned_per_step(tx, config.epochs * steps_per_epoch, PARAMS, update_scale=0.1)
 
 
 @pytest.mark.parametrize("method", ["flipout", "global_magnitude", "magnitude"])
