@@ -1,0 +1,279 @@
+"""Compaction: a pruned model rewritten as a smaller dense one with the same outputs.
+
+Pruning zeroes weights but leaves every layer as wide as before, so a pruned model costs as
+much to run as a dense one. :func:`compact` traces any pure function of params to a jaxpr
+(``compact_program``), finds every unit that cannot change its outputs (``compact_analysis``:
+units with no live outgoing weight, and units with no live incoming weight, whose constant
+value is folded into the next linear op), and returns a program that computes the same
+outputs on smaller arrays, with params cut to match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flipout_jax._src import compact_analysis as analysis
+from flipout_jax._src import compact_report as report_lib
+from flipout_jax._src.compact_program import Literal, Program, evaluate, same_structure, trace
+
+CompactionReport = report_lib.CompactionReport
+LayerCompaction = report_lib.LayerCompaction
+
+
+class Compacted(NamedTuple):
+  """A compacted function of params (see :func:`compact`).
+
+  Attributes:
+    params: the compact params: the tree structure of the original params, smaller leaves.
+    apply: ``apply(params, *args)``, a pure function with the outputs of the original
+      ``apply_fn(original_params, *args)``; jit-able, differentiable and exportable.
+    shrink: maps any tree holding trees shaped like the original params (momentum, Adam
+      moments, ``PruneState`` masks and flip counts) to the same tree cut like ``params``.
+    report: per linear op, widths, parameters and FLOPs before and after, and which ops kept
+      units that carry nothing.
+  """
+
+  params: Any
+  apply: Callable
+  shrink: Callable
+  report: report_lib.CompactionReport
+
+
+def _cut(value, rows):
+  """``value`` keeping, along each axis with a row, the positions the row marks."""
+  if rows is None:
+    return value
+  for axis, row in enumerate(rows):
+    if row is not None:
+      value = jnp.compress(row, value, axis=axis) if not isinstance(value, np.ndarray) else value.compress(row, axis)
+  return value
+
+
+def _new_shape(program: Program, plan: analysis.Plan, index: int) -> tuple[int, ...]:
+  shape = program.avals[index].shape
+  rows = plan.keep.get(index) or [None] * len(shape)
+  return tuple(size if row is None else int(row.sum()) for size, row in zip(shape, rows))
+
+
+def _resized_params(program: Program, plan: analysis.Plan, position: int) -> dict:
+  """``eqn.params`` with the sizes it names set to the compact values' sizes."""
+  eqn = program.eqns[position]
+  params = eqn.params
+  name = eqn.primitive.name
+  out = eqn.outputs[0] if eqn.outputs else None
+  if name == "broadcast_in_dim":
+    return dict(params, shape=_new_shape(program, plan, out))
+  if name == "reshape":
+    sizes = list(_new_shape(program, plan, out))
+    source = _new_shape(program, plan, eqn.inputs[0])
+    for axis, merged in plan.merges.get(position, {}).items():
+      sizes[axis] = int(np.prod([source[d] for d in merged]))
+    return dict(params, new_sizes=tuple(sizes))
+  if name == "slice":
+    source = _new_shape(program, plan, eqn.inputs[0])
+    limits = [
+        source[d] if limit == program.avals[eqn.inputs[0]].shape[d] else limit
+        for d, limit in enumerate(params["limit_indices"])
+    ]
+    return dict(params, limit_indices=tuple(limits))
+  return params
+
+
+def _run(program: Program, plan: analysis.Plan, inputs) -> list:
+  """The compact program on compact ``inputs`` (the flattened params and args)."""
+  env: dict = dict(zip(program.inputs, inputs))
+  for index, value in program.consts.items():
+    env[index] = _cut(value, plan.keep.get(index))
+  read = lambda x: x.value if isinstance(x, Literal) else env[x]
+  for position, eqn in enumerate(program.eqns):
+    outs = eqn.primitive.bind(*map(read, eqn.inputs), **_resized_params(program, plan, position))
+    outs = list(outs) if eqn.primitive.multiple_results else [outs]
+    if position in plan.folds:
+      outs[0] = outs[0] + plan.folds[position].astype(outs[0].dtype)
+    if position in plan.gathers:
+      axis, indices = plan.gathers[position]
+      outs[0] = jnp.take(outs[0], indices, axis=axis)
+    env.update(zip(eqn.outputs, outs))
+  return [read(x) for x in program.outputs]
+
+
+def _signature(leaves) -> tuple:
+  return tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _make_apply(apply_fn, program: Program, plan: analysis.Plan, params_tree, param_shapes):
+  """``apply(compact_params, *args)``; other argument shapes retrace ``apply_fn``."""
+  programs: dict = {}
+  num_params = params_tree.num_leaves
+
+  def program_for(arg_leaves, args) -> Program:
+    key = _signature(arg_leaves)
+    if key == _signature_of_inputs(program, num_params):
+      return program
+    if key not in programs:
+      full = jax.tree.unflatten(params_tree, param_shapes)
+      traced = trace(apply_fn, full, *args)
+      _check_retrace(program, traced, plan)
+      programs[key] = traced
+    return programs[key]
+
+  def apply(params, *args):
+    param_leaves = params_tree.flatten_up_to(params)
+    arg_leaves = jax.tree.leaves(args)
+    current = program_for(arg_leaves, args)
+    outputs = _run(current, plan, [*param_leaves, *arg_leaves])
+    return jax.tree.unflatten(current.out_tree, outputs)
+
+  return apply
+
+
+def _signature_of_inputs(program: Program, num_params: int) -> tuple:
+  avals = [program.avals[i] for i in program.inputs[num_params:]]
+  return tuple((tuple(a.shape), a.dtype) for a in avals)
+
+
+def _check_retrace(analysed: Program, traced: Program, plan: analysis.Plan) -> None:
+  """Refuses a retrace that is not the analysed program up to the batch axis's sizes."""
+  same = same_structure(analysed, traced) and all(
+      a.shape[d] == b.shape[d] or (index, d) in plan.batched
+      for index, (a, b) in enumerate(zip(analysed.avals, traced.avals))
+      for d in range(len(a.shape))
+  )
+  if not same:
+    raise ValueError(
+        "compacted.apply: with these argument shapes apply_fn traces to another program than "
+        "the one compacted (only the size of the arguments' batch axis may change); call "
+        "flipout.compact with example arguments of these shapes"
+    )
+
+
+def _cutter(params_tree, keeps, shapes):
+  """``shrink``: cuts every subtree shaped like the params."""
+
+  def cut_params(node):
+    leaves = params_tree.flatten_up_to(node)
+    cut = []
+    for path_index, (leaf, rows, shape) in enumerate(zip(leaves, keeps, shapes)):
+      if leaf is None or rows is None or np.shape(leaf) != tuple(shape):
+        if leaf is not None and rows is not None and np.size(leaf) > 1:
+          raise ValueError(
+              f"shrink: leaf {path_index} has shape {np.shape(leaf)}, not the shape of the "
+              f"param it stands for {tuple(shape)}"
+          )
+        cut.append(leaf)
+      else:
+        cut.append(_cut(leaf, rows))
+    return params_tree.unflatten(cut)
+
+  def matches(node) -> bool:
+    try:
+      params_tree.flatten_up_to(node)
+    except (ValueError, TypeError):
+      return False
+    return True
+
+  def shrink(tree):
+    if matches(tree):
+      return cut_params(tree)
+    return jax.tree.map(lambda n: cut_params(n) if matches(n) else n, tree, is_leaf=matches)
+
+  return shrink
+
+
+def _compact_once(apply_fn, params, args, batch_axis):
+  param_leaves, params_tree = jax.tree.flatten(params)
+  arg_leaves = jax.tree.leaves(args)
+  program = trace(apply_fn, params, *args)
+  values = evaluate(program, [*param_leaves, *arg_leaves])
+  plan = analysis.analyse(program, values, len(param_leaves), batch_axis)
+  keeps = [plan.keep.get(index) for index in program.inputs[: len(param_leaves)]]
+  shapes = [np.shape(leaf) for leaf in param_leaves]
+  shrink = _cutter(params_tree, keeps, shapes)
+  shapes_dtypes = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in param_leaves]
+  apply = _make_apply(apply_fn, program, plan, params_tree, shapes_dtypes)
+  return program, plan, shrink, apply
+
+
+def compact(
+    apply_fn: Callable, params: Any, *example_args, batch_axis: int | None = 0, max_rounds: int = 8
+) -> Compacted:
+  """Removes every unit of ``apply_fn``'s model that cannot change its outputs.
+
+  ``apply_fn(params, *args)`` is any pure JAX function (``nnx.merge(graphdef, state)(x)``,
+  ``module.apply({"params": p}, x)``, ``eqx.combine(p, static)(x)``, plain ``jnp`` code);
+  pruned weights are the exact zeros of ``params``. Units are positions along the feature
+  axes of the values flowing between ops (output features of ``dot_general``, output
+  channels of ``conv_general_dilated``, input features), followed through elementwise ops,
+  broadcasts, reshapes (a flattened feature is a sub-unit of its channel), transposes,
+  concatenations, pooling and means. A unit goes when
+
+  * nothing the outputs depend on reads it (its outgoing weights are zero), or
+  * it does not depend on the input (its incoming weights are zero): its value, constant
+    through normalisation, activation and pooling, is folded exactly into the next linear
+    op as a constant added to its output (of the output's shape where zero padding makes it
+    depend on the position).
+
+  Units coupled across ops (a residual stream, a concatenation, a parameter read twice) go
+  only together. An op that mixes along an axis other than through the linear ops
+  (LayerNorm's mean, softmax, an unknown primitive) keeps every unit on that axis, and the
+  report says which op kept what. The analysis repeats on its result until a round removes
+  nothing.
+
+  Example::
+
+    compacted = flipout.compact(apply_fn, params, x)
+    y = compacted.apply(compacted.params, x)           # == apply_fn(params, x)
+    momentum = compacted.shrink(opt_state)             # continue training compact
+
+  Args:
+    apply_fn: ``apply_fn(params, *args)``, a pure function.
+    params: a pytree of arrays; pruned weights exactly zero.
+    *example_args: arguments to trace with. Concrete values: the analysis runs the model
+      once on them (a small batch suffices; the result does not depend on their values).
+    batch_axis: the axis of every argument leaf whose size may change between calls of
+      ``compacted.apply`` (a new size retraces ``apply_fn``); None: shapes are fixed.
+    max_rounds: most analysis rounds.
+
+  Returns:
+    The :class:`Compacted` params, apply function, shrink function and report.
+
+  Raises:
+    TypeError: ``apply_fn`` is not callable, or a params leaf is not an array.
+    ValueError: ``batch_axis`` or ``max_rounds`` is out of range.
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+  if batch_axis is not None and (not isinstance(batch_axis, int) or batch_axis < 0):
+    raise ValueError(f"batch_axis must be None or an int >= 0, got {batch_axis!r}")
+  if not isinstance(max_rounds, int) or max_rounds < 1:
+    raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+      raise TypeError(
+          f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array"
+      )
+  first_program = None
+  shrinks, apply, current, rounds = [], apply_fn, params, 0
+  for _ in range(max_rounds):
+    program, plan, shrink, next_apply = _compact_once(apply, current, example_args, batch_axis)
+    first_program = first_program or program
+    if not plan.keep:  # removes nothing: the fixed point
+      break
+    shrinks.append(shrink)
+    apply, current, rounds = next_apply, shrink(current), rounds + 1
+
+  def shrink_all(tree):
+    for shrink in shrinks:
+      tree = shrink(tree)
+    return tree
+
+  final_program = trace(apply, current, *example_args)
+  arg_leaves = jax.tree.leaves(example_args)
+  examples = 1 if batch_axis is None or not arg_leaves else np.shape(arg_leaves[0])[batch_axis]
+  report = report_lib.build(first_program, final_program, params, current, plan, rounds, examples)
+  return Compacted(current, apply, shrink_all, report)

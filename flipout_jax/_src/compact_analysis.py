@@ -1,0 +1,294 @@
+"""Which units of a traced program can go, and what their removal leaves to fold.
+
+A unit is a group of positions that ``compact_rules.links`` ties together across values (a
+channel of a conv output, of the BatchNorm and ReLU after it and of the next conv's input, of
+the kernels and biases that touch it). A group goes when none of its positions is pinned and
+each of them either is read by nothing the outputs depend on, or does not depend on the
+model's input; where such a constant is summed by a linear op, the op's output gets the
+constant's contribution added (``Plan.folds``), computed from the concrete values, so that
+position-dependent contributions (zero padding) are exact too. A reshape that flattens
+features may lose single features (a gather after it) but loses a component (a channel) only
+when all of the component's features go.
+
+Positions are numbered per (value, axis); groups are the connected components of the links'
+graph (``scipy.sparse.csgraph``), with every pin joined to one extra node.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
+
+from flipout_jax._src import compact_rules as rules
+from flipout_jax._src.compact_program import Literal, Program
+
+
+class Plan(NamedTuple):
+  """What compaction does to a program.
+
+  Attributes:
+    keep: per value id, per axis, the kept positions (None: all of them).
+    folds: per equation index, a constant added to its output (already cut to the kept
+      positions; size-1 axes broadcast, among them the batch axis).
+    gathers: per reshape equation index, ``(axis, indices)`` of the flattened features kept
+      of the reshape's output.
+    merges: per reshape equation index, ``{output axis: merged input axes}``.
+    batched: the (value, axis) pairs tied to the arguments' batch axis (sizes that may change
+      from call to call).
+    kept_by: per pin reason, how many positions it kept that were otherwise removable.
+  """
+
+  keep: dict
+  folds: dict
+  gathers: dict
+  merges: dict
+  batched: frozenset
+  kept_by: dict
+
+
+def _normalize(axes: rules.Axes) -> rules.Axes:
+  if axes is None or any(not row.any() for row in axes):
+    return None
+  return axes
+
+
+def _merge_axes(old: rules.Axes, new: rules.Axes) -> rules.Axes:
+  if old is None:
+    return new
+  if new is None:
+    return old
+  return [a | b for a, b in zip(old, new)]
+
+
+def _flow(program: Program, values, num_params: int):
+  """Forward variation and backward reads of every value, and each linear op's own reads."""
+  avals = program.avals
+  varies: list = [None] * len(avals)
+  for position, index in enumerate(program.inputs):
+    if position >= num_params:
+      varies[index] = [np.ones(size, bool) for size in avals[index].shape]
+  operand_axes = lambda eqn, table: [None if isinstance(x, Literal) else table[x] for x in eqn.inputs]
+  for eqn in program.eqns:
+    outs = rules.forward(eqn, avals, values, operand_axes(eqn, varies))
+    for index, axes in zip(eqn.outputs, outs):
+      varies[index] = _normalize(axes)
+  reads: list = [None] * len(avals)
+  for index in program.outputs:
+    if not isinstance(index, Literal):
+      reads[index] = [np.ones(size, bool) for size in avals[index].shape]
+  linear_reads = {}
+  for position in reversed(range(len(program.eqns))):
+    eqn = program.eqns[position]
+    ins = rules.backward(
+        eqn, avals, values, operand_axes(eqn, varies), [reads[x] for x in eqn.outputs]
+    )
+    ins = [_normalize(axes) for axes in ins]
+    if eqn.primitive.name in rules.LINEAR:
+      linear_reads[position] = ins
+    for x, axes in zip(eqn.inputs, ins):
+      if not isinstance(x, Literal):
+        reads[x] = _merge_axes(reads[x], axes)
+  return varies, reads, linear_reads
+
+
+class _Positions:
+  """Numbers every position of every (value, axis)."""
+
+  def __init__(self, avals):
+    self.base = {}
+    total = 0
+    for index, aval in enumerate(avals):
+      for axis, size in enumerate(aval.shape):
+        self.base[(index, axis)] = total
+        total += size
+    self.size = total
+    self.shape = lambda where: avals[where[0]].shape[where[1]]
+
+  def of(self, where) -> np.ndarray:
+    return self.base[where] + np.arange(self.shape(where))
+
+
+def _components(nodes: int, edges_from: list, edges_to: list) -> np.ndarray:
+  first = np.concatenate(edges_from) if edges_from else np.zeros(0, np.int64)
+  second = np.concatenate(edges_to) if edges_to else np.zeros(0, np.int64)
+  graph = sparse.coo_matrix((np.ones(first.size, bool), (first, second)), shape=(nodes, nodes))
+  return csgraph.connected_components(graph, directed=False)[1]
+
+
+def _batched_axes(program: Program, facts, num_params: int, batch_axis) -> frozenset:
+  """The (value, axis) pairs that ``Unify`` facts tie to an argument's ``batch_axis``."""
+  if batch_axis is None:
+    return frozenset()
+  nodes = {where: i for i, where in enumerate(sorted({w for f in facts for w in _wheres(f)}))}
+  seeds = [
+      (index, batch_axis)
+      for index in program.inputs[num_params:]
+      if len(program.avals[index].shape) > batch_axis
+  ]
+  for where in seeds:
+    nodes.setdefault(where, len(nodes))
+  pairs = [(nodes[f.first], nodes[f.second]) for f in facts if isinstance(f, rules.Unify)]
+  labels = _components(
+      len(nodes), [np.array([a for a, _ in pairs], np.int64)], [np.array([b for _, b in pairs], np.int64)]
+  )
+  batch_labels = {labels[nodes[where]] for where in seeds}
+  return frozenset(where for where, node in nodes.items() if labels[node] in batch_labels)
+
+
+def _wheres(fact):
+  if isinstance(fact, rules.Unify):
+    return (fact.first, fact.second)
+  if isinstance(fact, rules.Pin):
+    return (fact.where,)
+  return ()
+
+
+def _row(table, index: int, axis: int, size: int) -> np.ndarray:
+  axes = table[index]
+  return np.zeros(size, bool) if axes is None else axes[axis]
+
+
+def analyse(program: Program, values, num_params: int, batch_axis: int | None) -> Plan:
+  """The plan removing every unit of ``program`` that cannot change its outputs."""
+  avals = program.avals
+  facts = [fact for position, eqn in enumerate(program.eqns) for fact in rules.links(position, eqn, avals)]
+  reason = "an argument or output of the function"
+  for index in [*program.inputs[num_params:], *program.outputs]:
+    if not isinstance(index, Literal):
+      facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
+  batched = _batched_axes(program, facts, num_params, batch_axis)
+  merges = [fact for fact in facts if isinstance(fact, rules.Merge)]
+  for merge in merges:
+    if any((merge.source, d) in batched for d in merge.axes):
+      facts.append(rules.Pin((merge.target, merge.axis), "reshape merging the batch axis"))
+
+  positions = _Positions(avals)
+  pin_node = positions.size
+  edges_from, edges_to, pinned_by = [], [], {}
+  for fact in facts:
+    if isinstance(fact, rules.Unify):
+      edges_from.append(positions.of(fact.first))
+      edges_to.append(positions.of(fact.second)[: positions.shape(fact.first)] if fact.offset == 0 else positions.base[fact.second] + fact.offset + np.arange(positions.shape(fact.first)))
+    elif isinstance(fact, rules.Pin):
+      where = positions.of(fact.where)
+      edges_from.append(where)
+      edges_to.append(np.full(where.size, pin_node))
+      if where.size > 1:  # a size-1 axis being broadcast holds no unit worth reporting
+        pinned_by.setdefault(fact.reason, []).append(where)
+  component = _components(positions.size + 1, edges_from, edges_to)
+
+  varies, reads, linear_reads = _flow(program, values, num_params)
+  bad = np.zeros(component.max() + 1, bool)
+  bad[component[pin_node]] = True
+  dead = np.zeros(positions.size, bool)
+  for (index, axis), base in positions.base.items():
+    size = avals[index].shape[axis]
+    live = _row(varies, index, axis, size) & _row(reads, index, axis, size)
+    dead[base : base + size] = ~live
+    bad[component[base : base + size][live]] = True
+  contracts = [fact for fact in facts if isinstance(fact, rules.Contract)]
+  for fact in contracts:
+    if fact.operand != 0:
+      continue
+    lhs, rhs = program.eqns[fact.eqn].inputs
+    rhs_axis = _partner(contracts, fact)
+    size = avals[lhs].shape[fact.axis]
+    # A summed position adds nothing to the read outputs when the rhs reads no read output
+    # through it, or the lhs is zero and constant there; else its contribution must be a
+    # constant (both operands input-independent) to be folded.
+    reads_here = linear_reads[fact.eqn]
+    inert = ~_row(reads_here, 0, fact.axis, size) | ~_row(reads_here, 1, rhs_axis, size)
+    constant = ~_row(varies, lhs, fact.axis, size) & ~_row(varies, rhs, rhs_axis, size)
+    bad[component[positions.of((lhs, fact.axis))][~(inert | constant)]] = True
+  changed = True
+  while changed:
+    changed = False
+    for merge in merges:
+      target = bad[component[positions.of((merge.target, merge.axis))]]
+      grid = target.reshape([avals[merge.source].shape[d] for d in merge.axes])
+      for k, d in enumerate(merge.axes):
+        blocked = grid.any(axis=tuple(j for j in range(grid.ndim) if j != k))
+        ids = component[positions.of((merge.source, d))][blocked]
+        changed |= not bad[ids].all()
+        bad[ids] = True
+
+  removed = ~bad[component[:-1]]
+  keep = {}
+  for (index, axis), base in positions.base.items():
+    row = ~removed[base : base + avals[index].shape[axis]]
+    if not row.all():
+      keep.setdefault(index, [None] * len(avals[index].shape))[axis] = row
+  kept_by = {
+      reason: int(sum(dead[where].sum() for where in wheres)) for reason, wheres in pinned_by.items()
+  }
+  plan = Plan(keep, {}, {}, {}, batched, {r: n for r, n in kept_by.items() if n})
+  _fill_merges(program, plan, merges)
+  _fill_folds(program, values, varies, plan, contracts)
+  return plan
+
+
+def _partner(contracts, fact) -> int:
+  """The other operand's axis contracted with ``fact``'s axis (same order in the op)."""
+  own = [c.axis for c in contracts if c.eqn == fact.eqn and c.operand == fact.operand]
+  other = [c.axis for c in contracts if c.eqn == fact.eqn and c.operand != fact.operand]
+  return other[own.index(fact.axis)]
+
+
+def kept_row(plan: Plan, index: int, axis: int, size: int) -> np.ndarray:
+  """The kept positions of ``(index, axis)`` as a bool array of ``size``."""
+  rows = plan.keep.get(index)
+  row = None if rows is None else rows[axis]
+  return np.ones(size, bool) if row is None else row
+
+
+def _fill_merges(program: Program, plan: Plan, merges) -> None:
+  """Per flattening reshape: its merged axes, and a gather where single features go."""
+  by_eqn = {eqn.outputs[0]: position for position, eqn in enumerate(program.eqns)}
+  for merge in merges:
+    position = by_eqn[merge.target]
+    plan.merges.setdefault(position, {})[merge.axis] = merge.axes
+    sizes = [program.avals[merge.source].shape[d] for d in merge.axes]
+    components = [kept_row(plan, merge.source, d, size) for d, size in zip(merge.axes, sizes)]
+    flat_kept = kept_row(plan, merge.target, merge.axis, int(np.prod(sizes)))
+    survivors = rules.full_mask(sizes, components).reshape(-1)
+    if (flat_kept == survivors).all():
+      continue
+    # New index of each kept flattened feature among the survivors of its components.
+    renumber = np.cumsum(survivors) - 1
+    plan.gathers[position] = (merge.axis, renumber[flat_kept].astype(np.int32))
+
+
+def _fill_folds(program: Program, values, varies, plan: Plan, contracts) -> None:
+  """Per linear op that loses constant inputs, the constant they added to its output."""
+  for position in sorted({fact.eqn for fact in contracts}):
+    eqn = program.eqns[position]
+    own = [(fact.operand, fact.axis) for fact in contracts if fact.eqn == position]
+    operands = []
+    for operand, x in enumerate(eqn.inputs):
+      shape = program.avals[x].shape
+      rows = [np.ones(size, bool) for size in shape]
+      gone = np.zeros(shape, bool)
+      for k, axis in own:
+        if k == operand:
+          removed = ~kept_row(plan, x, axis, shape[axis])
+          gone |= rules.full_mask(shape, [removed if d == axis else rows[d] for d in range(len(shape))])
+      # Varying removed inputs reach only unread outputs: leave them out of the constant.
+      gone &= ~rules.full_mask(shape, varies[x])
+      operands.append(np.where(gone, np.asarray(values[x]), 0))
+    if not any(o.any() for o in operands):
+      continue
+    constant = np.asarray(eqn.primitive.bind(*operands, **eqn.params))
+    if not constant.any():
+      continue
+    out = eqn.outputs[0]
+    for axis, size in enumerate(constant.shape):
+      batch = (out, axis) in plan.batched
+      if batch or (size > 1 and (constant == constant.take([0], axis)).all()):
+        constant = constant.take([0], axis)
+      else:
+        constant = constant.compress(kept_row(plan, out, axis, size), axis)
+    plan.folds[position] = constant

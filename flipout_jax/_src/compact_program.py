@@ -1,0 +1,139 @@
+"""A traced function as one flat program: the form that compaction reads and rewrites.
+
+``jax.make_jaxpr`` gives a jaxpr whose equations may hold nested jaxprs (``jit``, custom
+derivatives, ``closed_call``, ``checkpoint``). Compaction follows feature axes across all of
+them, so it inlines every call into one flat list of equations over integer value ids, as in
+JAX's guide "Writing custom Jaxpr interpreters". Custom derivative rules are dropped on the
+way: the compact program differentiates through their primal computation (for ``jax.nn.relu``
+that is ``max(x, 0)``, whose derivative at exactly 0 is 0.5 instead of 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+# Call-like primitives whose body is inlined, and the parameter holding that body.
+_CALL_BODIES = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+}
+
+
+class Literal(NamedTuple):
+  """A constant operand written into an equation (a scalar in practice)."""
+
+  value: Any
+
+
+class Eqn(NamedTuple):
+  """One primitive application: operands are value ids or literals; outputs are value ids."""
+
+  primitive: jex_core.Primitive
+  inputs: tuple[int | Literal, ...]
+  outputs: tuple[int, ...]
+  params: dict
+
+
+class Program(NamedTuple):
+  """A flat program over value ids ``0 .. len(avals) - 1``.
+
+  Attributes:
+    eqns: the equations in execution order.
+    avals: each value's abstract value (shape and dtype).
+    inputs: the ids of the program's inputs (the flattened ``(params, *args)``).
+    outputs: the ids (or literals) of its flattened outputs.
+    consts: values captured by the traced function (a closure's arrays), by id.
+    out_tree: the tree structure of the traced function's output.
+  """
+
+  eqns: tuple[Eqn, ...]
+  avals: tuple[Any, ...]
+  inputs: tuple[int, ...]
+  outputs: tuple[int | Literal, ...]
+  consts: dict[int, Any]
+  out_tree: Any
+
+
+def _body(eqn) -> jex_core.ClosedJaxpr | None:
+  key = _CALL_BODIES.get(eqn.primitive.name)
+  body = eqn.params.get(key) if key else None
+  if isinstance(body, jex_core.Jaxpr):
+    return jex_core.ClosedJaxpr(body, ())
+  return body
+
+
+def trace(fn: Callable, *args) -> Program:
+  """Traces ``fn(*args)`` and inlines every nested call into one flat program."""
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  avals: list = []
+  eqns: list[Eqn] = []
+  consts: dict[int, Any] = {}
+
+  def new_value(aval) -> int:
+    avals.append(aval)
+    return len(avals) - 1
+
+  def inline(jaxpr: jex_core.Jaxpr, const_values: Sequence, operands: Sequence) -> list:
+    env: dict = {}
+    for var, value in zip(jaxpr.constvars, const_values):
+      env[var] = new_value(var.aval)
+      consts[env[var]] = value
+    env.update(zip(jaxpr.invars, operands))
+    read = lambda atom: Literal(atom.val) if isinstance(atom, jex_core.Literal) else env[atom]
+    for eqn in jaxpr.eqns:
+      operands_here = [read(atom) for atom in eqn.invars]
+      body = _body(eqn)
+      if body is not None:
+        env.update(zip(eqn.outvars, inline(body.jaxpr, body.consts, operands_here)))
+        continue
+      outputs = tuple(new_value(var.aval) for var in eqn.outvars)
+      env.update(zip(eqn.outvars, outputs))
+      eqns.append(Eqn(eqn.primitive, tuple(operands_here), outputs, dict(eqn.params)))
+    return [read(atom) for atom in jaxpr.outvars]
+
+  inputs = tuple(new_value(var.aval) for var in closed.jaxpr.invars)
+  outputs = inline(closed.jaxpr, closed.consts, inputs)
+  out_tree = jax.tree.structure(out_shape)
+  return Program(tuple(eqns), tuple(avals), inputs, tuple(outputs), consts, out_tree)
+
+
+def evaluate(program: Program, inputs: Sequence) -> list:
+  """Every value of ``program`` run on ``inputs`` (concretely: the analysis reads them)."""
+  values: list = [None] * len(program.avals)
+  for index, value in zip(program.inputs, inputs):
+    values[index] = value
+  for index, value in program.consts.items():
+    values[index] = value
+  for eqn in program.eqns:
+    operands = [x.value if isinstance(x, Literal) else values[x] for x in eqn.inputs]
+    outs = eqn.primitive.bind(*operands, **eqn.params)
+    for index, value in zip(eqn.outputs, outs if eqn.primitive.multiple_results else [outs]):
+      values[index] = value
+  return values
+
+
+def same_structure(first: Program, second: Program) -> bool:
+  """Whether two traces are the same program up to the sizes of their values."""
+  if len(first.eqns) != len(second.eqns) or len(first.avals) != len(second.avals):
+    return False
+  if first.inputs != second.inputs or first.outputs != second.outputs:
+    return False
+  ranks = lambda program: [np.ndim(aval) if not hasattr(aval, "shape") else len(aval.shape) for aval in program.avals]
+  if ranks(first) != ranks(second):
+    return False
+  return all(
+      a.primitive is b.primitive and a.inputs == b.inputs and a.outputs == b.outputs
+      for a, b in zip(first.eqns, second.eqns)
+  )

@@ -1,0 +1,487 @@
+"""Per-primitive rules of the compaction analysis: how each op maps, mixes and combines units.
+
+Every axis of every value is a row of positions. For each primitive a rule says:
+
+* ``links``: which operand positions are the same unit as which output positions (``Unify``,
+  with an offset for concatenations), which axes it mixes so that no position on them may go
+  (``Pin``, with the reason the report shows), which input axes a reshape merges into one
+  output axis (``Merge``: a flattened feature is a sub-unit of each of its components), and
+  which axes a linear op contracts (``Contract``: there a removed constant is folded).
+* ``forward``: which positions vary with the model's input. Variation is tracked as a product
+  of per-axis masks (``Axes``: one bool array per axis, or None for a value that does not
+  depend on the input at all), a sound over-approximation: the elements that vary lie in the
+  product of the per-axis sets.
+* ``backward``: which positions the outputs depend on, in the same product form.
+
+Linear ops (``dot_general``, ``conv_general_dilated``) compute both exactly from the concrete
+values: a position varies if it reads, through a nonzero weight, a varying one, which the op
+itself computes on 0/1 indicators (and its transpose, through ``jax.vjp``, for the backward
+direction). Primitives without a rule mix every axis: all their positions are pinned.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from flipout_jax._src.compact_program import Eqn, Literal
+
+Axes = list | None  # per-axis bool masks, or None: nothing varies (forward) / is read (backward)
+
+
+class Unify(NamedTuple):
+  """Positions ``offset + i`` of ``(value, axis)`` ``second`` are the unit at ``i`` of ``first``."""
+
+  first: tuple[int, int]
+  second: tuple[int, int]
+  offset: int = 0
+
+
+class Pin(NamedTuple):
+  """Every position of ``(value, axis)`` is kept; ``reason`` names the op."""
+
+  where: tuple[int, int]
+  reason: str
+
+
+class Merge(NamedTuple):
+  """A reshape flattening ``source`` axes ``axes`` into ``target`` axis ``axis``."""
+
+  source: int
+  axes: tuple[int, ...]
+  target: int
+  axis: int
+
+
+class Contract(NamedTuple):
+  """Operand ``operand`` of equation ``eqn`` is summed over along ``axis`` by a linear op."""
+
+  eqn: int
+  operand: int
+  axis: int
+
+
+ELEMENTWISE = frozenset("""
+abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
+copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag
+integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
+real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
+tanh xor
+""".split())
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin".split()
+)
+_WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min reduce_window".split())
+_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+
+
+def shape_of(avals, atom) -> tuple[int, ...]:
+  return () if isinstance(atom, Literal) else tuple(avals[atom].shape)
+
+
+def full_mask(shape, axes: Axes) -> np.ndarray:
+  """The product mask of ``axes`` as a bool array of ``shape``."""
+  if axes is None:
+    return np.zeros(shape, bool)
+  mask = np.ones(shape, bool)
+  for axis, row in enumerate(axes):
+    mask = mask & row.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+  return mask
+
+
+def project(mask: np.ndarray) -> Axes:
+  """The smallest product of per-axis masks containing ``mask``'s True elements."""
+  if not mask.any():
+    return None
+  dims = range(mask.ndim)
+  return [mask.any(axis=tuple(d for d in dims if d != axis)) for axis in dims]
+
+
+def _everything(shape, axes_or_flag) -> Axes:
+  return None if axes_or_flag is None else [np.ones(size, bool) for size in shape]
+
+
+def _union(shape, contributions) -> Axes:
+  """The product hull of several ``Axes`` of one shape (None entries ignored)."""
+  present = [axes for axes in contributions if axes is not None]
+  if not present:
+    return None
+  return [np.logical_or.reduce([axes[d] for axes in present]) for d in range(len(shape))]
+
+
+def _fit(size: int, row: np.ndarray) -> np.ndarray:
+  """``row`` (a mask of one axis) stretched to ``size`` when it is a broadcast size-1 axis."""
+  return row if row.size == size else np.full(size, row.any())
+
+
+# ---------------------------------------------------------------------------------------------
+# Links.
+# ---------------------------------------------------------------------------------------------
+
+
+def _reshape_groups(source, target):
+  """Pairs (source axes, target axes) whose sizes multiply to the same number, matched from
+  the last axis (equal sizes pair first, so a bias ``(n,)`` reshaped to ``(1, n)`` keeps its
+  axis); size-1 axes left unpaired are in no group. None when some size is 0."""
+  if 0 in source or 0 in target:
+    return None
+  groups, a, b = [], len(source) - 1, len(target) - 1
+  while a >= 0 and b >= 0:
+    if source[a] == target[b]:
+      groups.append(((a,), (b,)))
+      a, b = a - 1, b - 1
+    elif source[a] == 1:
+      a -= 1
+    elif target[b] == 1:
+      b -= 1
+    else:
+      group_in, group_out = [a], [b]
+      left, right = source[a], target[b]
+      a, b = a - 1, b - 1
+      while left != right:
+        if left < right:
+          group_in.append(a)
+          left, a = left * source[a], a - 1
+        else:
+          group_out.append(b)
+          right, b = right * target[b], b - 1
+      groups.append((tuple(reversed(group_in)), tuple(reversed(group_out))))
+  return groups
+
+
+def _pin_all(eqn: Eqn, avals, reason: str) -> list:
+  atoms = [x for x in eqn.inputs if not isinstance(x, Literal)] + list(eqn.outputs)
+  return [Pin((x, d), reason) for x in atoms for d in range(len(avals[x].shape))]
+
+
+def _elementwise_links(eqn: Eqn, avals, out: int) -> list:
+  links = []
+  shape = avals[out].shape
+  for x in eqn.inputs:
+    if isinstance(x, Literal) or len(avals[x].shape) != len(shape):
+      continue
+    for d, size in enumerate(avals[x].shape):
+      if size == shape[d]:
+        links.append(Unify((out, d), (x, d)))
+      else:
+        links.append(Pin((x, d), f"{eqn.primitive.name} broadcasting a size-1 axis"))
+  return links
+
+
+def _axis_is_passed(eqn: Eqn, d: int, size: int) -> bool:
+  """Whether a windowed, padding or slicing op leaves axis ``d`` (of ``size``) unchanged."""
+  p = eqn.params
+  name = eqn.primitive.name
+  if name in _CUMULATIVE:
+    return d != p["axis"]
+  if name in _WINDOWED:
+    ones = lambda key: tuple(p.get(key) or (1,) * (d + 1))[d] == 1
+    return (
+        p["window_dimensions"][d] == 1
+        and p["window_strides"][d] == 1
+        and tuple(p["padding"][d]) == (0, 0)
+        and ones("base_dilation")
+        and ones("window_dilation")
+    )
+  if name == "pad":
+    return tuple(p["padding_config"][d]) == (0, 0, 0)
+  if name == "slice":
+    stride = (p["strides"] or (1,) * (d + 1))[d]
+    return p["start_indices"][d] == 0 and p["limit_indices"][d] == size and stride == 1
+  return False
+
+
+def links(index: int, eqn: Eqn, avals) -> list:
+  """The ``Unify``, ``Pin``, ``Merge`` and ``Contract`` facts of equation ``index``."""
+  name = eqn.primitive.name
+  p = eqn.params
+  ins = eqn.inputs
+  out = eqn.outputs[0]
+  out_shape = avals[out].shape
+  if name in ELEMENTWISE:
+    return _elementwise_links(eqn, avals, out)
+  if name == "broadcast_in_dim":
+    result = []
+    for d, target in enumerate(p["broadcast_dimensions"]):
+      if avals[ins[0]].shape[d] == out_shape[target]:
+        result.append(Unify((out, target), (ins[0], d)))
+      else:
+        result.append(Pin((ins[0], d), "broadcast_in_dim of a size-1 axis"))
+    return result
+  if name == "reshape":
+    groups = _reshape_groups(avals[ins[0]].shape, out_shape)
+    if groups is None or p.get("dimensions") is not None:
+      return _pin_all(eqn, avals, "reshape of an empty or reordered value")
+    grouped_in = {d for group_in, _ in groups for d in group_in}
+    grouped_out = {d for _, group_out in groups for d in group_out}
+    reason = "reshape adding or removing a size-1 axis"
+    result = [Pin((ins[0], d), reason) for d in range(len(avals[ins[0]].shape)) if d not in grouped_in]
+    result += [Pin((out, d), reason) for d in range(len(out_shape)) if d not in grouped_out]
+    for group_in, group_out in groups:
+      if len(group_in) == 1 and len(group_out) == 1:
+        result.append(Unify((out, group_out[0]), (ins[0], group_in[0])))
+      elif len(group_out) == 1:
+        result.append(Merge(ins[0], group_in, out, group_out[0]))
+      else:
+        reason = "reshape splitting an axis"
+        result += [Pin((ins[0], d), reason) for d in group_in]
+        result += [Pin((out, d), reason) for d in group_out]
+    return result
+  if name == "transpose":
+    return [Unify((out, d), (ins[0], source)) for d, source in enumerate(p["permutation"])]
+  if name == "squeeze":
+    kept = [d for d in range(len(avals[ins[0]].shape)) if d not in p["dimensions"]]
+    return [Unify((out, d), (ins[0], source)) for d, source in enumerate(kept)]
+  if name == "concatenate":
+    result, offset, axis = [], 0, p["dimension"]
+    for x in ins:
+      for d in range(len(out_shape)):
+        result.append(Unify((x, d), (out, d), offset if d == axis else 0))
+      offset += avals[x].shape[axis]
+    return result
+  if name in _REDUCTIONS:
+    kept = [d for d in range(len(avals[ins[0]].shape)) if d not in p["axes"]]
+    result = [Pin((ins[0], d), f"{name} over axis {d}") for d in p["axes"]]
+    return result + [Unify((out, d), (ins[0], source)) for d, source in enumerate(kept)]
+  if name in _WINDOWED | _CUMULATIVE | {"pad", "slice"}:
+    result = []
+    for d, size in enumerate(avals[ins[0]].shape):
+      if _axis_is_passed(eqn, d, size):
+        result += [Unify((out, d), (x, d)) for x in ins if len(shape_of(avals, x)) == len(out_shape)]
+      else:
+        reason = f"{name} along axis {d}"
+        result += [Pin((x, d), reason) for x in ins if len(shape_of(avals, x)) == len(out_shape)]
+        result.append(Pin((out, d), reason))
+    return result
+  if name == "dot_general":
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = p["dimension_numbers"]
+    lhs, rhs = ins
+    result = [Unify((lhs, a), (rhs, b)) for a, b in zip(lhs_c, rhs_c)]
+    result += [Contract(index, 0, a) for a in lhs_c] + [Contract(index, 1, b) for b in rhs_c]
+    result += [Unify((out, k), (lhs, a)) for k, a in enumerate(lhs_b)]
+    result += [Unify((out, k), (rhs, b)) for k, b in enumerate(rhs_b)]
+    lhs_free = [d for d in range(len(avals[lhs].shape)) if d not in (*lhs_c, *lhs_b)]
+    rhs_free = [d for d in range(len(avals[rhs].shape)) if d not in (*rhs_c, *rhs_b)]
+    free = [(lhs, d) for d in lhs_free] + [(rhs, d) for d in rhs_free]
+    return result + [Unify((out, len(lhs_b) + k), where) for k, where in enumerate(free)]
+  if name == "conv_general_dilated":
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs, rhs = ins
+    result = [Unify((out, out_spec[0]), (lhs, lhs_spec[0]))]
+    reason = "conv_general_dilated: spatial axis"
+    for spec, x in ((lhs_spec, lhs), (rhs_spec, rhs), (out_spec, out)):
+      result += [Pin((x, d), reason) for d in spec[2:]]
+    if p["feature_group_count"] == 1 and p["batch_group_count"] == 1:
+      result.append(Unify((lhs, lhs_spec[1]), (rhs, rhs_spec[1])))
+      result += [Contract(index, 0, lhs_spec[1]), Contract(index, 1, rhs_spec[1])]
+      return result + [Unify((out, out_spec[1]), (rhs, rhs_spec[0]))]
+    reason = "grouped convolution"
+    features = ((lhs, lhs_spec[1]), (rhs, rhs_spec[1]), (rhs, rhs_spec[0]), (out, out_spec[1]))
+    return result + [Pin(where, reason) for where in features]
+  return _pin_all(eqn, avals, f"{name} (no compaction rule)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward (what varies) and backward (what is read) for the shape-mapping primitives.
+# ---------------------------------------------------------------------------------------------
+
+
+def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
+  """Output variation of the ops that move positions without summing them (None: not one)."""
+  name = eqn.primitive.name
+  p = eqn.params
+  ins = eqn.inputs
+  shape = avals[eqn.outputs[0]].shape
+  if name in ELEMENTWISE:
+    contributions = []
+    for x, axes in zip(ins, axes_in):
+      if axes is None:
+        continue
+      if not axes:  # a varying scalar varies everything
+        contributions.append(_everything(shape, True))
+      else:
+        contributions.append([_fit(shape[d], axes[d]) for d in range(len(shape))])
+    return _union(shape, contributions)
+  first = axes_in[0]
+  if first is None and name not in ("concatenate",):
+    return None
+  if name == "broadcast_in_dim":
+    result = [np.ones(size, bool) for size in shape]
+    for d, target in enumerate(p["broadcast_dimensions"]):
+      result[target] = _fit(shape[target], first[d])
+    return result
+  if name == "reshape":
+    return _regroup(avals[ins[0]].shape, shape, first)
+  if name == "transpose":
+    return [first[source] for source in p["permutation"]]
+  if name == "squeeze":
+    return [row for d, row in enumerate(first) if d not in p["dimensions"]]
+  if name == "concatenate":
+    axis = p["dimension"]
+    rows = [full if axes is None else axes for axes, full in zip(axes_in, _zeros(avals, ins))]
+    if all(axes is None for axes in axes_in):
+      return None
+    result = [np.logical_or.reduce([r[d] for r in rows]) for d in range(len(shape))]
+    result[axis] = np.concatenate([r[axis] for r in rows])
+    return result
+  if name in _REDUCTIONS:
+    return [row for d, row in enumerate(first) if d not in p["axes"]]
+  if name == "slice":
+    stride = p["strides"] or (1,) * len(shape)
+    return [
+        row[start:limit:step]
+        for row, start, limit, step in zip(first, p["start_indices"], p["limit_indices"], stride)
+    ]
+  if name in _WINDOWED | _CUMULATIVE | {"pad"}:
+    source = avals[ins[0]].shape
+    passed = [_axis_is_passed(eqn, d, size) for d, size in enumerate(source)]
+    return [first[d] if passed[d] else np.ones(size, bool) for d, size in enumerate(shape)]
+  return _everything(shape, True)
+
+
+def _zeros(avals, ins) -> list:
+  return [[np.zeros(size, bool) for size in shape_of(avals, x)] for x in ins]
+
+
+def _regroup(source, target, axes: list) -> Axes:
+  """Per-axis masks of ``source`` carried through a reshape to ``target`` (exact per group)."""
+  groups = _reshape_groups(source, target)
+  if groups is None:
+    return _everything(target, True)
+  result = [np.ones(size, bool) for size in target]
+  for group_in, group_out in groups:
+    grid = full_mask([source[d] for d in group_in], [axes[d] for d in group_in])
+    moved = project(grid.reshape([target[d] for d in group_out]))
+    if moved is None:
+      return None
+    for d, row in zip(group_out, moved):
+      result[d] = row
+  return result
+
+
+def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
+  """Per operand, the positions the output reads (the ops of ``_map_forward``)."""
+  name = eqn.primitive.name
+  p = eqn.params
+  ins = eqn.inputs
+  shapes = [shape_of(avals, x) for x in ins]
+  if axes_out is None:
+    return [None for _ in ins]
+  if name in ELEMENTWISE:
+    return [[_fit(size, axes_out[d]) for d, size in enumerate(shape)] for shape in shapes]
+  shape = shapes[0]
+  if name == "broadcast_in_dim":
+    return [[_fit(shape[d], axes_out[t]) for d, t in enumerate(p["broadcast_dimensions"])]]
+  if name == "reshape":
+    return [_regroup(avals[eqn.outputs[0]].shape, shape, axes_out)]
+  if name == "transpose":
+    inverse = np.argsort(p["permutation"])
+    return [[axes_out[k] for k in inverse]]
+  if name == "squeeze":
+    rows = iter(axes_out)
+    return [[np.ones(1, bool) if d in p["dimensions"] else next(rows) for d in range(len(shape))]]
+  if name == "concatenate":
+    axis, result, offset = p["dimension"], [], 0
+    for s in shapes:
+      rows = list(axes_out)
+      rows[axis] = axes_out[axis][offset : offset + s[axis]]
+      offset += s[axis]
+      result.append(None if not rows[axis].any() else rows)
+    return result
+  if name in _REDUCTIONS:
+    rows = iter(axes_out)
+    return [[np.ones(size, bool) if d in p["axes"] else next(rows) for d, size in enumerate(shape)]]
+  if name == "slice":
+    stride = p["strides"] or (1,) * len(shape)
+    rows = []
+    for d, size in enumerate(shape):
+      row = np.zeros(size, bool)
+      row[p["start_indices"][d] : p["limit_indices"][d] : stride[d]] = axes_out[d]
+      rows.append(row)
+    return [project(full_mask(shape, rows))] + [[] for _ in ins[1:]]
+  if name in _WINDOWED | _CUMULATIVE | {"pad"}:
+    result = []
+    for x, s in zip(ins, shapes):
+      if len(s) != len(shape):
+        result.append([])  # a scalar operand (init value, padding value) is read
+        continue
+      passed = [_axis_is_passed(eqn, d, size) for d, size in enumerate(shape)]
+      result.append([axes_out[d] if passed[d] else np.ones(size, bool) for d, size in enumerate(s)])
+    return result
+  return [_everything(s, True) for s in shapes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear ops, on 0/1 indicators of the concrete values.
+# ---------------------------------------------------------------------------------------------
+
+LINEAR = frozenset(("dot_general", "conv_general_dilated"))
+
+
+def bind_linear(eqn: Eqn, lhs, rhs):
+  """``eqn``'s op on float32 operands, in full precision (indicator sums are exact)."""
+  params = dict(eqn.params, preferred_element_type=np.float32)
+  params["precision"] = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  return eqn.primitive.bind(jax.numpy.asarray(lhs, np.float32), jax.numpy.asarray(rhs, np.float32), **params)
+
+
+def _indicators(eqn: Eqn, avals, values, axes_in):
+  """Per operand: (varying, nonzero-or-varying) as float32 arrays of its shape."""
+  result = []
+  for x, axes in zip(eqn.inputs, axes_in):
+    varying = full_mask(avals[x].shape, axes)
+    result.append((varying.astype(np.float32), ((np.asarray(values[x]) != 0) | varying).astype(np.float32)))
+  return result
+
+
+def _linear_forward(eqn: Eqn, avals, values, axes_in) -> Axes:
+  if all(axes is None for axes in axes_in):
+    return None
+  (lhs_vary, lhs_live), (rhs_vary, rhs_live) = _indicators(eqn, avals, values, axes_in)
+  reached = bind_linear(eqn, lhs_vary, rhs_live) + bind_linear(eqn, lhs_live, rhs_vary)
+  return project(np.asarray(reached) > 0)
+
+
+def _linear_backward(eqn: Eqn, avals, values, axes_in, axes_out) -> list[Axes]:
+  if axes_out is None:
+    return [None, None]
+  (_, lhs_live), (_, rhs_live) = _indicators(eqn, avals, values, axes_in)
+  read = full_mask(avals[eqn.outputs[0]].shape, axes_out).astype(np.float32)
+  _, pull_lhs = jax.vjp(lambda lhs: bind_linear(eqn, lhs, rhs_live), np.zeros_like(lhs_live))
+  _, pull_rhs = jax.vjp(lambda rhs: bind_linear(eqn, lhs_live, rhs), np.zeros_like(rhs_live))
+  return [project(np.asarray(pull(read)[0]) > 0) for pull in (pull_lhs, pull_rhs)]
+
+
+def forward(eqn: Eqn, avals, values, axes_in: list[Axes]) -> list[Axes]:
+  """Which positions of each output vary with the model's input."""
+  if all(axes is None for axes in axes_in):
+    return [None for _ in eqn.outputs]  # a function of constants is a constant
+  name = eqn.primitive.name
+  if name in LINEAR:
+    return [_linear_forward(eqn, avals, values, axes_in)]
+  known = name in ELEMENTWISE or name in _MAPPING
+  if not known or eqn.primitive.multiple_results:
+    return [_everything(avals[x].shape, True) for x in eqn.outputs]
+  return [_map_forward(eqn, avals, axes_in)]
+
+
+def backward(eqn: Eqn, avals, values, axes_in, axes_out: list[Axes]) -> list[Axes]:
+  """Which positions of each operand the outputs read (``axes_in``: operands' variation)."""
+  name = eqn.primitive.name
+  if name in LINEAR:
+    return _linear_backward(eqn, avals, values, axes_in, axes_out[0])
+  known = name in ELEMENTWISE or name in _MAPPING
+  if not known or eqn.primitive.multiple_results:
+    read = any(axes is not None for axes in axes_out)
+    return [_everything(shape_of(avals, x), True if read else None) for x in eqn.inputs]
+  return _map_backward(eqn, avals, axes_out[0])
+
+
+_MAPPING = (
+    frozenset(("broadcast_in_dim", "reshape", "transpose", "squeeze", "concatenate", "slice", "pad"))
+    | _REDUCTIONS
+    | _WINDOWED
+    | _CUMULATIVE
+)
