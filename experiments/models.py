@@ -222,7 +222,7 @@ class _DenseStack(nnx.Module):
     self.input_features = None if input_features is None else tuple(input_features)
     if self.input_features is not None:
       bounds = (-1, *self.input_features, in_features)
-      if len(bounds) == 2 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+      if any(a >= b for a, b in zip(bounds, bounds[1:])):  # () reads nothing: no live input
         raise ValueError(f"input_features must be increasing indices below {in_features}")
       in_features = len(self.input_features)
     widths = (in_features, *hidden_widths, num_classes)

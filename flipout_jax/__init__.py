@@ -14,6 +14,10 @@ at a few pruning events. Typical use::
 
 from flipout_jax._src.baselines import hoyer_square
 from flipout_jax._src.baselines import snip
+from flipout_jax._src.compact import Compacted
+from flipout_jax._src.compact import CompactionReport
+from flipout_jax._src.compact import LayerCompaction
+from flipout_jax._src.compact import compact
 from flipout_jax._src.criteria import flipout_scores
 from flipout_jax._src.criteria import magnitude_scores
 from flipout_jax._src.criteria import random_scores
@@ -39,11 +43,15 @@ from flipout_jax._src.report import summary
 __version__ = "0.1.0"
 
 __all__ = (
+    "Compacted",
+    "CompactionReport",
     "GradientNoiseState",
+    "LayerCompaction",
     "LayerReport",
     "PruneState",
     "Summary",
     "apply_masks",
+    "compact",
     "cubic_event_steps",
     "event_steps",
     "export",

@@ -36,22 +36,28 @@ class Compacted(NamedTuple):
       moments, ``PruneState`` masks and flip counts) to the same tree cut like ``params``.
     report: per linear op, widths, parameters and FLOPs before and after, and which ops kept
       units that carry nothing.
+    kept: a tree shaped like the params; at each leaf, per axis, the indices (NumPy int
+      arrays) of the original positions that compaction kept: which units survive.
   """
 
   params: Any
   apply: Callable
   shrink: Callable
   report: report_lib.CompactionReport
+  kept: Any
 
 
 def _cut(value, rows):
-  """``value`` keeping, along each axis with a row, the positions the row marks."""
+  """``value`` keeping, along each axis with a row, the positions the row marks (on host for
+  concrete arrays: a device gather would compile once per shape)."""
   if rows is None:
     return value
+  concrete = not isinstance(value, jax.core.Tracer)
+  cut = np.asarray(value) if concrete else value
   for axis, row in enumerate(rows):
     if row is not None:
-      value = jnp.compress(row, value, axis=axis) if not isinstance(value, np.ndarray) else value.compress(row, axis)
-  return value
+      cut = (np if concrete else jnp).take(cut, np.flatnonzero(row), axis=axis)
+  return jnp.asarray(cut) if concrete and not isinstance(value, np.ndarray) else cut
 
 
 def _new_shape(program: Program, plan: analysis.Plan, index: int) -> tuple[int, ...]:
@@ -93,7 +99,7 @@ def _run(program: Program, plan: analysis.Plan, inputs) -> list:
   for position, eqn in enumerate(program.eqns):
     outs = eqn.primitive.bind(*map(read, eqn.inputs), **_resized_params(program, plan, position))
     outs = list(outs) if eqn.primitive.multiple_results else [outs]
-    if position in plan.folds:
+    if position in plan.folds and position not in plan.absorbed:
       outs[0] = outs[0] + plan.folds[position].astype(outs[0].dtype)
     if position in plan.gathers:
       axis, indices = plan.gathers[position]
@@ -185,22 +191,38 @@ def _cutter(params_tree, keeps, shapes):
   return shrink
 
 
-def _compact_once(apply_fn, params, args, batch_axis):
+def _absorb(params, plan: analysis.Plan):
+  """Compact ``params`` with the absorbed constants added to their biases and means."""
+  leaves, params_tree = jax.tree.flatten(params)
+  for position, (leaf, sign) in plan.absorbed.items():
+    shift = np.asarray(plan.folds[position], np.float64).reshape(-1)
+    leaves[leaf] = jnp.asarray(
+        np.asarray(leaves[leaf], np.float64) + sign * shift, leaves[leaf].dtype
+    )
+  return params_tree.unflatten(leaves)
+
+
+def _compact_once(apply_fn, params, args, batch_axis, constants):
   param_leaves, params_tree = jax.tree.flatten(params)
   arg_leaves = jax.tree.leaves(args)
   program = trace(apply_fn, params, *args)
-  values = evaluate(program, [*param_leaves, *arg_leaves])
-  plan = analysis.analyse(program, values, len(param_leaves), batch_axis)
+  values = jax.jit(lambda inputs: evaluate(program, inputs))([*param_leaves, *arg_leaves])
+  plan = analysis.analyse(program, values, len(param_leaves), batch_axis, constants)
   keeps = [plan.keep.get(index) for index in program.inputs[: len(param_leaves)]]
   shapes = [np.shape(leaf) for leaf in param_leaves]
   shrink = _cutter(params_tree, keeps, shapes)
   shapes_dtypes = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in param_leaves]
   apply = _make_apply(apply_fn, program, plan, params_tree, shapes_dtypes)
-  return program, plan, shrink, apply
+  return program, plan, shrink, apply, keeps
 
 
 def compact(
-    apply_fn: Callable, params: Any, *example_args, batch_axis: int | None = 0, max_rounds: int = 8
+    apply_fn: Callable,
+    params: Any,
+    *example_args,
+    batch_axis: int | None = 0,
+    constants: str = "program",
+    max_rounds: int = 8,
 ) -> Compacted:
   """Removes every unit of ``apply_fn``'s model that cannot change its outputs.
 
@@ -237,6 +259,12 @@ def compact(
       once on them (a small batch suffices; the result does not depend on their values).
     batch_axis: the axis of every argument leaf whose size may change between calls of
       ``compacted.apply`` (a new size retraces ``apply_fn``); None: shapes are fixed.
+    constants: where removed units' constants go. ``"program"``: into a bias or
+      normalisation offset of the params where one takes it (an op's output going only into
+      ``+ bias`` or ``- mean``), else into ``compacted.apply`` as a constant.
+      ``"params"``: only into params; units whose constant none takes are kept, so that
+      ``compacted.params`` alone, in the model's own code at the compact widths, gives the
+      same outputs.
     max_rounds: most analysis rounds.
 
   Returns:
@@ -244,12 +272,14 @@ def compact(
 
   Raises:
     TypeError: ``apply_fn`` is not callable, or a params leaf is not an array.
-    ValueError: ``batch_axis`` or ``max_rounds`` is out of range.
+    ValueError: ``batch_axis``, ``constants`` or ``max_rounds`` is out of range.
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   if batch_axis is not None and (not isinstance(batch_axis, int) or batch_axis < 0):
     raise ValueError(f"batch_axis must be None or an int >= 0, got {batch_axis!r}")
+  if constants not in ("program", "params"):
+    raise ValueError(f"constants must be 'program' or 'params', got {constants!r}")
   if not isinstance(max_rounds, int) or max_rounds < 1:
     raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -259,13 +289,21 @@ def compact(
       )
   first_program = None
   shrinks, apply, current, rounds = [], apply_fn, params, 0
+  leaves, params_tree = jax.tree.flatten(params)
+  kept = [tuple(np.arange(size) for size in np.shape(leaf)) for leaf in leaves]
   for _ in range(max_rounds):
-    program, plan, shrink, next_apply = _compact_once(apply, current, example_args, batch_axis)
+    program, plan, shrink, next_apply, keeps = _compact_once(
+        apply, current, example_args, batch_axis, constants
+    )
     first_program = first_program or program
     if not plan.keep:  # removes nothing: the fixed point
       break
+    kept = [
+        indices if rows is None else tuple(i if r is None else i[r] for i, r in zip(indices, rows))
+        for indices, rows in zip(kept, keeps)
+    ]
     shrinks.append(shrink)
-    apply, current, rounds = next_apply, shrink(current), rounds + 1
+    apply, current, rounds = next_apply, _absorb(shrink(current), plan), rounds + 1
 
   def shrink_all(tree):
     for shrink in shrinks:
@@ -276,4 +314,4 @@ def compact(
   arg_leaves = jax.tree.leaves(example_args)
   examples = 1 if batch_axis is None or not arg_leaves else np.shape(arg_leaves[0])[batch_axis]
   report = report_lib.build(first_program, final_program, params, current, plan, rounds, examples)
-  return Compacted(current, apply, shrink_all, report)
+  return Compacted(current, apply, shrink_all, report, params_tree.unflatten(kept))

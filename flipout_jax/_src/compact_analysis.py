@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from flipout_jax._src import compact_linear as linear
 from flipout_jax._src import compact_rules as rules
 from flipout_jax._src.compact_program import Literal, Program
 
@@ -37,6 +38,8 @@ class Plan(NamedTuple):
     gathers: per reshape equation index, ``(axis, indices)`` of the flattened features kept
       of the reshape's output.
     merges: per reshape equation index, ``{output axis: merged input axes}``.
+    absorbed: per fold a param takes instead (``folds`` still holds it), ``(param leaf
+      number, sign)``: the leaf (a bias or a normalisation's mean) gets ``sign * constant``.
     batched: the (value, axis) pairs tied to the arguments' batch axis (sizes that may change
       from call to call).
     kept_by: per pin reason, how many positions it kept that were otherwise removable.
@@ -46,6 +49,7 @@ class Plan(NamedTuple):
   folds: dict
   gathers: dict
   merges: dict
+  absorbed: dict
   batched: frozenset
   kept_by: dict
 
@@ -71,9 +75,17 @@ def _flow(program: Program, values, num_params: int):
   for position, index in enumerate(program.inputs):
     if position >= num_params:
       varies[index] = [np.ones(size, bool) for size in avals[index].shape]
-  operand_axes = lambda eqn, table: [None if isinstance(x, Literal) else table[x] for x in eqn.inputs]
+  operand_axes = lambda eqn, table: [
+      None if isinstance(x, Literal) else table[x] for x in eqn.inputs
+  ]
   for eqn in program.eqns:
-    outs = rules.forward(eqn, avals, values, operand_axes(eqn, varies))
+    axes_in = operand_axes(eqn, varies)
+    if all(axes is None for axes in axes_in):
+      outs = [None for _ in eqn.outputs]  # a function of constants is a constant
+    elif eqn.primitive.name in rules.LINEAR:
+      outs = [linear.forward(eqn, avals, values, axes_in)]
+    else:
+      outs = rules.forward(eqn, avals, axes_in)
     for index, axes in zip(eqn.outputs, outs):
       varies[index] = _normalize(axes)
   reads: list = [None] * len(avals)
@@ -83,9 +95,11 @@ def _flow(program: Program, values, num_params: int):
   linear_reads = {}
   for position in reversed(range(len(program.eqns))):
     eqn = program.eqns[position]
-    ins = rules.backward(
-        eqn, avals, values, operand_axes(eqn, varies), [reads[x] for x in eqn.outputs]
-    )
+    axes_out = [reads[x] for x in eqn.outputs]
+    if eqn.primitive.name in rules.LINEAR:
+      ins = linear.backward(eqn, avals, values, operand_axes(eqn, varies), axes_out[0])
+    else:
+      ins = rules.backward(eqn, avals, axes_out)
     ins = [_normalize(axes) for axes in ins]
     if eqn.primitive.name in rules.LINEAR:
       linear_reads[position] = ins
@@ -133,7 +147,9 @@ def _batched_axes(program: Program, facts, num_params: int, batch_axis) -> froze
     nodes.setdefault(where, len(nodes))
   pairs = [(nodes[f.first], nodes[f.second]) for f in facts if isinstance(f, rules.Unify)]
   labels = _components(
-      len(nodes), [np.array([a for a, _ in pairs], np.int64)], [np.array([b for _, b in pairs], np.int64)]
+      len(nodes),
+      [np.array([a for a, _ in pairs], np.int64)],
+      [np.array([b for _, b in pairs], np.int64)],
   )
   batch_labels = {labels[nodes[where]] for where in seeds}
   return frozenset(where for where, node in nodes.items() if labels[node] in batch_labels)
@@ -152,38 +168,84 @@ def _row(table, index: int, axis: int, size: int) -> np.ndarray:
   return np.zeros(size, bool) if axes is None else axes[axis]
 
 
-def analyse(program: Program, values, num_params: int, batch_axis: int | None) -> Plan:
-  """The plan removing every unit of ``program`` that cannot change its outputs."""
+def _facts(program: Program, num_params: int, batch_axis):
+  """Every link of the program, the arguments and outputs pinned; and the batched axes."""
   avals = program.avals
-  facts = [fact for position, eqn in enumerate(program.eqns) for fact in rules.links(position, eqn, avals)]
+  facts = [fact for i, eqn in enumerate(program.eqns) for fact in rules.links(i, eqn, avals)]
   reason = "an argument or output of the function"
   for index in [*program.inputs[num_params:], *program.outputs]:
     if not isinstance(index, Literal):
       facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
   batched = _batched_axes(program, facts, num_params, batch_axis)
-  merges = [fact for fact in facts if isinstance(fact, rules.Merge)]
-  for merge in merges:
+  for merge in [fact for fact in facts if isinstance(fact, rules.Merge)]:
     if any((merge.source, d) in batched for d in merge.axes):
       facts.append(rules.Pin((merge.target, merge.axis), "reshape merging the batch axis"))
+  return facts, batched
 
-  positions = _Positions(avals)
+
+def _groups(positions: _Positions, facts):
+  """Each position's group (graph component; pinned ones share the last node's) and, per pin
+  reason, the positions it pinned."""
   pin_node = positions.size
   edges_from, edges_to, pinned_by = [], [], {}
   for fact in facts:
     if isinstance(fact, rules.Unify):
+      size = positions.shape(fact.first)
       edges_from.append(positions.of(fact.first))
-      edges_to.append(positions.of(fact.second)[: positions.shape(fact.first)] if fact.offset == 0 else positions.base[fact.second] + fact.offset + np.arange(positions.shape(fact.first)))
+      edges_to.append(positions.base[fact.second] + fact.offset + np.arange(size))
     elif isinstance(fact, rules.Pin):
       where = positions.of(fact.where)
       edges_from.append(where)
       edges_to.append(np.full(where.size, pin_node))
       if where.size > 1:  # a size-1 axis being broadcast holds no unit worth reporting
         pinned_by.setdefault(fact.reason, []).append(where)
-  component = _components(positions.size + 1, edges_from, edges_to)
+  return _components(positions.size + 1, edges_from, edges_to), pinned_by
 
+
+def _summed(program: Program, values, varies, linear_reads, contracts, fact):
+  """For the positions a linear op sums over (``fact``: its lhs axis): whether each reaches a
+  read output (not inert), and whether its contribution is an input-independent constant."""
+  lhs, rhs = program.eqns[fact.eqn].inputs
+  rhs_axis = _partner(contracts, fact)
+  size = program.avals[lhs].shape[fact.axis]
+  # Nothing reaches a read output through a position the rhs reads none through, or where
+  # the lhs is zero and constant.
+  reads_here = linear_reads[fact.eqn]
+  reaches = _row(reads_here, 0, fact.axis, size) & _row(reads_here, 1, rhs_axis, size)
+  constant = ~_row(varies, lhs, fact.axis, size) & ~_row(varies, rhs, rhs_axis, size)
+  return reaches, constant
+
+
+def _close_merges(program: Program, positions, component, bad, merges) -> None:
+  """A flattened feature kept keeps each of its components (a channel goes whole or not)."""
+  changed = True
+  while changed:
+    changed = False
+    for merge in merges:
+      target = bad[component[positions.of((merge.target, merge.axis))]]
+      grid = target.reshape([program.avals[merge.source].shape[d] for d in merge.axes])
+      for k, d in enumerate(merge.axes):
+        blocked = grid.any(axis=tuple(j for j in range(grid.ndim) if j != k))
+        ids = component[positions.of((merge.source, d))][blocked]
+        changed |= not bad[ids].all()
+        bad[ids] = True
+
+
+def analyse(
+    program: Program, values, num_params: int, batch_axis: int | None, constants: str
+) -> Plan:
+  """The plan removing every unit of ``program`` that cannot change its outputs.
+
+  ``constants="params"`` keeps the units whose removal would leave a constant that no bias
+  or normalisation offset among the params can take (``Plan.absorbed``).
+  """
+  avals = program.avals
+  facts, batched = _facts(program, num_params, batch_axis)
+  positions = _Positions(avals)
+  component, pinned_by = _groups(positions, facts)
   varies, reads, linear_reads = _flow(program, values, num_params)
   bad = np.zeros(component.max() + 1, bool)
-  bad[component[pin_node]] = True
+  bad[component[-1]] = True
   dead = np.zeros(positions.size, bool)
   for (index, axis), base in positions.base.items():
     size = avals[index].shape[axis]
@@ -191,44 +253,89 @@ def analyse(program: Program, values, num_params: int, batch_axis: int | None) -
     dead[base : base + size] = ~live
     bad[component[base : base + size][live]] = True
   contracts = [fact for fact in facts if isinstance(fact, rules.Contract)]
-  for fact in contracts:
-    if fact.operand != 0:
-      continue
-    lhs, rhs = program.eqns[fact.eqn].inputs
-    rhs_axis = _partner(contracts, fact)
-    size = avals[lhs].shape[fact.axis]
-    # A summed position adds nothing to the read outputs when the rhs reads no read output
-    # through it, or the lhs is zero and constant there; else its contribution must be a
-    # constant (both operands input-independent) to be folded.
-    reads_here = linear_reads[fact.eqn]
-    inert = ~_row(reads_here, 0, fact.axis, size) | ~_row(reads_here, 1, rhs_axis, size)
-    constant = ~_row(varies, lhs, fact.axis, size) & ~_row(varies, rhs, rhs_axis, size)
-    bad[component[positions.of((lhs, fact.axis))][~(inert | constant)]] = True
-  changed = True
-  while changed:
-    changed = False
-    for merge in merges:
-      target = bad[component[positions.of((merge.target, merge.axis))]]
-      grid = target.reshape([avals[merge.source].shape[d] for d in merge.axes])
-      for k, d in enumerate(merge.axes):
-        blocked = grid.any(axis=tuple(j for j in range(grid.ndim) if j != k))
-        ids = component[positions.of((merge.source, d))][blocked]
-        changed |= not bad[ids].all()
-        bad[ids] = True
-
-  removed = ~bad[component[:-1]]
-  keep = {}
-  for (index, axis), base in positions.base.items():
-    row = ~removed[base : base + avals[index].shape[axis]]
-    if not row.all():
-      keep.setdefault(index, [None] * len(avals[index].shape))[axis] = row
-  kept_by = {
-      reason: int(sum(dead[where].sum() for where in wheres)) for reason, wheres in pinned_by.items()
+  lhs_contracts = [fact for fact in contracts if fact.operand == 0]
+  summed = {
+      fact: _summed(program, values, varies, linear_reads, contracts, fact)
+      for fact in lhs_contracts
   }
-  plan = Plan(keep, {}, {}, {}, batched, {r: n for r, n in kept_by.items() if n})
-  _fill_merges(program, plan, merges)
-  _fill_folds(program, values, varies, plan, contracts)
-  return plan
+  for fact, (reaches, constant) in summed.items():
+    where = positions.of((program.eqns[fact.eqn].inputs[0], fact.axis))
+    bad[component[where][reaches & ~constant]] = True
+  merges = [fact for fact in facts if isinstance(fact, rules.Merge)]
+  kept_by = {
+      reason: int(sum(dead[where].sum() for where in wheres))
+      for reason, wheres in pinned_by.items()
+  }
+  while True:
+    _close_merges(program, positions, component, bad, merges)
+    removed = ~bad[component[:-1]]
+    keep = {}
+    for (index, axis), base in positions.base.items():
+      row = ~removed[base : base + avals[index].shape[axis]]
+      if not row.all():
+        keep.setdefault(index, [None] * len(avals[index].shape))[axis] = row
+    plan = Plan(keep, {}, {}, {}, {}, batched, {r: n for r, n in kept_by.items() if n})
+    _fill_merges(program, plan, merges)
+    _fill_folds(program, values, plan, summed)
+    plan.absorbed.update(_absorptions(program, plan, num_params))
+    refused = [i for i in plan.folds if i not in plan.absorbed]
+    if constants == "program" or not refused:
+      return plan
+    # Keep the positions that add to the refused constants (those reaching a read output).
+    before = bad.copy()
+    for fact, (reaches, _) in summed.items():
+      if fact.eqn in refused:
+        bad[component[positions.of((program.eqns[fact.eqn].inputs[0], fact.axis))][reaches]] = True
+    if (bad == before).all():
+      raise AssertionError("compaction: a refused constant comes from no removed position")
+
+
+_OFFSET_PATH = frozenset(("reshape", "broadcast_in_dim", "convert_element_type"))
+
+
+def _absorptions(program: Program, plan: Plan, num_params: int) -> dict:
+  """Folds a parameter can take: the op's output goes only into ``+ b`` or ``- b`` where
+  ``b`` is a vector param (reshaped or broadcast) read nowhere else, and the constant varies
+  along ``b``'s axis only. Maps each such fold to ``(param leaf number, sign)``."""
+  consumers: dict = {}
+  producers = {out: eqn for eqn in program.eqns for out in eqn.outputs}
+  for position, eqn in enumerate(program.eqns):
+    for x in eqn.inputs:
+      if not isinstance(x, Literal):
+        consumers.setdefault(x, []).append(position)
+  leaf_of = {index: k for k, index in enumerate(program.inputs[:num_params])}
+  found = {}
+  for position, constant in plan.folds.items():
+    out = program.eqns[position].outputs[0]
+    users = consumers.get(out, [])
+    if len(users) != 1 or out in program.outputs:
+      continue
+    user = program.eqns[users[0]]
+    name = user.primitive.name
+    if name not in ("add", "sub") or (name == "sub" and user.inputs[0] != out):
+      continue
+    offset = user.inputs[1] if user.inputs[0] == out else user.inputs[0]
+    if isinstance(offset, Literal):
+      continue
+    spread = [d for d, size in enumerate(program.avals[offset].shape) if size != 1]
+    if any(size != 1 and d not in spread for d, size in enumerate(constant.shape)):
+      continue
+    x = offset
+    while x not in leaf_of and x in producers and producers[x].primitive.name in _OFFSET_PATH:
+      if len(consumers.get(x, [])) != 1:
+        break
+      x = producers[x].inputs[0]
+    if x in leaf_of and len(consumers.get(x, [])) == 1 and len(program.avals[x].shape) == 1:
+      found[position] = (leaf_of[x], 1 if name == "add" else -1)
+  return found
+
+
+def _contracted_rhs_axes(eqn, lhs_axes) -> list[int]:
+  """The rhs axes summed with ``lhs_axes`` of a linear op."""
+  if eqn.primitive.name == "dot_general":
+    (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]
+    return [rhs_c[list(lhs_c).index(axis)] for axis in lhs_axes]
+  return [eqn.params["dimension_numbers"][1][1]]  # a convolution's kernel input features
 
 
 def _partner(contracts, fact) -> int:
@@ -262,25 +369,29 @@ def _fill_merges(program: Program, plan: Plan, merges) -> None:
     plan.gathers[position] = (merge.axis, renumber[flat_kept].astype(np.int32))
 
 
-def _fill_folds(program: Program, values, varies, plan: Plan, contracts) -> None:
-  """Per linear op that loses constant inputs, the constant they added to its output."""
-  for position in sorted({fact.eqn for fact in contracts}):
-    eqn = program.eqns[position]
-    own = [(fact.operand, fact.axis) for fact in contracts if fact.eqn == position]
-    operands = []
-    for operand, x in enumerate(eqn.inputs):
-      shape = program.avals[x].shape
-      rows = [np.ones(size, bool) for size in shape]
-      gone = np.zeros(shape, bool)
-      for k, axis in own:
-        if k == operand:
-          removed = ~kept_row(plan, x, axis, shape[axis])
-          gone |= rules.full_mask(shape, [removed if d == axis else rows[d] for d in range(len(shape))])
-      # Varying removed inputs reach only unread outputs: leave them out of the constant.
-      gone &= ~rules.full_mask(shape, varies[x])
-      operands.append(np.where(gone, np.asarray(values[x]), 0))
-    if not any(o.any() for o in operands):
+def _fill_folds(program: Program, values, plan: Plan, summed: dict) -> None:
+  """Per linear op that loses constant inputs, the constant they add to its read outputs
+  (``summed``: per lhs contraction fact, which positions reach a read output)."""
+  by_eqn: dict = {}
+  for fact, (reaches, _) in summed.items():
+    lhs = program.eqns[fact.eqn].inputs[0]
+    row = reaches & ~kept_row(plan, lhs, fact.axis, reaches.size)
+    by_eqn.setdefault(fact.eqn, []).append((fact.axis, row))
+  for position, rows in by_eqn.items():
+    if not any(row.any() for _, row in rows):
       continue
+    eqn = program.eqns[position]
+    lhs_axes = [axis for axis, _ in rows]
+    axes = (lhs_axes, _contracted_rhs_axes(eqn, lhs_axes))
+    operands = []
+    for x, contracted in zip(eqn.inputs, axes):
+      shape = program.avals[x].shape
+      gone = np.zeros(shape, bool)
+      for axis, (_, row) in zip(contracted, rows):
+        every = [np.ones(size, bool) for size in shape]
+        every[axis] = row
+        gone |= rules.full_mask(shape, every)
+      operands.append(np.where(gone, np.asarray(values[x]), 0))
     constant = np.asarray(eqn.primitive.bind(*operands, **eqn.params))
     if not constant.any():
       continue

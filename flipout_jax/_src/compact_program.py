@@ -130,10 +130,18 @@ def same_structure(first: Program, second: Program) -> bool:
     return False
   if first.inputs != second.inputs or first.outputs != second.outputs:
     return False
-  ranks = lambda program: [np.ndim(aval) if not hasattr(aval, "shape") else len(aval.shape) for aval in program.avals]
+  ranks = lambda program: [len(aval.shape) for aval in program.avals]
   if ranks(first) != ranks(second):
     return False
+  same = lambda x, y: (
+      np.array_equal(x.value, y.value)
+      if isinstance(x, Literal) and isinstance(y, Literal)
+      else x == y
+  )
   return all(
-      a.primitive is b.primitive and a.inputs == b.inputs and a.outputs == b.outputs
+      a.primitive is b.primitive
+      and a.outputs == b.outputs
+      and len(a.inputs) == len(b.inputs)
+      and all(same(x, y) for x, y in zip(a.inputs, b.inputs))
       for a, b in zip(first.eqns, second.eqns)
   )

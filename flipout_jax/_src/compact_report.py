@@ -117,7 +117,10 @@ def build(dense: Program, compact: Program, params, compact_params, plan, rounds
   the batch size they were traced with)."""
   before, after = _layers(dense, params, examples), _layers(compact, compact_params, examples)
   layers = tuple(
-      LayerCompaction(b[0], b[1], *((b[k], a[k]) for k in range(2, 6))) for b, a in zip(before, after)
+      LayerCompaction(b[0], b[1], *((b[k], a[k]) for k in range(2, 6)))
+      for b, a in zip(before, after)
   )
   count = lambda tree: sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
-  return CompactionReport(layers, (count(params), count(compact_params)), rounds, dict(plan.kept_by))
+  return CompactionReport(
+      layers, (count(params), count(compact_params)), rounds, dict(plan.kept_by)
+  )

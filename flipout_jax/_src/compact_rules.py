@@ -13,17 +13,14 @@ Every axis of every value is a row of positions. For each primitive a rule says:
   product of the per-axis sets.
 * ``backward``: which positions the outputs depend on, in the same product form.
 
-Linear ops (``dot_general``, ``conv_general_dilated``) compute both exactly from the concrete
-values: a position varies if it reads, through a nonzero weight, a varying one, which the op
-itself computes on 0/1 indicators (and its transpose, through ``jax.vjp``, for the backward
-direction). Primitives without a rule mix every axis: all their positions are pinned.
+The linear ops (``LINEAR``) have theirs in ``compact_linear``, computed from the concrete
+values. Primitives without a rule mix every axis: all their positions are pinned.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from flipout_jax._src.compact_program import Eqn, Literal
@@ -217,7 +214,9 @@ def links(index: int, eqn: Eqn, avals) -> list:
     grouped_in = {d for group_in, _ in groups for d in group_in}
     grouped_out = {d for _, group_out in groups for d in group_out}
     reason = "reshape adding or removing a size-1 axis"
-    result = [Pin((ins[0], d), reason) for d in range(len(avals[ins[0]].shape)) if d not in grouped_in]
+    result = [
+        Pin((ins[0], d), reason) for d in range(len(avals[ins[0]].shape)) if d not in grouped_in
+    ]
     result += [Pin((out, d), reason) for d in range(len(out_shape)) if d not in grouped_out]
     for group_in, group_out in groups:
       if len(group_in) == 1 and len(group_out) == 1:
@@ -249,7 +248,9 @@ def links(index: int, eqn: Eqn, avals) -> list:
     result = []
     for d, size in enumerate(avals[ins[0]].shape):
       if _axis_is_passed(eqn, d, size):
-        result += [Unify((out, d), (x, d)) for x in ins if len(shape_of(avals, x)) == len(out_shape)]
+        result += [
+            Unify((out, d), (x, d)) for x in ins if len(shape_of(avals, x)) == len(out_shape)
+        ]
       else:
         reason = f"{name} along axis {d}"
         result += [Pin((x, d), reason) for x in ins if len(shape_of(avals, x)) == len(out_shape)]
@@ -323,8 +324,12 @@ def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
     rows = [full if axes is None else axes for axes, full in zip(axes_in, _zeros(avals, ins))]
     if all(axes is None for axes in axes_in):
       return None
-    result = [np.logical_or.reduce([r[d] for r in rows]) for d in range(len(shape))]
-    result[axis] = np.concatenate([r[axis] for r in rows])
+    result = [
+        np.concatenate([r[d] for r in rows])
+        if d == axis
+        else np.logical_or.reduce([r[d] for r in rows])
+        for d in range(len(shape))
+    ]
     return result
   if name in _REDUCTIONS:
     return [row for d, row in enumerate(first) if d not in p["axes"]]
@@ -413,65 +418,21 @@ def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
   return [_everything(s, True) for s in shapes]
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear ops, on 0/1 indicators of the concrete values.
-# ---------------------------------------------------------------------------------------------
-
 LINEAR = frozenset(("dot_general", "conv_general_dilated"))
 
 
-def bind_linear(eqn: Eqn, lhs, rhs):
-  """``eqn``'s op on float32 operands, in full precision (indicator sums are exact)."""
-  params = dict(eqn.params, preferred_element_type=np.float32)
-  params["precision"] = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
-  return eqn.primitive.bind(jax.numpy.asarray(lhs, np.float32), jax.numpy.asarray(rhs, np.float32), **params)
-
-
-def _indicators(eqn: Eqn, avals, values, axes_in):
-  """Per operand: (varying, nonzero-or-varying) as float32 arrays of its shape."""
-  result = []
-  for x, axes in zip(eqn.inputs, axes_in):
-    varying = full_mask(avals[x].shape, axes)
-    result.append((varying.astype(np.float32), ((np.asarray(values[x]) != 0) | varying).astype(np.float32)))
-  return result
-
-
-def _linear_forward(eqn: Eqn, avals, values, axes_in) -> Axes:
-  if all(axes is None for axes in axes_in):
-    return None
-  (lhs_vary, lhs_live), (rhs_vary, rhs_live) = _indicators(eqn, avals, values, axes_in)
-  reached = bind_linear(eqn, lhs_vary, rhs_live) + bind_linear(eqn, lhs_live, rhs_vary)
-  return project(np.asarray(reached) > 0)
-
-
-def _linear_backward(eqn: Eqn, avals, values, axes_in, axes_out) -> list[Axes]:
-  if axes_out is None:
-    return [None, None]
-  (_, lhs_live), (_, rhs_live) = _indicators(eqn, avals, values, axes_in)
-  read = full_mask(avals[eqn.outputs[0]].shape, axes_out).astype(np.float32)
-  _, pull_lhs = jax.vjp(lambda lhs: bind_linear(eqn, lhs, rhs_live), np.zeros_like(lhs_live))
-  _, pull_rhs = jax.vjp(lambda rhs: bind_linear(eqn, lhs_live, rhs), np.zeros_like(rhs_live))
-  return [project(np.asarray(pull(read)[0]) > 0) for pull in (pull_lhs, pull_rhs)]
-
-
-def forward(eqn: Eqn, avals, values, axes_in: list[Axes]) -> list[Axes]:
-  """Which positions of each output vary with the model's input."""
-  if all(axes is None for axes in axes_in):
-    return [None for _ in eqn.outputs]  # a function of constants is a constant
+def forward(eqn: Eqn, avals, axes_in: list[Axes]) -> list[Axes]:
+  """Which positions of each output vary with the model's input (not for ``LINEAR`` ops)."""
   name = eqn.primitive.name
-  if name in LINEAR:
-    return [_linear_forward(eqn, avals, values, axes_in)]
   known = name in ELEMENTWISE or name in _MAPPING
   if not known or eqn.primitive.multiple_results:
     return [_everything(avals[x].shape, True) for x in eqn.outputs]
   return [_map_forward(eqn, avals, axes_in)]
 
 
-def backward(eqn: Eqn, avals, values, axes_in, axes_out: list[Axes]) -> list[Axes]:
-  """Which positions of each operand the outputs read (``axes_in``: operands' variation)."""
+def backward(eqn: Eqn, avals, axes_out: list[Axes]) -> list[Axes]:
+  """Which positions of each operand the outputs read (not for ``LINEAR`` ops)."""
   name = eqn.primitive.name
-  if name in LINEAR:
-    return _linear_backward(eqn, avals, values, axes_in, axes_out[0])
   known = name in ELEMENTWISE or name in _MAPPING
   if not known or eqn.primitive.multiple_results:
     read = any(axes is not None for axes in axes_out)
@@ -480,7 +441,9 @@ def backward(eqn: Eqn, avals, values, axes_in, axes_out: list[Axes]) -> list[Axe
 
 
 _MAPPING = (
-    frozenset(("broadcast_in_dim", "reshape", "transpose", "squeeze", "concatenate", "slice", "pad"))
+    frozenset(
+        ("broadcast_in_dim", "reshape", "transpose", "squeeze", "concatenate", "slice", "pad")
+    )
     | _REDUCTIONS
     | _WINDOWED
     | _CUMULATIVE

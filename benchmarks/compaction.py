@@ -1,0 +1,120 @@
+"""``flipout.compact`` against the per-family compaction it replaced, and how long it takes.
+
+    python -m benchmarks.compaction --workdir RUN [--repeats 21]      # a trained pruned run
+    python -m benchmarks.compaction --families [--sparsity 0.999]    # random weights, timing
+
+``--workdir``: loads the run's newest checkpoint and its test set, then compacts the model
+three ways: the library with ``constants="program"`` (removed constants may stay in the
+program), the library with ``constants="params"`` (what ``experiments.compaction`` uses: the
+result is a model of the same family) and the per-family graphs the experiments had before
+(``tests/family_compaction.py``, kept as the tests' oracle). Prints parameters, the largest
+logit difference against the pruned model, and inference time at the run's evaluation batch
+size side by side (compiled, warmed up, interleaved repetitions; speedups are medians of the
+per-repetition ratios to the pruned model).
+
+``--families``: every experiments family with random weights pruned at ``--sparsity``
+(``tests/test_compaction.random_model``: random masks, whole units cut, non-trivial
+BatchNorm statistics) at CIFAR size: parameters after each compaction, and the seconds
+``flipout.compact`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import flipout_jax as flipout
+from experiments import checkpoints, compact as compact_cli, compaction, input_pipeline, train
+from tests import family_compaction
+from tests import test_compaction
+
+
+def _apply_of(model):
+  graphdef, state = nnx.split(model)
+  return (lambda params, images: nnx.merge(graphdef, params)(images)), nnx.to_pure_dict(state)
+
+
+def _size(tree) -> int:
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def run_report(workdir: str, repeats: int) -> None:
+  run = checkpoints.load_run(workdir, None)
+  run.model.eval()
+  dataset = train.load_dataset(run.config)
+  images = input_pipeline.normalize(dataset.test_images, dataset.mean, dataset.std)
+  batch = images[: min(run.config.eval_batch_size, len(images))]
+  input_shape = tuple(images.shape[1:])
+  apply, params = _apply_of(run.model)
+  forwards, sizes = {"pruned": (jax.jit(apply), params)}, {"pruned": _size(params)}
+  for constants in ("program", "params"):
+    start = time.perf_counter()
+    compacted = flipout.compact(apply, params, batch[:2], constants=constants)
+    print(f"flipout.compact(constants={constants!r}): {time.perf_counter() - start:.2f} s")
+    forwards[f"library/{constants}"] = (jax.jit(compacted.apply), compacted.params)
+    sizes[f"library/{constants}"] = _size(compacted.params)
+  family = family_compaction.compact(run.model, input_shape).model
+  family_apply, family_params = _apply_of(family)
+  forwards["per-family"], sizes["per-family"] = (jax.jit(family_apply), family_params), _size(
+      family_params
+  )
+  reference = np.asarray(forwards["pruned"][0](params, batch))
+  calls = [lambda x, f=f, p=p: f(p, x) for f, p in forwards.values()]
+  times = compact_cli.time_side_by_side(calls, batch, repeats)
+  print(f"{run.config.model} / {run.config.method}, batch {len(batch)}, {repeats} repetitions")
+  for (name, (fn, p)), timing in zip(forwards.items(), times):
+    difference = float(np.abs(np.asarray(fn(p, batch)) - reference).max())
+    speedup = statistics.median(d / t for d, t in zip(times[0], timing))
+    print(
+        f"  {name:18s} params {sizes[name]:>10,}  ms {1e3 * statistics.median(timing):8.3f}  "
+        f"speedup {speedup:6.2f}x  max|logit diff| {difference:.2g}"
+    )
+
+
+def families_report(sparsity: float) -> None:
+  cases = [
+      ("lenet300", (28, 28, 1)),
+      ("lenet5", (28, 28, 1)),
+      ("conv6", (32, 32, 3)),
+      ("vgg19", (32, 32, 3)),
+      ("resnet18", (32, 32, 3)),
+      ("densenet121", (32, 32, 3)),
+  ]
+  for name, shape in cases:
+    model = test_compaction.random_model(test_compaction.named(name, shape), sparsity)
+    apply, params = _apply_of(model)
+    images = jnp.zeros((2, *shape))
+    row = [f"{name:12s} dense {_size(params):>11,}"]
+    for constants in ("program", "params"):
+      start = time.perf_counter()
+      compacted = flipout.compact(apply, params, images, constants=constants)
+      seconds = time.perf_counter() - start
+      row.append(f"{constants} {_size(compacted.params):>10,} ({seconds:5.1f} s)")
+    family = family_compaction.compact(model, shape).model
+    row.append(f"per-family {_size(nnx.state(family)):>10,}")
+    print("  ".join(row), flush=True)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir")
+  parser.add_argument("--families", action="store_true")
+  parser.add_argument("--sparsity", type=float, default=0.999)
+  parser.add_argument("--repeats", type=int, default=21)
+  args = parser.parse_args(argv)
+  if args.workdir:
+    run_report(args.workdir, args.repeats)
+  if args.families:
+    families_report(args.sparsity)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
