@@ -126,7 +126,12 @@ _VALUE_FLAGS = (
     ("workdir", str, "output folder (None: runs/<dataset>-<model>-<method>-<sparsity>-seed<seed>)"),
     ("synthetic_train", int, "synthetic training images"),
     ("synthetic_test", int, "synthetic test images"),
-    ("data_dir", str, "tfds data dir (or the mnist_t10k folder)"),
+    (
+        "data_dir",
+        str,
+        "tfds data dir (or the mnist_t10k folder, or fashion_mnist's IDX folder, default "
+        "/usr/share/datasets/fashion-mnist)",
+    ),
     ("checkpoint_every_epochs", int, "checkpoint period in epochs (0: only at the end)"),
     ("keep_checkpoints", int, "checkpoints kept"),
     ("coordinator_address", str, "host:port of process 0 of a multi-process job"),

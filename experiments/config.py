@@ -77,7 +77,8 @@ class Config:
       such in every output.
     synthetic_train: number of synthetic training images.
     synthetic_test: number of synthetic test images.
-    data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder).
+    data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder, or the
+      folder of fashion_mnist's IDX files when tfds has not prepared it).
     checkpoint_every_epochs: checkpoint period in epochs; 0: only at the end of the run.
     keep_checkpoints: how many checkpoints to keep.
     progress: show a progress bar and print one line per epoch.

@@ -2,7 +2,9 @@
 
 ``--dataset=mnist_t10k`` trains on the real MNIST test set shipped in ``../shared/data``
 (8,000 train / 2,000 held out, split with ``--data_seed``, default ``--seed``), which needs
-no download.
+no download. ``--dataset=fashion_mnist`` trains on Fashion-MNIST (60,000 train / 10,000 test):
+from tfds when prepared, else from the IDX files of ``apt-get install dataset-fashion-mnist``
+(``--data_dir``, default ``/usr/share/datasets/fashion-mnist``).
 
 The paper's table has no MNIST row, so these defaults are ours, not the paper's: the CIFAR
 recipe's optimizer (SGD 0.1, momentum 0.9, coupled weight decay 5e-4, noise 1, p = 2, rate
@@ -17,7 +19,7 @@ import sys
 from experiments import cifar, cli
 
 MODELS = ("lenet300", "lenet5", "conv6")
-DATASETS = ("mnist", "mnist_t10k")
+DATASETS = ("mnist", "mnist_t10k", "fashion_mnist")
 
 DEFAULTS = dataclasses.replace(
     cifar.DEFAULTS,
