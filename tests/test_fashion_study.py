@@ -81,12 +81,13 @@ def test_comparisons_pair_by_seed_and_call_ahead_only_outside_zero():
 
 def test_bad_flags_and_absent_data_exit_2_with_one_line(tmp_path, capsys):
   assert fashion_study.main(["--shard=3/2", f"--workdir={tmp_path}"]) == 2
+  assert fashion_study.main(["--demo", "--tiny", f"--workdir={tmp_path}"]) == 2
   assert fashion_study.main([f"--workdir={tmp_path}", f"--data_dir={tmp_path / 'none'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 2 and all(
+  assert len(err) == 3 and all(
       line.startswith("python -m benchmarks.fashion_study") for line in err
   )
-  assert "apt-get install dataset-fashion-mnist" in err[1]
+  assert "apt-get install dataset-fashion-mnist" in err[2]
   assert not list(tmp_path.glob("results*.json"))
 
 
@@ -108,6 +109,9 @@ def test_tiny_study_trains_resumes_and_reports(tmp_path, capsys):
       "behind",
   )
   assert (tmp_path / "study" / "fashion_study.png").stat().st_size > 0
+  verdict = cells[-1]
+  assert f"flipout - global_magnitude = {cells[6]} points over 2 paired seeds" in out
+  assert ("not distinguishable" if verdict == "level" else verdict) in out
 
   assert fashion_study.main(argv) == 0  # nothing left to train: the report again
   assert "4 of 4 runs done; 0 to train" in capsys.readouterr().out
