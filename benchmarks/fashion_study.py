@@ -90,26 +90,12 @@ DEMO_WORKDIR = "runs/fashion_demo"
 
 
 def run_config(run: Run, data_dir: str | None):
-  """The experiments' Config of one run: the MNIST entry point's recipe on Fashion-MNIST."""
-  from experiments import mnist, optimizers
-
-  method, noise_scale, schedule, init = VARIANTS[run.variant]
-  return dataclasses.replace(
-      mnist.DEFAULTS,
-      dataset="fashion_mnist",
-      model=run.model,
-      method=method,
-      sparsity=run.sparsity,
-      seed=run.seed,
-      epochs=run.epochs,
-      milestones=optimizers.paper_milestones(run.epochs),
-      noise_scale=noise_scale,
-      schedule=schedule,
-      init=init,
-      data_dir=data_dir,
-      progress=False,
-      tensorboard=False,
-  )
+  """The experiments' Config of one run: ``regime_study``'s (the MNIST entry point's recipe,
+  the paper's learning-rate shape) on Fashion-MNIST, with the variant's initialisation."""
+  *spec, init = VARIANTS[run.variant]
+  config = regime_study.run_config(run, data_dir, tuple(spec))
+  # Fashion-MNIST has its own test set: no split, so no split seed.
+  return dataclasses.replace(config, dataset="fashion_mnist", data_seed=None, init=init)
 
 
 @functools.lru_cache(maxsize=1)

@@ -129,11 +129,18 @@ STUDY = (
 TINY_STUDY = (Block("lenet300", ("global_magnitude_noise", "flipout_cubic"), (0.9,), (1,), (0,)),)
 
 
-def run_config(run: Run, data_dir: str):
-  """The experiments' Config of one run."""
+def run_config(run: Run, data_dir: str | None, spec: tuple[str, float, str] | None = None):
+  """The experiments' Config of one run.
+
+  Args:
+    run: the run.
+    data_dir: the data folder.
+    spec: ``(method, noise_scale, schedule)``; None: ``VARIANTS[run.variant]`` (another study
+      passes its own variant's).
+  """
   from experiments import mnist, optimizers
 
-  method, noise_scale, schedule = VARIANTS[run.variant]
+  method, noise_scale, schedule = VARIANTS[run.variant] if spec is None else spec
   return dataclasses.replace(
       mnist.DEFAULTS,
       dataset="mnist_t10k",
