@@ -11,13 +11,20 @@ from experiments import config as config_lib
 from tests.test_fashion_mnist import write_fashion_files
 
 
-def test_grid_starts_with_the_ablation_at_the_high_sparsities_and_40_epochs():
-  first = fashion_study.STUDY[0]
-  assert (first.model, first.budgets, first.seeds) == ("lenet300", (40,), (0, 1, 2, 3, 4))
-  assert set(first.sparsities) == {0.999, 1 - 2**-8}
-  assert set(first.variants) == set(fashion_study.ABLATION)
-  every = {run.name for block in fashion_study.STUDY for run in block.runs()}
-  assert len(every) == sum(len(block.runs()) for block in fashion_study.STUDY)  # no repeats
+def test_grid_starts_with_flipout_and_global_magnitude_paired_seed_by_seed():
+  runs = [run for block in fashion_study.STUDY for run in block.runs()]
+  assert len({run.name for run in runs}) == len(runs)  # no run twice
+  first = runs[:10]
+  assert {(run.model, run.sparsity, run.epochs) for run in first} == {("lenet300", 0.999, 40)}
+  # Each seed's pair is complete before the next seed starts: a cut leaves whole pairs.
+  assert [(run.seed, run.variant) for run in first] == [
+      (seed, variant) for seed in range(5) for variant in ("flipout", "global_magnitude")
+  ]
+  covered = {(run.variant, run.sparsity, run.epochs) for run in runs}
+  for variant in fashion_study.ABLATION:
+    for sparsity in (0.999, 1 - 2**-8):
+      assert (variant, sparsity, 40) in covered and (variant, sparsity, 120) in covered
+  assert {run.seed for run in runs} == set(fashion_study.SEEDS)
 
 
 @pytest.mark.parametrize(
