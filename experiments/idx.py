@@ -64,7 +64,9 @@ def read_idx(path: Path, magic: int, ndim: int, *, max_items: int) -> np.ndarray
             "the original file"
         )
   except (OSError, EOFError, zlib.error) as error:
-    raise IdxError(f"{path} cannot be read as gzip ({error}): replace it with the original file")
+    raise IdxError(
+        f"{path} cannot be read as gzip ({error}): replace it with the original file"
+    ) from error
   return data.reshape(shape)
 
 
