@@ -275,7 +275,7 @@ def draw(found: Sequence[Comparison], output: Path) -> None:
   axis.set_yticks(list(positions), labels, fontsize=7)
   axis.axvline(0.0, color="black", linewidth=0.8)
   axis.set_xlabel("test accuracy difference, points (mean of per-seed pairs, 95% t-interval)")
-  axis.set_title("Fashion-MNIST: each method against its baseline on the same seeds")
+  axis.set_title("Fashion-MNIST: each method against its baseline on the same seeds", fontsize=10)
   axis.grid(axis="x", alpha=0.3)
   figure.tight_layout()
   output.parent.mkdir(parents=True, exist_ok=True)
