@@ -279,7 +279,8 @@ def draw(found: Sequence[Comparison], output: Path) -> None:
   axis.grid(axis="x", alpha=0.3)
   figure.tight_layout()
   output.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(output, dpi=110)
+  # The labels are long: the saved box grows to hold them rather than clipping them.
+  figure.savefig(output, dpi=110, bbox_inches="tight")
   plt.close(figure)
 
 
