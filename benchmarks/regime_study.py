@@ -34,7 +34,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -129,11 +129,18 @@ STUDY = (
 TINY_STUDY = (Block("lenet300", ("global_magnitude_noise", "flipout_cubic"), (0.9,), (1,), (0,)),)
 
 
-def run_config(run: Run, data_dir: str):
-  """The experiments' Config of one run."""
+def run_config(run: Run, data_dir: str | None, spec: tuple[str, float, str] | None = None):
+  """The experiments' Config of one run.
+
+  Args:
+    run: the run.
+    data_dir: the data folder.
+    spec: ``(method, noise_scale, schedule)``; None: ``VARIANTS[run.variant]`` (another study
+      passes its own variant's).
+  """
   from experiments import mnist, optimizers
 
-  method, noise_scale, schedule = VARIANTS[run.variant]
+  method, noise_scale, schedule = VARIANTS[run.variant] if spec is None else spec
   return dataclasses.replace(
       mnist.DEFAULTS,
       dataset="mnist_t10k",
@@ -152,8 +159,16 @@ def run_config(run: Run, data_dir: str):
   )
 
 
-def train_run(run: Run, data_dir: str) -> dict[str, Any]:
-  """Trains one run in a single compiled scan; returns its test accuracy and sparsity."""
+def train_run(run: Run, data_dir: str, *, config=None, dataset=None) -> dict[str, Any]:
+  """Trains one run in a single compiled scan; returns its test accuracy and sparsity.
+
+  Args:
+    run: the run.
+    data_dir: the data folder of :func:`run_config`.
+    config: the run's experiments Config (another study's); None: :func:`run_config`.
+    dataset: the Config's data set, already loaded (a study reuses it across runs); None:
+      loaded here.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -166,9 +181,9 @@ def train_run(run: Run, data_dir: str) -> dict[str, Any]:
   from experiments import train as train_lib
 
   started = time.perf_counter()
-  config = run_config(run, data_dir)
+  config = run_config(run, data_dir) if config is None else config
   config_lib.validate_config(config)
-  dataset = train_lib.load_dataset(config)
+  dataset = train_lib.load_dataset(config) if dataset is None else dataset
   num_train = len(dataset.train_labels)
   steps_per_epoch = num_train // config.batch_size
   orders = np.concatenate(
@@ -187,7 +202,9 @@ def train_run(run: Run, data_dir: str) -> dict[str, Any]:
   mean, std = np.asarray(dataset.mean), np.asarray(dataset.std)
   tx, graphdef = setup.tx, setup.graphdef_train
 
-  def step(state, indices):
+  # The data are arguments, not closed-over constants: XLA would fold the normalisation of
+  # a 60,000-image constant at every compilation.
+  def step(state, indices, train_images, train_labels):
     params, batch_stats, opt_state = state
     images = input_pipeline.normalize(train_images[indices], mean, std)
 
@@ -200,26 +217,31 @@ def train_run(run: Run, data_dir: str) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_batch_stats, opt_state), None
 
-  def run_all(state, all_orders):
-    return jax.lax.scan(step, state, all_orders)[0]
+  def run_all(state, all_orders, images, labels):
+    return jax.lax.scan(
+        lambda carry, indices: step(carry, indices, images, labels), state, all_orders
+    )[0]
 
-  def accuracy(params, batch_stats):
+  def accuracy(params, batch_stats, images, labels):
     model = nnx.merge(setup.graphdef_eval, params, batch_stats)
-    logits = model(input_pipeline.normalize(jnp.asarray(dataset.test_images), mean, std))
-    return jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(dataset.test_labels))
+    logits = model(input_pipeline.normalize(images, mean, std))
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
 
   train_images = jnp.asarray(dataset.train_images)
   train_labels = jnp.asarray(dataset.train_labels)
   initial = (setup.state["params"], setup.state["batch_stats"], setup.state["opt_state"])
   if run.model == "lenet300":
-    params, batch_stats, _ = jax.jit(run_all)(initial, jnp.asarray(orders))
+    params, batch_stats, _ = jax.jit(run_all)(
+        initial, jnp.asarray(orders), train_images, train_labels
+    )
   else:  # XLA:CPU runs convolutions inside lax.scan ~8x slower: one compiled step per call
     one_step = jax.jit(step)
     state = initial
     for indices in orders:
-      state, _ = one_step(state, indices)
+      state, _ = one_step(state, indices, train_images, train_labels)
     params, batch_stats, _ = state
-  test_accuracy = float(jax.jit(accuracy)(params, batch_stats))
+  test_data = (jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels))
+  test_accuracy = float(jax.jit(accuracy)(params, batch_stats, *test_data))
   report = flipout.summary(jax.device_get(params))
   return {
       **run._asdict(),
@@ -236,17 +258,17 @@ def train_run(run: Run, data_dir: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_results(workdir: Path) -> dict[str, Any]:
+def load_results(workdir: Path, settings: dict[str, Any] = _SETTINGS) -> dict[str, Any]:
   """The stored results, or an empty record.
 
   Raises:
-    ValueError: the workdir holds results of other settings.
+    ValueError: the workdir holds results of other ``settings``.
   """
-  merged = {"settings": _SETTINGS, "runs": {}}
+  merged = {"settings": settings, "runs": {}}
   # results.json, and results.shard<i>.json of studies split over processes (--shard).
   for path in sorted(workdir.glob("results*.json")):
     stored = json.loads(path.read_text())
-    if stored.get("settings") != _SETTINGS:
+    if stored.get("settings") != settings:
       raise ValueError(f"{path} holds results of other settings; use another --workdir")
     merged["runs"].update(stored["runs"])
   return merged
@@ -271,22 +293,33 @@ def cells(results: dict[str, Any], study: Sequence[Block]) -> dict[tuple, list[f
   return found
 
 
-def accuracy_table(results: dict[str, Any], study: Sequence[Block]) -> str:
+def accuracy_table(
+    results: dict[str, Any],
+    study: Sequence[Block],
+    variants: Sequence[str] = tuple(VARIANTS),
+    seeds: int = len(SEEDS),
+) -> str:
   """Markdown: a row per (model, sparsity, variant), a column per budget; the best pruned
   mean of each (model, sparsity, budget) in bold. Mean ± sample std over seeds, in %.
-  One table per model, separated by a blank line."""
+  One table per model, separated by a blank line. Rows follow the order of ``variants``;
+  a cell of other than ``seeds`` runs says its ``n``."""
   models = list(dict.fromkeys(block.model for block in study))
-  tables = [_model_table(results, [b for b in study if b.model == model]) for model in models]
+  tables = [
+      _model_table(results, [b for b in study if b.model == model], variants, seeds)
+      for model in models
+  ]
   return "\n\n".join(table for table in tables if table)
 
 
-def _model_table(results: dict[str, Any], study: Sequence[Block]) -> str:
+def _model_table(
+    results: dict[str, Any], study: Sequence[Block], variants: Sequence[str], seeds: int
+) -> str:
   found = cells(results, study)
   if not found:
     return ""
   budgets = sorted({key[3] for key in found})
   rows_keys = list(dict.fromkeys((key[0], key[1], key[2]) for key in found))
-  rows_keys.sort(key=lambda k: (k[0], k[1], list(VARIANTS).index(k[2])))
+  rows_keys.sort(key=lambda k: (k[0], k[1], list(variants).index(k[2])))
   best = {}
   for (model, sparsity, variant, epochs), values in found.items():
     if variant != "dense":
@@ -302,7 +335,7 @@ def _model_table(results: dict[str, Any], study: Sequence[Block]) -> str:
         continue
       mean, std = _stats(values)
       text = f"{100 * mean:.2f} ± {100 * std:.2f}" + (
-          "" if len(values) == 3 else f" (n={len(values)})"
+          "" if len(values) == seeds else f" (n={len(values)})"
       )
       if variant != "dense" and mean == best[(model, sparsity, epochs)]:
         text = f"**{text}**"
@@ -364,13 +397,19 @@ def draw(results: dict[str, Any], study: Sequence[Block], output: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def select_study(models: str | None, tiny: bool) -> tuple[Block, ...]:
-  """The study's blocks, restricted to ``models`` (comma-separated) if given.
+def select_study(
+    models: str | None,
+    tiny: bool,
+    study: Sequence[Block] = STUDY,
+    tiny_study: Sequence[Block] = TINY_STUDY,
+) -> tuple[Block, ...]:
+  """The blocks of ``study`` (``tiny_study`` if ``tiny``), restricted to ``models``
+  (comma-separated) if given.
 
   Raises:
     ValueError: ``models`` names a model outside the study.
   """
-  study = TINY_STUDY if tiny else STUDY
+  study = tuple(tiny_study if tiny else study)
   if models is None:
     return study
   wanted = tuple(part for part in models.split(",") if part)
@@ -380,7 +419,7 @@ def select_study(models: str | None, tiny: bool) -> tuple[Block, ...]:
   return tuple(block for block in study if block.model in wanted)
 
 
-def _parse_shard(text: str | None) -> tuple[int, int]:
+def parse_shard(text: str | None) -> tuple[int, int]:
   """``"1/2"`` -> ``(1, 2)``; None -> ``(0, 1)``.
 
   Raises:
@@ -395,6 +434,47 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
   if not 0 <= shard < shards:
     raise ValueError(f"--shard must be I/N with 0 <= I < N; got {text!r}")
   return shard, shards
+
+
+def train_pending(
+    study: Sequence[Block],
+    results: dict[str, Any],
+    own_path: Path,
+    shard: tuple[int, int],
+    train: Callable[[Run], dict[str, Any]],
+) -> None:
+  """Trains this shard's runs of ``study`` missing from ``results``, in the study's order.
+
+  Each record is added to ``results`` and saved at once in ``own_path`` (this process's
+  results file, of ``results``' settings), so a study cut short loses one run at most.
+
+  Args:
+    study: the blocks, in priority order.
+    results: the merged results of every shard (:func:`load_results`); updated in place.
+    own_path: this process's results file.
+    shard: ``(I, N)``: train every N-th pending run from the I-th.
+    train: trains one run and returns its record.
+  """
+  index_of_shard, shards = shard
+  runs = [run for block in study for run in block.runs()]
+  pending = [run for run in runs if run.name not in results["runs"]]
+  print(
+      f"{len(runs) - len(pending)} of {len(runs)} runs done; {len(pending)} to train"
+      + ("" if shards == 1 else f", {len(pending[index_of_shard::shards])} of them in this shard")
+  )
+  pending = pending[index_of_shard::shards]
+  own = {"settings": results["settings"], "runs": {}}
+  if own_path.exists():
+    own = json.loads(own_path.read_text())
+  for index, run in enumerate(pending, 1):
+    record = train(run)
+    results["runs"][run.name] = own["runs"][run.name] = record
+    _common.write_json(own_path, own)
+    print(
+        f"  [{index}/{len(pending)}] {run.name}: {record['test_accuracy']:.4f}, sparsity "
+        f"{record['achieved_sparsity']:.4%}, {record['seconds']:.1f}s",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,33 +500,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   workdir = Path(args.workdir)
   try:
     study = select_study(args.models, args.tiny)
-    shard, shards = _parse_shard(args.shard)
+    shard, shards = parse_shard(args.shard)
     results = load_results(workdir)
     results_file = _RESULTS_FILE if args.shard is None else f"results.shard{shard}.json"
     if not args.table_only:
       if not (data_dir / "t10k-images-idx3-ubyte.gz").is_file():
         print(f"{prog}: skipped: the MNIST test set is not in {data_dir}")
         return 0
-      runs = [run for block in study for run in block.runs()]
-      pending = [run for run in runs if run.name not in results["runs"]]
-      print(
-          f"{len(runs) - len(pending)} of {len(runs)} runs done; {len(pending)} to train"
-          + ("" if shards == 1 else f", {len(pending[shard::shards])} of them in this shard")
+      train_pending(
+          study,
+          results,
+          workdir / results_file,
+          (shard, shards),
+          lambda run: train_run(run, str(data_dir)),
       )
-      pending = pending[shard::shards]
-      own = {"settings": _SETTINGS, "runs": {}}
-      own_path = workdir / results_file
-      if own_path.exists():
-        own = json.loads(own_path.read_text())
-      for index, run in enumerate(pending, 1):
-        record = train_run(run, str(data_dir))
-        results["runs"][run.name] = own["runs"][run.name] = record
-        _common.write_json(own_path, own)
-        print(
-            f"  [{index}/{len(pending)}] {run.name}: {record['test_accuracy']:.4f}, sparsity "
-            f"{record['achieved_sparsity']:.4%}, {record['seconds']:.1f}s",
-            flush=True,
-        )
   except (ValueError, input_pipeline.DatasetUnavailableError) as error:
     return cli.fail(prog, error)
   except KeyboardInterrupt:

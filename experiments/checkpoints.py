@@ -156,6 +156,22 @@ def latest_to_resume(manager: ocp.CheckpointManager, config: config_lib.Config) 
   return latest
 
 
+def saved_config(workdir: str | os.PathLike) -> config_lib.Config | None:
+  """The config of the newest complete checkpoint in ``workdir``; None when there is none.
+
+  Reads only the metadata, and creates nothing (no folder for a workdir without one).
+  """
+  directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+  if not directory.is_dir():
+    return None
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    latest = manager.latest_step()
+    if latest is None:
+      return None
+    return config_lib.config_from_json(restore_metadata(manager, latest)["config"])
+
+
 class RestoredRun(NamedTuple):
   """A checkpoint read back: its config, the model in eval mode with the trained weights, and
   the pruning masks and flip counts (None for ``dense``)."""

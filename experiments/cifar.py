@@ -3,7 +3,8 @@
 With no flag this is the paper's VGG19 run at 99.9% sparsity (``shared/FLIPOUT.md``, "Paper
 training recipe"): SGD with learning rate 0.1, momentum 0.9, coupled weight decay 5e-4,
 learning rate x0.1 after epochs 150 and 250, 350 epochs, batch 128, random crop (pad 4) and
-horizontal flip, per-channel normalisation, gradient noise 1, p = 2, prune rate 0.5. Every
+horizontal flip, per-channel normalisation, gradient noise 1, p = 2, prune rate 0.5, and
+PyTorch's default initialisation (``--init=torch``), as the authors' models. Every
 other flag is described by ``--help`` (see ``experiments/config.py``).
 """
 
@@ -29,6 +30,7 @@ DEFAULTS = config_lib.Config(
     noise_scale=None,
     p=2.0,
     prune_rate=0.5,
+    init="torch",
 )
 
 

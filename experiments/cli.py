@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import input_pipeline, models, train
+from experiments import checkpoints, initializers, input_pipeline, models, train
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -126,7 +126,12 @@ _VALUE_FLAGS = (
     ("workdir", str, "output folder (None: runs/<dataset>-<model>-<method>-<sparsity>-seed<seed>)"),
     ("synthetic_train", int, "synthetic training images"),
     ("synthetic_test", int, "synthetic test images"),
-    ("data_dir", str, "tfds data dir (or the mnist_t10k folder)"),
+    (
+        "data_dir",
+        str,
+        "tfds data dir (or the mnist_t10k folder, or fashion_mnist's IDX folder, default "
+        "/usr/share/datasets/fashion-mnist)",
+    ),
     ("checkpoint_every_epochs", int, "checkpoint period in epochs (0: only at the end)"),
     ("keep_checkpoints", int, "checkpoints kept"),
     ("coordinator_address", str, "host:port of process 0 of a multi-process job"),
@@ -173,6 +178,13 @@ def build_parser(
     add("--dataset", default=defaults.dataset, choices=tuple(allowed_datasets), help="data set")
   add("--model", default=defaults.model, choices=tuple(allowed_models), help="network")
   add("--method", default=defaults.method, choices=config_lib.METHODS, help="pruning method")
+  add(
+      "--init",
+      default=None,
+      choices=initializers.INITS,
+      help="weight initialisation: torch (PyTorch's defaults, the authors') or flax (the "
+      f"models' own); None: {defaults.init} for a new run, the run's own on --resume",
+  )
   for name, parse, help_text in _VALUE_FLAGS:
     add(f"--{name}", type=parse, default=getattr(defaults, name), help=help_text)
   for name, help_text in _SWITCHES:
@@ -185,6 +197,17 @@ def build_parser(
         help=help_text,
     )
   return parser
+
+
+def _unflagged_init(config: config_lib.Config, default: str) -> str:
+  """The initialisation of a run without ``--init``: on ``--resume``, the one the checkpoint
+  was trained with (a run saved before ``--init`` existed used ``flax``, whatever the entry
+  point's default is now); otherwise the entry point's ``default``."""
+  if config.resume:
+    saved = checkpoints.saved_config(config.workdir or config_lib.default_workdir(config))
+    if saved is not None:
+      return saved.init
+  return default
 
 
 def main(
@@ -212,6 +235,8 @@ def main(
     return int(exit_request.code or 0)
   config = dataclasses.replace(defaults, **vars(args))
   try:
+    if config.init is None:
+      config = dataclasses.replace(config, init=_unflagged_init(config, defaults.init))
     config_lib.validate_config(config, allowed_models)
     train.train(config)
   except (config_lib.ConfigError, input_pipeline.DatasetUnavailableError) as error:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import input_pipeline, models, validation
+from experiments import initializers, input_pipeline, models, validation
 
 METHODS: tuple[str, ...] = (
     "flipout",
@@ -68,6 +68,9 @@ class Config:
     hoyer_lambda: weight of the Hoyer-Square regulariser (``hoyer_square`` only).
     hoyer_threshold: fixed magnitude threshold for ``hoyer_square``; None: the threshold
       that reaches ``sparsity`` exactly.
+    init: weight initialisation, one of ``initializers.INITS``: ``torch`` (PyTorch's
+      defaults, the authors'; see :mod:`experiments.initializers`) or ``flax`` (the models'
+      own). Runs saved before the field existed used ``flax``.
     seed: seeds the initialisation, the data order, augmentation and noise.
     data_seed: seeds the train/test split of ``digits`` and ``mnist_t10k`` and the synthetic
       data; None: ``seed``. Fix it to compare seeds on one split.
@@ -77,7 +80,8 @@ class Config:
       such in every output.
     synthetic_train: number of synthetic training images.
     synthetic_test: number of synthetic test images.
-    data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder).
+    data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder, or the
+      folder of fashion_mnist's IDX files when tfds has not prepared it).
     checkpoint_every_epochs: checkpoint period in epochs; 0: only at the end of the run.
     keep_checkpoints: how many checkpoints to keep.
     progress: show a progress bar and print one line per epoch.
@@ -109,6 +113,7 @@ class Config:
   prune_every_steps: int | None = None
   hoyer_lambda: float = 1e-6
   hoyer_threshold: float | None = None
+  init: str = "torch"
   seed: int = 0
   data_seed: int | None = None
   workdir: str | None = None
@@ -160,6 +165,7 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
   check_choice("dataset", config.dataset, input_pipeline.DATASET_NAMES)
   check_choice("model", config.model, tuple(allowed_models))
   check_choice("method", config.method, METHODS)
+  check_choice("init", config.init, initializers.INITS)
   if not 0.0 <= config.sparsity < 1.0:
     raise ConfigError(f"--sparsity must be in [0, 1) (e.g. 0.999), got {config.sparsity}")
   for name in (
@@ -286,6 +292,8 @@ def config_from_json(fields: dict[str, Any]) -> Config:
       values["noise_scale"] = None
   if "milestones" in values:
     values["milestones"] = tuple(values["milestones"])
+  # Saved before --init existed: every model had the models' own initialisation.
+  values.setdefault("init", "flax")
   return Config(**values)
 
 

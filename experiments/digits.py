@@ -69,6 +69,7 @@ DEFAULTS = config_lib.Config(
     p=2.0,
     prune_rate=0.5,
     hoyer_lambda=1e-4,
+    init="flax",
     seed=0,
     data_seed=0,
     checkpoint_every_epochs=0,

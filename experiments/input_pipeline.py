@@ -13,6 +13,9 @@ Sources:
 * ``digits``: scikit-learn's bundled 8x8 digits (no file, no network).
 * ``mnist_t10k``: the real MNIST test set (IDX files) in
   ``../shared/data/mnist-t10k``, split 8,000 train / 2,000 test.
+* ``fashion_mnist``: Fashion-MNIST, 60,000 train / 10,000 test, from tfds when it is
+  prepared, else from the IDX files of the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``).
 * ``synthetic=True``: random images of the data set's true shape, for smoke
   tests and speed measurements only.
 """
@@ -20,7 +23,6 @@ Sources:
 from __future__ import annotations
 
 import functools
-import gzip
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import validation
+from experiments import idx, validation
 
-DATASET_NAMES = ("cifar10", "mnist", "imagenette", "digits", "mnist_t10k")
+DATASET_NAMES = ("cifar10", "mnist", "imagenette", "digits", "mnist_t10k", "fashion_mnist")
 
 # (pad, flip): the paper's crop+flip for natural images, nothing for digits.
 AUGMENTATION = {
@@ -39,6 +41,7 @@ AUGMENTATION = {
     "mnist": (0, False),
     "digits": (0, False),
     "mnist_t10k": (0, False),
+    "fashion_mnist": (0, False),
 }
 
 
@@ -79,6 +82,7 @@ _IMAGE_SPECS = {
     "imagenette": _ImageSpec((224, 224, 3), 10),
     "digits": _ImageSpec((8, 8, 1), 10),
     "mnist_t10k": _ImageSpec((28, 28, 1), 10),
+    "fashion_mnist": _ImageSpec((28, 28, 1), 10),
 }
 
 
@@ -95,13 +99,22 @@ _TFDS_SOURCES = {
     "cifar10": _TfdsSource("cifar10", "train", "test"),
     "mnist": _TfdsSource("mnist", "train", "test"),
     "imagenette": _TfdsSource("imagenette/320px-v2", "train", "validation"),
+    "fashion_mnist": _TfdsSource("fashion_mnist", "train", "test"),
 }
 
 _MNIST_T10K_IMAGES = "t10k-images-idx3-ubyte.gz"
 _MNIST_T10K_LABELS = "t10k-labels-idx1-ubyte.gz"
 _MNIST_T10K_TRAIN_SIZE = 8000
-_IDX_IMAGES_MAGIC = 2051
-_IDX_LABELS_MAGIC = 2049
+# The Debian package dataset-fashion-mnist's folder and file names (those of the original
+# distribution), train split first.
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = (
+    ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+)
+# Bound on the images an IDX file may announce, checked before allocating: above the 70,000
+# of MNIST and Fashion-MNIST, the largest 28x28 sets read here.
+_IDX_MAX_IMAGES = 100_000
 
 _DIGITS_TRAIN_FRACTION = 0.8
 _DIGITS_MAX_VALUE = 16
@@ -136,8 +149,11 @@ def load(
     data_dir: for ``cifar10``, ``mnist`` and ``imagenette`` the tfds data
       directory (default: tfds' own, ``$TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``); for ``mnist_t10k`` the folder holding the
-      two IDX ``.gz`` files (default :func:`default_mnist_t10k_dir`); unused
-      by ``digits`` and by ``synthetic``.
+      two IDX ``.gz`` files (default :func:`default_mnist_t10k_dir`); for
+      ``fashion_mnist`` a tfds data directory where it is prepared, else the
+      folder of its four IDX ``.gz`` files (default
+      :data:`DEFAULT_FASHION_MNIST_DIR`); unused by ``digits`` and by
+      ``synthetic``.
     synthetic: random uint8 images and labels of the data set's true image
       shape and class count (imagenette: 224x224x3, 10 classes); reads no file.
     seed: seeds the train/test split of ``digits`` and ``mnist_t10k``, and
@@ -165,6 +181,8 @@ def load(
   elif name == "mnist_t10k":
     folder = default_mnist_t10k_dir() if data_dir is None else Path(data_dir)
     splits = _mnist_t10k_splits(folder, seed)
+  elif name == "fashion_mnist":
+    splits = _fashion_mnist_splits(data_dir)
   else:
     splits = _tfds_splits(name, data_dir)
   train_images, train_labels, test_images, test_labels = splits
@@ -327,8 +345,8 @@ def _mnist_t10k_splits(folder: Path, seed: int):
         f"format) in {folder}: put them there or pass data_dir=<folder with "
         "them>, or use --synthetic for smoke tests"
     )
-  images = _read_idx(folder / _MNIST_T10K_IMAGES, _IDX_IMAGES_MAGIC, ndim=3)
-  labels = _read_idx(folder / _MNIST_T10K_LABELS, _IDX_LABELS_MAGIC, ndim=1)
+  images = _read_idx(folder / _MNIST_T10K_IMAGES, idx.IMAGES_MAGIC, ndim=3)
+  labels = _read_idx(folder / _MNIST_T10K_LABELS, idx.LABELS_MAGIC, ndim=1)
   if (
       images.shape[1:] != (28, 28)
       or len(images) != len(labels)
@@ -347,29 +365,40 @@ def _mnist_t10k_splits(folder: Path, seed: int):
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-  """Reads a gzipped IDX file of unsigned bytes.
+  """:func:`idx.read_idx` of at most :data:`_IDX_MAX_IMAGES` 28x28 images' bytes."""
+  try:
+    return idx.read_idx(path, magic, ndim, max_items=_IDX_MAX_IMAGES * 28 * 28)
+  except idx.IdxError as error:
+    raise DatasetUnavailableError(str(error)) from error
 
-  Layout: big-endian int32 magic number, ``ndim`` big-endian int32 sizes, then
-  the bytes in row-major order.
-  """
-  with gzip.open(path, "rb") as file:
-    raw = file.read()
-  header_size = 4 * (1 + ndim)
-  header = np.frombuffer(raw[:header_size], dtype=">i4")
-  if len(header) != 1 + ndim or header[0] != magic:
-    found = header[0] if len(header) else "none"
+
+def _fashion_mnist_splits(data_dir: str | None):
+  """From tfds when prepared in ``data_dir`` (or tfds' default), else from the IDX files."""
+  try:
+    return _tfds_splits("fashion_mnist", data_dir)
+  except DatasetUnavailableError:
+    pass
+  folder = DEFAULT_FASHION_MNIST_DIR if data_dir is None else Path(data_dir)
+  names = [name for pair in _FASHION_MNIST_FILES for name in pair]
+  missing = [name for name in names if not (folder / name).is_file()]
+  if missing:
     raise DatasetUnavailableError(
-        f"{path} is not an IDX file of {ndim} dimensions (magic number "
-        f"{found}, expected {magic}): replace it with the original file"
+        f"fashion_mnist is not prepared for tfds and {folder} lacks {', '.join(missing)}: "
+        "install it with `apt-get install dataset-fashion-mnist` (IDX files in "
+        f"{DEFAULT_FASHION_MNIST_DIR}) or pass --data_dir=<folder with the IDX files>"
     )
-  shape = tuple(int(size) for size in header[1:])
-  data = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
-  if data.size != int(np.prod(shape)):
-    raise DatasetUnavailableError(
-        f"{path} holds {data.size} data bytes but its header says shape "
-        f"{shape}: replace it with the original file"
-    )
-  return data.reshape(shape)
+  splits = []
+  for images_name, labels_name in _FASHION_MNIST_FILES:
+    images = _read_idx(folder / images_name, idx.IMAGES_MAGIC, ndim=3)
+    labels = _read_idx(folder / labels_name, idx.LABELS_MAGIC, ndim=1)
+    if images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() >= 10:
+      raise DatasetUnavailableError(
+          f"{folder / images_name} and {labels_name} hold images {images.shape} and labels "
+          f"{labels.shape} up to {labels.max()}; expected (N, 28, 28) and (N,) with labels "
+          "0..9: replace the files with the originals"
+      )
+    splits += [images[..., None], labels.astype(np.int32)]
+  return tuple(splits)
 
 
 def _tfds_splits(name: str, data_dir: str | None):

@@ -12,7 +12,7 @@ from flax import nnx
 
 import flipout_jax as flipout
 from experiments import config as config_lib
-from experiments import models, optimizers
+from experiments import initializers, models, optimizers
 
 
 class Setup(NamedTuple):
@@ -40,7 +40,7 @@ def run_once(function, *args):
 
 
 def _model_initializer(
-    model_name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int
+    model_name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int, init: str
 ):
   """Graph definitions (train and eval mode) and a pure ``() -> (params, batch_stats)``.
 
@@ -49,9 +49,11 @@ def _model_initializer(
   """
 
   def create() -> nnx.Module:
-    return models.create_model(
+    model = models.create_model(
         model_name, input_shape=input_shape, num_classes=num_classes, rngs=nnx.Rngs(seed)
     )
+    initializers.apply_init(model, init, seed)
+    return model
 
   abstract_model = nnx.eval_shape(create)
   abstract_model.train()
@@ -82,7 +84,7 @@ def build_setup(
   ``abstract=True`` computes only shapes and dtypes (``jax.ShapeDtypeStruct`` leaves).
   """
   graphdef_train, graphdef_eval, initial_state = _model_initializer(
-      config.model, tuple(input_shape), num_classes, config.seed
+      config.model, tuple(input_shape), num_classes, config.seed, config.init
   )
   evaluate = jax.eval_shape if abstract else run_once
   params, batch_stats = evaluate(initial_state)

@@ -19,6 +19,7 @@ IMAGE_SHAPES = {
     "imagenette": (224, 224, 3),
     "digits": (8, 8, 1),
     "mnist_t10k": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
 }
 
 # Class counts of the official MNIST test set (10,000 images), as published.
