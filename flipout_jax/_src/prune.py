@@ -37,6 +37,7 @@ from flipout_jax._src import criteria as criteria_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src import schedule as schedule_lib
 from flipout_jax._src import select
+from flipout_jax._src import update_check
 
 # Public through flipout_jax; the checks are shared with baselines.snip.
 event_steps = schedule_lib.event_steps
@@ -50,19 +51,24 @@ class PruneState(NamedTuple):
   """State of :func:`prune`, :func:`fixed_masks` and :func:`prune_below`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar); -1 once the run
-      was stopped because pruned weights moved (``prune`` not last).
+    count: number of updates applied so far (int32 scalar); negative once the
+      run was stopped because ``prune`` was not last: -1 when pruned weights
+      moved, -2 when params did not move by the update it returned.
     masks: tree shaped like params, a bool array (True = live) at each prunable
       leaf and ``None`` elsewhere.
     flips: tree shaped like params, sign-flip counts of live weights at each
       prunable leaf (0 for pruned weights) and ``None`` elsewhere: uint16 or
       int32 (``prune``'s ``flip_count_dtype``); read them with
       :func:`flip_counts`.
+    last_update: a sample of the last update's params and of those params plus
+      its update (a few KiB in all), from which the next update checks that
+      ``prune`` is last; ``None`` (states built without it) checks nothing.
   """
 
   count: jax.Array
   masks: Any
   flips: Any
+  last_update: update_check.UpdateSample | None = None
 
 
 # An event rule maps (step, new_params, masks, flips) to the new masks, where
@@ -127,6 +133,17 @@ _NOT_LAST_MESSAGE = (
     "optax.chain, after the optimizer, so it sees the final update; and do not "
     "modify params between tx.update calls."
 )
+# `count` of a state whose params did not move by the update it returned: the
+# same mistake, caught at the second update (update_check.py).
+_MOVED_OTHERWISE = -2
+_MOVED_OTHERWISE_MESSAGE = (
+    "flipout: the params of an update were not the previous params plus the update "
+    "flipout.prune returned, so training was stopped (params are NaN). Put flipout.prune "
+    "(or fixed_masks / prune_below) LAST in optax.chain, after the optimizer: "
+    "optax.chain(optax.sgd(...), flipout.prune(...)), not optax.chain(flipout.prune(...), "
+    "optax.sgd(...)); apply its updates with optax.apply_updates(params, updates) and do not "
+    "change params between tx.update calls."
+)
 
 
 def _pruned_weights_moved(step, masks, params) -> jax.Array:
@@ -174,7 +191,12 @@ def _masking_transform(
     prunable_lib.check_floating(params, masks)
     check_sizes([int(np.size(m)) for m in jax.tree.leaves(masks)])
     flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
-    return PruneState(count=jnp.zeros([], jnp.int32), masks=masks, flips=flips)
+    return PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        flips=flips,
+        last_update=update_check.empty(_leaves_at(masks, params)),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -199,7 +221,10 @@ def _masking_transform(
             f"{np.shape(param)} but its mask has shape {mask.shape}"
         )
     step = state.count + 1
-    not_last = _pruned_weights_moved(step, state.masks, params)
+    moved_otherwise = jnp.bool_(False)
+    if state.last_update is not None:
+      moved_otherwise = update_check.moved_otherwise(state.last_update, params_at_masks)
+    not_last = _pruned_weights_moved(step, state.masks, params) | moved_otherwise
 
     flips_before = jax.tree.leaves(state.flips)
 
@@ -264,10 +289,16 @@ def _masking_transform(
         for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
     updates = _replace_at(updates, state.masks, masked_updates)
+    stopped_code = jnp.where(moved_otherwise, _MOVED_OTHERWISE, _NOT_LAST)
     return updates, PruneState(
-        count=jnp.where(not_last, _NOT_LAST, step),
+        count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
         masks=mask_structure.unflatten(masks),
         flips=mask_structure.unflatten(flips),
+        last_update=(
+            None
+            if state.last_update is None
+            else update_check.take(params_at_masks, masked_updates)
+        ),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -526,6 +557,8 @@ def _prune_state(opt_state) -> PruneState:
   )
   if concrete and int(count) == _NOT_LAST:
     raise ValueError(_NOT_LAST_MESSAGE)
+  if concrete and int(count) == _MOVED_OTHERWISE:
+    raise ValueError(_MOVED_OTHERWISE_MESSAGE)
   return found[0]
 
 
