@@ -171,7 +171,7 @@ def _masking_transform(
     make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
     check_sizes: Callable[[list[int]], Any] = lambda sizes: None,
     flip_dtype=np.int32,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Builds the transform: masking, flip counting and optional events.
 
   Args:
@@ -198,7 +198,8 @@ def _masking_transform(
         last_update=update_check.empty(_leaves_at(masks, params)),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # e.g. a loss `value` for other links of the chain
     if params is None:
       raise ValueError(
           "params: flipout pruning needs the current params; call "
@@ -301,7 +302,7 @@ def _masking_transform(
         ),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _masked_update(mask, param, update):
@@ -362,7 +363,7 @@ def prune(
     begin_step: int | None = None,
     end_step: int | None = None,
     flip_count_dtype=None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
   Three schedules (``docs/algorithm.md``, "Schedules"); the first two are the
@@ -436,7 +437,7 @@ def prune(
       for the whole run, for 2 more bytes per prunable weight).
 
   Returns:
-    A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
+    A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`. It must
     be last in the chain and needs ``params`` in ``update``.
   """
   if target_sparsity is not None:
@@ -479,7 +480,7 @@ def prune(
   return _masking_transform(where, _all_live, make_event, check_sizes, flip_dtype)
 
 
-def fixed_masks(masks) -> optax.GradientTransformation:
+def fixed_masks(masks) -> optax.GradientTransformationExtraArgs:
   """Trains with a fixed mask (e.g. from :func:`snip`); last in the chain.
 
   The first update zeroes the masked weights of dense params; afterwards they
@@ -507,7 +508,9 @@ def fixed_masks(masks) -> optax.GradientTransformation:
   return _masking_transform(where, initial, None)
 
 
-def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTransformation:
+def prune_below(
+    threshold: float, *, step: int, where=None
+) -> optax.GradientTransformationExtraArgs:
   """One-shot pruning of live weights with ``|w| < threshold`` at ``step``.
 
   The Hoyer-Square baseline: train with :func:`hoyer_square` in the loss,
@@ -541,9 +544,9 @@ def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTra
 
 def _prune_state(opt_state) -> PruneState:
   found = [
-      s
-      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
-      if isinstance(s, PruneState)
+      state
+      for _, state in optax.tree_utils.tree_get_all_with_path(opt_state, PruneState.__name__)
+      if isinstance(state, PruneState)
   ]
   if len(found) != 1:
     raise ValueError(
