@@ -1,6 +1,6 @@
 r"""The FlipOut paper's gradient noise, as an Optax transformation."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 import zlib
 
 import jax
@@ -19,7 +19,7 @@ NOISE_STREAM_TAG = zlib.crc32(b"flipout_jax/gradient_noise") & 0x7FFFFFFF
 class GradientNoiseState(NamedTuple):
   """State of :func:`gradient_noise`: the number of updates so far."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the Optax name, shadowing tuple.count
 
 
 def _gets_noise(grad) -> bool:
@@ -109,7 +109,7 @@ def _uniform_from_bits(bits: jax.Array) -> jax.Array:
 
 
 def gradient_noise(
-    scale: float = 1.0, seed: int = 0, where=None, *, prunable=None
+    scale: float = 1.0, seed: int = 0, where: Any = None, *, prunable: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds Gaussian noise scaled to each leaf's gradient norm over live weights.
 

@@ -65,7 +65,7 @@ class PruneState(NamedTuple):
       ``prune`` is last; ``None`` (states built without it) checks nothing.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the Optax name, shadowing tuple.count
   masks: Any
   flips: Any
   last_update: update_check.UpdateSample | None = None
@@ -91,7 +91,7 @@ def _ranked_event(
   selection (``select.lowest_k_cut``), so no score or key per weight is ever
   held in memory and the event adds no scratch per weight to the step's peak.
   """
-  table = jnp.asarray(table)
+  targets_table = jnp.asarray(table)
 
   def event(step, new_params, masks, flips):
     key = criteria_lib.random_criterion_key(seed, step)
@@ -104,12 +104,12 @@ def _ranked_event(
 
       return compute
 
-    targets = table[event_index(step)]
+    targets = targets_table[event_index(step)]
     count = len(mask_leaves)
     groups = [[i] for i in range(count)] if rule.layerwise else [list(range(count))]
     new_masks = list(mask_leaves)
     for group, target in zip(groups, targets):
-      pruned = sum(select.count(~mask_leaves[i], table.dtype) for i in group)
+      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in group)
       cut = select.lowest_k_cut(keys(group), jnp.maximum(target - pruned, 0))
       for i, leaf_chosen in zip(group, select.chosen_by(cut, keys(group))):
         new_masks[i] = mask_leaves[i] & ~leaf_chosen
@@ -356,13 +356,13 @@ def prune(
     rate: float | None = None,
     p: float = 2.0,
     criterion: str | Callable[[Any, Any], Any] = "flipout",
-    where=None,
+    where: Any = None,
     seed: int = 0,
     schedule: str = "halving",
     initial_sparsity: float = 0.0,
     begin_step: int | None = None,
     end_step: int | None = None,
-    flip_count_dtype=None,
+    flip_count_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
@@ -480,7 +480,7 @@ def prune(
   return _masking_transform(where, _all_live, make_event, check_sizes, flip_dtype)
 
 
-def fixed_masks(masks) -> optax.GradientTransformationExtraArgs:
+def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
   """Trains with a fixed mask (e.g. from :func:`snip`); last in the chain.
 
   The first update zeroes the masked weights of dense params; afterwards they
@@ -509,7 +509,7 @@ def fixed_masks(masks) -> optax.GradientTransformationExtraArgs:
 
 
 def prune_below(
-    threshold: float, *, step: int, where=None
+    threshold: float, *, step: int, where: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   """One-shot pruning of live weights with ``|w| < threshold`` at ``step``.
 
@@ -565,12 +565,12 @@ def _prune_state(opt_state) -> PruneState:
   return found[0]
 
 
-def masks(opt_state):
+def masks(opt_state: Any) -> Any:
   """Masks (True = live) from an optimizer state, ``None`` at non-prunable leaves."""
   return _prune_state(opt_state).masks
 
 
-def flip_counts(opt_state):
+def flip_counts(opt_state: Any) -> Any:
   """Sign-flip counts from an optimizer state as int32, ``None`` at non-prunable leaves.
 
   Stored uint16 counts (see ``prune``'s ``flip_count_dtype``) are widened, so
@@ -579,7 +579,7 @@ def flip_counts(opt_state):
   return jax.tree.map(counters.as_int32, _prune_state(opt_state).flips)
 
 
-def apply_masks(params, masks):
+def apply_masks(params: Any, masks: Any) -> Any:
   """``params`` with pruned weights set to zero (``None`` masks: unchanged)."""
   masked = [
       jnp.where(m, p, jnp.zeros_like(p))

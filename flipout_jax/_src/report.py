@@ -123,7 +123,7 @@ class Summary:
 def _any_along(connected: np.ndarray, axis: int) -> np.ndarray:
   """Whether each index of ``axis`` has a connection; explicit sizes, so 0-size axes work."""
   moved = np.moveaxis(connected, axis, 0)
-  return moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1)
+  return np.asarray(moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1))
 
 
 # Axes of (output units, input units) in a kernel of each layout.
@@ -228,7 +228,7 @@ def summary(params: Any, where: Any = None, *, kernel_layout: KernelLayout = "in
   )
 
 
-def sparsity(params, where=None) -> float:
+def sparsity(params: Any, where: Any = None) -> float:
   """Fraction of prunable weights that are exactly zero.
 
   0.0 when the prunable leaves have no entry. NaN (it does not raise) when a
