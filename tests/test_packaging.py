@@ -136,3 +136,27 @@ def test_the_wheel_imports_and_prunes_without_the_experiments_dependencies(tmp_p
   assert child.returncode == 0, child.stderr
   location, sparsity = child.stdout.split()
   assert Path(location).is_relative_to(site) and float(sparsity) == 0.5
+
+
+def test_every_public_function_is_annotated():
+  import inspect
+
+  import flipout_jax
+
+  for name in flipout_jax.__all__:
+    value = getattr(flipout_jax, name)
+    if isinstance(value, type):
+      continue
+    signature = inspect.signature(value)
+    missing = [
+        p for p, v in signature.parameters.items() if v.annotation is inspect.Parameter.empty
+    ]
+    assert not missing, (name, missing)
+    assert signature.return_annotation is not inspect.Signature.empty, name
+
+
+def test_the_api_reference_has_a_page_for_every_public_name():
+  import flipout_jax
+
+  listed = set(re.findall(r"^   (\w+)$", (_ROOT / "docs" / "api.rst").read_text(), re.MULTILINE))
+  assert listed == set(flipout_jax.__all__), listed ^ set(flipout_jax.__all__)

@@ -439,6 +439,16 @@ def prune(
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`. It must
     be last in the chain and needs ``params`` in ``update``.
+
+  Example:
+    >>> params = {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}
+    >>> tx = optax.chain(optax.sgd(0.1), flipout.prune(0.5, total_steps=4))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):  # the event is at step 2
+    ...   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> flipout.sparsity(params), int(flipout.masks(state)["kernel"].sum())
+    (0.5, 8)
   """
   if target_sparsity is not None:
     target_sparsity = _check_fraction("target_sparsity", target_sparsity, low_open=False)
@@ -580,7 +590,15 @@ def flip_counts(opt_state: Any) -> Any:
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
-  """``params`` with pruned weights set to zero (``None`` masks: unchanged)."""
+  """``params`` with pruned weights set to zero (``None`` masks: unchanged).
+
+  Example:
+    >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> masks = {"kernel": jnp.array([[True, False], [False, True]]), "bias": None}
+    >>> flipout.apply_masks(params, masks)["kernel"]
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+  """
   masked = [
       jnp.where(m, p, jnp.zeros_like(p))
       for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))
