@@ -26,6 +26,9 @@ from flipout_jax._src import noise
 from tests import noise_ablation
 
 LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+# PruneState.last_update (flipout_jax/_src/update_check.py): a bool, and 256 // 3 = 85 evenly
+# spaced float32 weights of each of LeNet-300-100's 3 kernels, twice (params, params + update).
+LENET300_SAMPLE_BYTES = 1 + 2 * 4 * 3 * (256 // 3)
 
 
 def _read_json(path):
@@ -261,17 +264,18 @@ def test_memory_tiny_counts_state_bytes_per_prunable_weight(
   assert "prune state B/weight" in capsys.readouterr().out
   (result,) = _read_json(output)["results"]
   assert result["prunable_weights"] == LENET300_KERNEL_WEIGHTS
-  # bool mask + flip counter per weight, plus one int32 step counter for the whole state.
+  # bool mask + flip counter per weight, plus one int32 step counter and the update sample for
+  # the whole state.
   assert result["state_bytes_per_prunable_weight"]["prune"] == pytest.approx(
-      1 + counter_bytes + 4 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + (4 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # gradient_noise adds one more int32 step counter.
   assert result["state_bytes_per_prunable_weight"]["flipout"] == pytest.approx(
-      1 + counter_bytes + 8 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + (8 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # fixed_masks has no events, so its counters stay int32 whatever the run length.
   assert result["state_bytes_per_prunable_weight"]["masks"] == pytest.approx(
-      5 + 4 / LENET300_KERNEL_WEIGHTS
+      5 + (4 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # The pruning state is an input and an output of the step: strictly more memory than dense.
   assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0

@@ -20,7 +20,9 @@ in Python from the static leaf sizes (``schedule.py``). Selection is exact
 without sorting (``select.py``). The state holds a bool mask and a flip
 counter per prunable weight (3 bytes with the uint16 counters of schedules
 whose last event is at step 65535 or earlier, 5 with int32 ones, see
-``counters.py``) and nothing for other leaves. The algorithm, schedules and
+``counters.py``) and nothing for other leaves, plus a fixed sample of about
+2 KiB from which the next update checks that ``prune`` is last
+(``update_check.py``). The algorithm, schedules and
 design decisions are described in ``docs/algorithm.md``.
 """
 
@@ -132,17 +134,6 @@ _NOT_LAST_MESSAGE = (
     "(params are NaN). Put flipout.prune (or fixed_masks / prune_below) LAST in "
     "optax.chain, after the optimizer, so it sees the final update; and do not "
     "modify params between tx.update calls."
-)
-# `count` of a state whose params did not move by the update it returned: the
-# same mistake, caught at the second update (update_check.py).
-_MOVED_OTHERWISE = -2
-_MOVED_OTHERWISE_MESSAGE = (
-    "flipout: the params of an update were not the previous params plus the update "
-    "flipout.prune returned, so training was stopped (params are NaN). Put flipout.prune "
-    "(or fixed_masks / prune_below) LAST in optax.chain, after the optimizer: "
-    "optax.chain(optax.sgd(...), flipout.prune(...)), not optax.chain(flipout.prune(...), "
-    "optax.sgd(...)); apply its updates with optax.apply_updates(params, updates) and do not "
-    "change params between tx.update calls."
 )
 
 
@@ -290,7 +281,7 @@ def _masking_transform(
         for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
     updates = _replace_at(updates, state.masks, masked_updates)
-    stopped_code = jnp.where(moved_otherwise, _MOVED_OTHERWISE, _NOT_LAST)
+    stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
     return updates, PruneState(
         count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
         masks=mask_structure.unflatten(masks),
@@ -570,8 +561,8 @@ def _prune_state(opt_state) -> PruneState:
   )
   if concrete and int(count) == _NOT_LAST:
     raise ValueError(_NOT_LAST_MESSAGE)
-  if concrete and int(count) == _MOVED_OTHERWISE:
-    raise ValueError(_MOVED_OTHERWISE_MESSAGE)
+  if concrete and int(count) == update_check.STOPPED_COUNT:
+    raise ValueError(update_check.STOPPED_MESSAGE)
   return found[0]
 
 

@@ -24,6 +24,17 @@ import numpy as np
 
 # Entries sampled over all prunable leaves, each sampled twice: 2 KiB for float32 params.
 SAMPLE_SIZE = 256
+# `PruneState.count` of a run this check stopped (-1 is a moved pruned weight, prune.py), and
+# what reading such a state raises.
+STOPPED_COUNT = -2
+STOPPED_MESSAGE = (
+    "flipout: the params of an update were not the previous params plus the update "
+    "flipout.prune returned, so training was stopped (params are NaN). Put flipout.prune "
+    "(or fixed_masks / prune_below) LAST in optax.chain, after the optimizer: "
+    "optax.chain(optax.sgd(...), flipout.prune(...)), not optax.chain(flipout.prune(...), "
+    "optax.sgd(...)); apply its updates with optax.apply_updates(params, updates) and do not "
+    "change params between tx.update calls."
+)
 
 
 class UpdateSample(NamedTuple):
