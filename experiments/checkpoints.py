@@ -75,14 +75,53 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
   which orbax's cast would wrap (70,000 would come back as 4,464).
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-  restored = manager.restore(
-      epoch,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(jax.tree.map(_read_as_int32, abstract)),
-          metadata=ocp.args.JsonRestore(),
-      ),
-  )
+
+  def read(target):
+    return manager.restore(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(_read_as_int32, target)),
+            metadata=ocp.args.JsonRestore(),
+        ),
+    )
+
+  try:
+    restored = read(abstract)
+  except ValueError as error:
+    # A checkpoint written before PruneState held its update sample: read it without, and
+    # take the target's sample, which checks nothing at the first update.
+    try:
+      restored = read(_map_prune_states(abstract, lambda s: _PruneStateWithoutSample(*s[:3])))
+    except ValueError:
+      raise error from None
+    samples = iter(_prune_states(target_state))
+    state = _map_prune_states(
+        restored["state"],
+        lambda s: flipout.PruneState(*s, last_update=next(samples).last_update),
+        is_leaf=lambda node: isinstance(node, _PruneStateWithoutSample),
+    )
+    return _saturate_into(state, abstract), restored["metadata"]
   return _saturate_into(restored["state"], abstract), restored["metadata"]
+
+
+class _PruneStateWithoutSample(NamedTuple):
+  """``flipout.PruneState`` as checkpoints written before its ``last_update`` hold it."""
+
+  count: Any
+  masks: Any
+  flips: Any
+
+
+def _is_prune_state(node) -> bool:
+  return isinstance(node, flipout.PruneState)
+
+
+def _prune_states(tree) -> list:
+  return [node for node in jax.tree.leaves(tree, is_leaf=_is_prune_state) if _is_prune_state(node)]
+
+
+def _map_prune_states(tree, change, is_leaf=_is_prune_state):
+  return jax.tree.map(lambda node: change(node) if is_leaf(node) else node, tree, is_leaf=is_leaf)
 
 
 def _read_as_int32(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:

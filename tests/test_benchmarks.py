@@ -10,6 +10,7 @@ deviation of known numbers.
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,12 @@ from benchmarks import step_overhead
 from experiments import cli, input_pipeline
 import flipout_jax as flipout
 from flipout_jax._src import noise
+from tests import noise_ablation
 
 LENET300_KERNEL_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+# PruneState.last_update (flipout_jax/_src/update_check.py): a bool, and 256 // 3 = 85 evenly
+# spaced float32 weights of each of LeNet-300-100's 3 kernels, twice (params, params + update).
+LENET300_SAMPLE_BYTES = 1 + 2 * 4 * 3 * (256 // 3)
 
 
 def _read_json(path):
@@ -171,17 +176,25 @@ def test_noise_rng_tiny_times_every_generator(tmp_path, capsys):
   assert noise_rng.main(["--tiny", "--json", str(output)]) == 0
   printed = capsys.readouterr().out
   assert "[TINY: not a result]" in printed and f"{LENET300_KERNEL_WEIGHTS:,} float32" in printed
-  names = (
-      noise_rng.OURS,
-      noise_rng.BITS_ONLY,
-      noise_rng.TRANSFORM_ONLY,
-      *noise_rng.IMPLS,
-      noise_rng.NON_PARTITIONABLE,
-      *noise_rng.IN_STEP,
-  )
+  names = (*noise_rng.IMPLS, noise_rng.NON_PARTITIONABLE, *noise_rng.IN_STEP)
   for name in names:
     assert f"| {name} " in printed
   assert set(_read_json(output)["samples"]) == {"dense step", *names}
+
+
+def test_noise_ablation_tiny_times_every_ablation(tmp_path, capsys):
+  output = tmp_path / "ablation.json"
+  assert noise_ablation.main(["--tiny", "--json", str(output)]) == 0
+  printed = capsys.readouterr().out
+  for name in (*noise_ablation.DRAWS, *noise_ablation.IN_STEP):
+    assert f"| {name} " in printed
+  samples = _read_json(output)["samples"]
+  assert set(samples) == {"dense step", *noise_ablation.DRAWS, *noise_ablation.IN_STEP}
+
+
+def test_benchmarks_use_the_public_api_only():
+  for path in (Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"):
+    assert "flipout_jax._src" not in path.read_text(), path
 
 
 def test_noise_rng_ablations_swap_the_normal_transform_or_the_bits_and_nothing_else():
@@ -191,7 +204,7 @@ def test_noise_rng_ablations_swap_the_normal_transform_or_the_bits_and_nothing_e
   state = tx.init(params)
 
   def noise_of(row):
-    with noise_rng._ablated_noise(row):
+    with noise_ablation.ablated_noise(row):
       updates, _ = tx.update(grads, state, params)  # eager: traced inside the ablation
     return np.asarray(updates["w"]) - 1.0
 
@@ -202,11 +215,11 @@ def test_noise_rng_ablations_swap_the_normal_transform_or_the_bits_and_nothing_e
       atol=1e-6,
   )
   # The same bits as uniform noise: sqrt(2) u has erfinv(u)'s sign and stays within sqrt(2).
-  uniform = noise_of(noise_rng.UNIFORM_STEP)
+  uniform = noise_of(noise_ablation.UNIFORM_STEP)
   assert np.abs(uniform).max() <= np.sqrt(2) < np.abs(real).max()
   np.testing.assert_array_equal(np.sign(uniform), np.sign(real))
   # The same transform of other bits: normal, but not the stream.
-  hashed = noise_of(noise_rng.HASHED_STEP)
+  hashed = noise_of(noise_ablation.HASHED_STEP)
   assert np.abs(hashed).max() > np.sqrt(2) and 0.8 < hashed.std() < 1.2
   assert np.mean(np.sign(hashed) == np.sign(real)) < 0.6
   np.testing.assert_array_equal(noise_of(noise_rng.FLIPOUT_STEP), real)  # restored after
@@ -251,17 +264,18 @@ def test_memory_tiny_counts_state_bytes_per_prunable_weight(
   assert "prune state B/weight" in capsys.readouterr().out
   (result,) = _read_json(output)["results"]
   assert result["prunable_weights"] == LENET300_KERNEL_WEIGHTS
-  # bool mask + flip counter per weight, plus one int32 step counter for the whole state.
+  # bool mask + flip counter per weight, plus one int32 step counter and the update sample for
+  # the whole state.
   assert result["state_bytes_per_prunable_weight"]["prune"] == pytest.approx(
-      1 + counter_bytes + 4 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + (4 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # gradient_noise adds one more int32 step counter.
   assert result["state_bytes_per_prunable_weight"]["flipout"] == pytest.approx(
-      1 + counter_bytes + 8 / LENET300_KERNEL_WEIGHTS
+      1 + counter_bytes + (8 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # fixed_masks has no events, so its counters stay int32 whatever the run length.
   assert result["state_bytes_per_prunable_weight"]["masks"] == pytest.approx(
-      5 + 4 / LENET300_KERNEL_WEIGHTS
+      5 + (4 + LENET300_SAMPLE_BYTES) / LENET300_KERNEL_WEIGHTS
   )
   # The pruning state is an input and an output of the step: strictly more memory than dense.
   assert result["peak_ratio"]["prune"] > 1.0 and result["peak_ratio"]["flipout"] > 1.0

@@ -93,7 +93,7 @@ def test_pruned_weights_stay_exactly_zero(name):
 def test_prune_first_in_chain_fails_loudly():
   tx = optax.chain(flipout.prune(0.5, total_steps=10), optax.sgd(0.1, momentum=0.9))
   params, state, _ = _train(tx, steps=12)
-  # The first update after the event (step 6) finds pruned weights moved: the
+  # The second update finds params that did not move by prune's update: the
   # run stops with NaN params instead of going on as a dense model.
   for name in ("hidden", "out"):
     assert np.all(np.isnan(np.asarray(params[name]["kernel"])))

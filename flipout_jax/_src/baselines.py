@@ -12,8 +12,12 @@ from flipout_jax._src import select
 
 
 def snip(
-    loss_fn: Callable[[Any, Any], jax.Array], params, batch, target_sparsity: float, where=None
-):
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batch: Any,
+    target_sparsity: float,
+    where: Any = None,
+) -> Any:
   r"""SNIP masks: keep the weights with the largest connection sensitivity.
 
   Scores each prunable weight by :math:`|\partial L / \partial w \cdot w|` on
@@ -46,10 +50,10 @@ def snip(
   keys = [select.sortable_keys(s, True) for s in leaves]
   num_prunable = sum(s.size for s in leaves)
   chosen = select.lowest_k(keys, round(target_sparsity * num_prunable))
-  return treedef.unflatten([~c for c in chosen])
+  return jax.tree.unflatten(treedef, [~c for c in chosen])
 
 
-def hoyer_square(params, where=None) -> jax.Array:
+def hoyer_square(params: Any, where: Any = None) -> jax.Array:
   r"""Hoyer-Square regulariser summed over prunable leaves.
 
   .. math:: H(W) = \sum_{\mathrm{leaves}} (\sum |w|)^2 / \sum w^2

@@ -41,7 +41,7 @@ def _wide(w: jax.Array) -> jax.Array:
   return w.astype(jnp.promote_types(w.dtype, jnp.float32))
 
 
-def flipout_scores(params, flips, *, p: float = 2.0):
+def flipout_scores(params: Any, flips: Any, *, p: float = 2.0) -> Any:
   r"""FlipOut saliency :math:`|w|^p / (\mathrm{flips}(w) + 1)`, float32 at least."""
 
   def score(w, f):
@@ -51,13 +51,13 @@ def flipout_scores(params, flips, *, p: float = 2.0):
   return jax.tree.map(score, params, flips)
 
 
-def magnitude_scores(params, flips):
+def magnitude_scores(params: Any, flips: Any) -> Any:
   """Magnitude saliency :math:`|w|` (flip counts are ignored), float32 at least."""
   del flips
   return jax.tree.map(lambda w: jnp.abs(_wide(w)), params)
 
 
-def random_scores(params, flips, *, key: jax.Array):
+def random_scores(params: Any, flips: Any, *, key: jax.Array) -> Any:
   """Uniform float32 scores: prunes live weights uniformly at random.
 
   One key per leaf, ``jax.random.split(key, num_leaves)``, in leaf order.

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+from typing import Any
 import zipfile
 import zlib
 
@@ -64,7 +65,9 @@ class _FormatError(ValueError):
   """A file that is not a (readable) flipout_jax export; message w/o path."""
 
 
-def export(params, path, *, int8: bool = False, compress: bool = True) -> int:
+def export(
+    params: Any, path: str | os.PathLike, *, int8: bool = False, compress: bool = True
+) -> int:
   """Writes pruned params compactly to ``path`` (an ``.npz`` file).
 
   Kernels (leaves with ``ndim >= 2``) are stored as a packed bitmask of their
@@ -122,7 +125,7 @@ def export(params, path, *, int8: bool = False, compress: bool = True) -> int:
   return _write_atomically(path, members, compress=compress)
 
 
-def load(path) -> dict:
+def load(path: str | os.PathLike) -> dict:
   """Reads params written by :func:`export` back as a nested dict.
 
   Leaves are numpy arrays of the exported shapes and dtypes (use
@@ -172,13 +175,13 @@ def _flatten(params) -> list[tuple[tuple, np.ndarray]]:
         "nnx.state(model, nnx.Param).to_pure_dict()), got "
         f"{type(params).__name__}"
     )
-  leaves = []
+  leaves: list[tuple[tuple, np.ndarray]] = []
   _collect_leaves(params, (), leaves)
   return leaves
 
 
 def _collect_leaves(node: Mapping, prefix: tuple, leaves: list) -> None:
-  printed_keys = set()
+  printed_keys: set[str] = set()
   for key, value in node.items():
     key_path = (*prefix, key)
     _check_key(key, key_path, printed_keys)
@@ -265,7 +268,7 @@ def _write_atomically(path, members: dict[str, np.ndarray], *, compress: bool) -
   )
   try:
     with os.fdopen(handle, "wb") as file:
-      save(file, **members)
+      save(file, **members)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
       file.flush()
       os.fsync(file.fileno())
     os.replace(temp_path, path)
@@ -284,11 +287,13 @@ def _read_archive(file) -> dict:
   if not isinstance(archive, np.lib.npyio.NpzFile):
     raise _FormatError("a single .npy array, not an .npz archive")
   with archive:
-    manifest = _read_manifest(archive.zip)
-    params = {}
-    members = set()
+    zip_file = archive.zip
+    assert zip_file is not None  # an open NpzFile has its zip
+    manifest = _read_manifest(zip_file)
+    params: dict = {}
+    members: set[str] = set()
     for leaf in manifest["leaves"]:
-      key_path, array = _decode_leaf(archive.zip, leaf, members)
+      key_path, array = _decode_leaf(zip_file, leaf, members)
       _insert(params, key_path, array)
   return params
 
@@ -354,7 +359,7 @@ def _check_leaf_entry(leaf) -> tuple[tuple, tuple, np.dtype, str]:
       or not all(isinstance(key, (str, int)) and not isinstance(key, bool) for key in key_path)
   ):
     raise _FormatError(f"bad leaf path {key_path!r}")
-  name = _member_base(key_path)
+  name = _member_base(tuple(key_path))
   if not isinstance(shape, list) or not all(
       isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
   ):
@@ -365,7 +370,7 @@ def _check_leaf_entry(leaf) -> tuple[tuple, tuple, np.dtype, str]:
   allowed = ("dense",) if len(shape) < 2 else ("bitmask", "bitmask_int8")
   if encoding not in allowed:
     raise _FormatError(f"{name}: bad encoding {encoding!r} for shape {shape}")
-  return tuple(key_path), tuple(shape), _DTYPES[leaf["dtype"]], encoding
+  return tuple(key_path), tuple(shape), _DTYPES[leaf["dtype"]], str(encoding)
 
 
 def _read_member(archive: zipfile.ZipFile, member: str, max_bytes: int, what: str) -> np.ndarray:

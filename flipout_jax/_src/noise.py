@@ -1,6 +1,6 @@
 r"""The FlipOut paper's gradient noise, as an Optax transformation."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 import zlib
 
 import jax
@@ -19,7 +19,7 @@ NOISE_STREAM_TAG = zlib.crc32(b"flipout_jax/gradient_noise") & 0x7FFFFFFF
 class GradientNoiseState(NamedTuple):
   """State of :func:`gradient_noise`: the number of updates so far."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the Optax name, shadowing tuple.count
 
 
 def _gets_noise(grad) -> bool:
@@ -109,8 +109,8 @@ def _uniform_from_bits(bits: jax.Array) -> jax.Array:
 
 
 def gradient_noise(
-    scale: float = 1.0, seed: int = 0, where=None, *, prunable=None
-) -> optax.GradientTransformation:
+    scale: float = 1.0, seed: int = 0, where: Any = None, *, prunable: Any = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Adds Gaussian noise scaled to each leaf's gradient norm over live weights.
 
   For every selected leaf with ``n`` entries,
@@ -165,7 +165,8 @@ def gradient_noise(
       ``prune``'s ``where`` (default: leaves with 2+ dimensions).
 
   Returns:
-    A ``GradientTransformation`` needing ``params`` in ``update``.
+    A ``GradientTransformationExtraArgs`` needing ``params`` in ``update`` (other
+    keyword arguments of ``update``, e.g. a loss ``value``, are ignored).
   """
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)):
     raise TypeError(f"scale must be a number >= 0, got {type(scale).__name__}")
@@ -181,7 +182,8 @@ def gradient_noise(
     prunable_lib.prunable_tree(params, noisy_where)
     return GradientNoiseState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # e.g. a loss `value` for other links of the chain
     if params is None:
       raise ValueError(
           "params: gradient_noise needs the current params to "
@@ -220,4 +222,4 @@ def gradient_noise(
       new.append((wide + sigma * noise).astype(jnp.result_type(g)))
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -52,7 +52,8 @@ def prunable_tree(params, where) -> Any:
         lambda path, leaf: bool(predicate(path, leaf)), params
     )
   else:
-    if jax.tree.structure(where) != jax.tree.structure(params):
+    # jax's stubs name jaxlib's PyTreeDef, which mypy cannot resolve: hence the ignore.
+    if jax.tree.structure(where) != jax.tree.structure(params):  # type: ignore[operator]
       raise ValueError(
           "where: the pytree of bools must have the structure of params; "
           f"params leaves are: {describe_leaves(params)}"

@@ -20,7 +20,9 @@ in Python from the static leaf sizes (``schedule.py``). Selection is exact
 without sorting (``select.py``). The state holds a bool mask and a flip
 counter per prunable weight (3 bytes with the uint16 counters of schedules
 whose last event is at step 65535 or earlier, 5 with int32 ones, see
-``counters.py``) and nothing for other leaves. The algorithm, schedules and
+``counters.py``) and nothing for other leaves, plus a fixed sample of about
+2 KiB from which the next update checks that ``prune`` is last
+(``update_check.py``). The algorithm, schedules and
 design decisions are described in ``docs/algorithm.md``.
 """
 
@@ -37,6 +39,7 @@ from flipout_jax._src import criteria as criteria_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src import schedule as schedule_lib
 from flipout_jax._src import select
+from flipout_jax._src import update_check
 
 # Public through flipout_jax; the checks are shared with baselines.snip.
 event_steps = schedule_lib.event_steps
@@ -50,19 +53,24 @@ class PruneState(NamedTuple):
   """State of :func:`prune`, :func:`fixed_masks` and :func:`prune_below`.
 
   Attributes:
-    count: number of updates applied so far (int32 scalar); -1 once the run
-      was stopped because pruned weights moved (``prune`` not last).
+    count: number of updates applied so far (int32 scalar); negative once the
+      run was stopped because ``prune`` was not last: -1 when pruned weights
+      moved, -2 when params did not move by the update it returned.
     masks: tree shaped like params, a bool array (True = live) at each prunable
       leaf and ``None`` elsewhere.
     flips: tree shaped like params, sign-flip counts of live weights at each
       prunable leaf (0 for pruned weights) and ``None`` elsewhere: uint16 or
       int32 (``prune``'s ``flip_count_dtype``); read them with
       :func:`flip_counts`.
+    last_update: a sample of the last update's params and of those params plus
+      its update (a few KiB in all), from which the next update checks that
+      ``prune`` is last; ``None`` (states built without it) checks nothing.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the Optax name, shadowing tuple.count
   masks: Any
   flips: Any
+  last_update: update_check.UpdateSample | None = None
 
 
 # An event rule maps (step, new_params, masks, flips) to the new masks, where
@@ -85,7 +93,7 @@ def _ranked_event(
   selection (``select.lowest_k_cut``), so no score or key per weight is ever
   held in memory and the event adds no scratch per weight to the step's peak.
   """
-  table = jnp.asarray(table)
+  targets_table = jnp.asarray(table)
 
   def event(step, new_params, masks, flips):
     key = criteria_lib.random_criterion_key(seed, step)
@@ -98,12 +106,12 @@ def _ranked_event(
 
       return compute
 
-    targets = table[event_index(step)]
+    targets = targets_table[event_index(step)]
     count = len(mask_leaves)
     groups = [[i] for i in range(count)] if rule.layerwise else [list(range(count))]
     new_masks = list(mask_leaves)
     for group, target in zip(groups, targets):
-      pruned = sum(select.count(~mask_leaves[i], table.dtype) for i in group)
+      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in group)
       cut = select.lowest_k_cut(keys(group), jnp.maximum(target - pruned, 0))
       for i, leaf_chosen in zip(group, select.chosen_by(cut, keys(group))):
         new_masks[i] = mask_leaves[i] & ~leaf_chosen
@@ -154,7 +162,7 @@ def _masking_transform(
     make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
     check_sizes: Callable[[list[int]], Any] = lambda sizes: None,
     flip_dtype=np.int32,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Builds the transform: masking, flip counting and optional events.
 
   Args:
@@ -174,9 +182,15 @@ def _masking_transform(
     prunable_lib.check_floating(params, masks)
     check_sizes([int(np.size(m)) for m in jax.tree.leaves(masks)])
     flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
-    return PruneState(count=jnp.zeros([], jnp.int32), masks=masks, flips=flips)
+    return PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        flips=flips,
+        last_update=update_check.empty(_leaves_at(masks, params)),
+    )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # e.g. a loss `value` for other links of the chain
     if params is None:
       raise ValueError(
           "params: flipout pruning needs the current params; call "
@@ -199,7 +213,10 @@ def _masking_transform(
             f"{np.shape(param)} but its mask has shape {mask.shape}"
         )
     step = state.count + 1
-    not_last = _pruned_weights_moved(step, state.masks, params)
+    moved_otherwise = jnp.bool_(False)
+    if state.last_update is not None:
+      moved_otherwise = update_check.moved_otherwise(state.last_update, params_at_masks)
+    not_last = _pruned_weights_moved(step, state.masks, params) | moved_otherwise
 
     flips_before = jax.tree.leaves(state.flips)
 
@@ -264,13 +281,19 @@ def _masking_transform(
         for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
     updates = _replace_at(updates, state.masks, masked_updates)
+    stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
     return updates, PruneState(
-        count=jnp.where(not_last, _NOT_LAST, step),
+        count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
         masks=mask_structure.unflatten(masks),
         flips=mask_structure.unflatten(flips),
+        last_update=(
+            None
+            if state.last_update is None
+            else update_check.take(params_at_masks, masked_updates)
+        ),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _masked_update(mask, param, update):
@@ -324,14 +347,14 @@ def prune(
     rate: float | None = None,
     p: float = 2.0,
     criterion: str | Callable[[Any, Any], Any] = "flipout",
-    where=None,
+    where: Any = None,
     seed: int = 0,
     schedule: str = "halving",
     initial_sparsity: float = 0.0,
     begin_step: int | None = None,
     end_step: int | None = None,
-    flip_count_dtype=None,
-) -> optax.GradientTransformation:
+    flip_count_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
   Three schedules (``docs/algorithm.md``, "Schedules"); the first two are the
@@ -405,8 +428,18 @@ def prune(
       for the whole run, for 2 more bytes per prunable weight).
 
   Returns:
-    A ``GradientTransformation`` whose state is a :class:`PruneState`. It must
+    A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`. It must
     be last in the chain and needs ``params`` in ``update``.
+
+  Example:
+    >>> params = {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}
+    >>> tx = optax.chain(optax.sgd(0.1), flipout.prune(0.5, total_steps=4))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):  # the event is at step 2
+    ...   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> flipout.sparsity(params), int(flipout.masks(state)["kernel"].sum())
+    (0.5, 8)
   """
   if target_sparsity is not None:
     target_sparsity = _check_fraction("target_sparsity", target_sparsity, low_open=False)
@@ -448,7 +481,7 @@ def prune(
   return _masking_transform(where, _all_live, make_event, check_sizes, flip_dtype)
 
 
-def fixed_masks(masks) -> optax.GradientTransformation:
+def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
   """Trains with a fixed mask (e.g. from :func:`snip`); last in the chain.
 
   The first update zeroes the masked weights of dense params; afterwards they
@@ -476,7 +509,9 @@ def fixed_masks(masks) -> optax.GradientTransformation:
   return _masking_transform(where, initial, None)
 
 
-def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTransformation:
+def prune_below(
+    threshold: float, *, step: int, where: Any = None
+) -> optax.GradientTransformationExtraArgs:
   """One-shot pruning of live weights with ``|w| < threshold`` at ``step``.
 
   The Hoyer-Square baseline: train with :func:`hoyer_square` in the loss,
@@ -510,9 +545,9 @@ def prune_below(threshold: float, *, step: int, where=None) -> optax.GradientTra
 
 def _prune_state(opt_state) -> PruneState:
   found = [
-      s
-      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
-      if isinstance(s, PruneState)
+      state
+      for _, state in optax.tree_utils.tree_get_all_with_path(opt_state, PruneState.__name__)
+      if isinstance(state, PruneState)
   ]
   if len(found) != 1:
     raise ValueError(
@@ -526,15 +561,17 @@ def _prune_state(opt_state) -> PruneState:
   )
   if concrete and int(count) == _NOT_LAST:
     raise ValueError(_NOT_LAST_MESSAGE)
+  if concrete and int(count) == update_check.STOPPED_COUNT:
+    raise ValueError(update_check.STOPPED_MESSAGE)
   return found[0]
 
 
-def masks(opt_state):
+def masks(opt_state: Any) -> Any:
   """Masks (True = live) from an optimizer state, ``None`` at non-prunable leaves."""
   return _prune_state(opt_state).masks
 
 
-def flip_counts(opt_state):
+def flip_counts(opt_state: Any) -> Any:
   """Sign-flip counts from an optimizer state as int32, ``None`` at non-prunable leaves.
 
   Stored uint16 counts (see ``prune``'s ``flip_count_dtype``) are widened, so
@@ -543,8 +580,16 @@ def flip_counts(opt_state):
   return jax.tree.map(counters.as_int32, _prune_state(opt_state).flips)
 
 
-def apply_masks(params, masks):
-  """``params`` with pruned weights set to zero (``None`` masks: unchanged)."""
+def apply_masks(params: Any, masks: Any) -> Any:
+  """``params`` with pruned weights set to zero (``None`` masks: unchanged).
+
+  Example:
+    >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> masks = {"kernel": jnp.array([[True, False], [False, True]]), "bias": None}
+    >>> flipout.apply_masks(params, masks)["kernel"]
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+  """
   masked = [
       jnp.where(m, p, jnp.zeros_like(p))
       for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))

@@ -7,8 +7,10 @@ diverged run has them too. The reports count such weights apart and give a NaN
 sparsity for them rather than calling the run dense (or sparse).
 """
 
+from collections.abc import Callable
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,11 +40,13 @@ class LayerReport:
   ``sparsity`` is the fraction of exact zeros, 0.0 for a leaf with no entry
   and NaN when ``non_finite > 0``.
 
-  ``dead_outputs`` counts output units (last axis, e.g. conv filters or dense
-  columns) with no nonzero incoming weight, ``dead_inputs`` input units
-  (second to last axis) with no nonzero outgoing weight: the layer collapse
-  that drives SNIP and random pruning to chance accuracy at extreme sparsity.
-  A NaN or infinite weight connects its units.
+  ``dead_outputs`` counts output units (e.g. conv filters or dense columns)
+  with no nonzero incoming weight, ``dead_inputs`` input units with no nonzero
+  outgoing weight: the layer collapse that drives SNIP and random pruning to
+  chance accuracy at extreme sparsity. Which axes hold the units is
+  :func:`summary`'s ``kernel_layout``: the last two axes (outputs last) for
+  ``"in_out"``, the first two (outputs first) for ``"out_in"``. A NaN or
+  infinite weight connects its units.
   """
 
   path: str
@@ -119,18 +123,36 @@ class Summary:
 def _any_along(connected: np.ndarray, axis: int) -> np.ndarray:
   """Whether each index of ``axis`` has a connection; explicit sizes, so 0-size axes work."""
   moved = np.moveaxis(connected, axis, 0)
-  return moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1)
+  return np.asarray(moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1))
 
 
-def _layer_report(path, leaf) -> LayerReport:
+# Axes of (output units, input units) in a kernel of each layout.
+KERNEL_LAYOUTS = {"in_out": (-1, -2), "out_in": (0, 1)}
+KernelLayout = str | Callable[[Any, Any], str]
+
+
+def _check_layout(kernel_layout: Any, where: str = "kernel_layout") -> None:
+  if isinstance(kernel_layout, str) and kernel_layout in KERNEL_LAYOUTS:
+    return
+  allowed = f"one of {tuple(KERNEL_LAYOUTS)}"
+  if isinstance(kernel_layout, str):
+    raise ValueError(f"{where} must be {allowed}, got {kernel_layout!r}")
+  raise TypeError(
+      f"{where} must be {allowed} or a callable (path, leaf) -> one of them, got "
+      f"{type(kernel_layout).__name__}"
+  )
+
+
+def _layer_report(path, leaf, layout: str) -> LayerReport:
   weights = np.asarray(leaf)
   finite = np.isfinite(weights)
   connected = weights != 0  # NaN != 0: a NaN weight still connects its units
   live = int((connected & finite).sum())
   non_finite = int(weights.size - finite.sum())
   if weights.ndim >= 2:
-    alive_outputs = _any_along(connected, -1)
-    alive_inputs = _any_along(connected, -2)
+    output_axis, input_axis = KERNEL_LAYOUTS[layout]
+    alive_outputs = _any_along(connected, output_axis)
+    alive_inputs = _any_along(connected, input_axis)
   else:
     alive_outputs = alive_inputs = connected.reshape(-1)
   return LayerReport(
@@ -147,7 +169,15 @@ def _layer_report(path, leaf) -> LayerReport:
   )
 
 
-def summary(params, where=None) -> Summary:
+def _layout_of(kernel_layout: KernelLayout, path, leaf) -> str:
+  if isinstance(kernel_layout, str):
+    return kernel_layout
+  layout = kernel_layout(path, leaf)
+  _check_layout(layout, f"kernel_layout({jax.tree_util.keystr(path)}, leaf)")
+  return layout
+
+
+def summary(params: Any, where: Any = None, *, kernel_layout: KernelLayout = "in_out") -> Summary:
   """Per-layer shape, live weights, sparsity and dead units of prunable leaves.
 
   Pruned weights are the exact zeros of prunable leaves; NaN and infinite
@@ -159,12 +189,36 @@ def summary(params, where=None) -> Summary:
   Args:
     params: a params tree (arrays may be sharded; they are fetched to host).
     where: prunable leaves, as in :func:`prune` (default: 2+ dimensions).
+    kernel_layout: which axes of a kernel hold its output and input units, for
+      the dead-unit counts: ``"in_out"`` (Flax, Keras: outputs on the last
+      axis, inputs on the second to last, e.g. ``(in, out)`` or HWIO convs),
+      ``"out_in"`` (Equinox, PyTorch: outputs on axis 0, inputs on axis 1,
+      e.g. ``(out, in)`` or OIHW convs), or a callable ``(path, leaf)``
+      returning one of those for each prunable leaf.
+
+  Returns:
+    A :class:`Summary`; ``str()`` of it is a table.
+
+  Raises:
+    TypeError, ValueError: ``kernel_layout`` (or what its callable returns) is
+      not one of the layouts.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import flipout_jax as flipout
+    >>> weight = jnp.array([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])  # (out=3, in=2)
+    >>> layer = flipout.summary({"w": weight}, kernel_layout="out_in").layers[0]
+    >>> layer.dead_outputs, layer.outputs, layer.dead_inputs, layer.inputs
+    (1, 3, 0, 2)
   """
   prunable_lib.check_where(where)
+  if not callable(kernel_layout):
+    _check_layout(kernel_layout)
   prunable = prunable_lib.prunable_tree(params, where)
   selected = prunable_lib.prunable_only(params, prunable)
   layers = tuple(
-      _layer_report(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(selected)
+      _layer_report(path, leaf, _layout_of(kernel_layout, path, leaf))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(selected)
   )
   return Summary(
       layers=layers,
@@ -174,7 +228,7 @@ def summary(params, where=None) -> Summary:
   )
 
 
-def sparsity(params, where=None) -> float:
+def sparsity(params: Any, where: Any = None) -> float:
   """Fraction of prunable weights that are exactly zero.
 
   0.0 when the prunable leaves have no entry. NaN (it does not raise) when a

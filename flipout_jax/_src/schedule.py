@@ -77,7 +77,8 @@ def _rate_counts(
   With ``stop_when_stable`` the table ends once the count stops changing
   (later events reuse its last entry), which bounds it in rate mode.
   """
-  counts, pruned = [], 0
+  counts: list[int] = []
+  pruned = 0
   while num_events is None or len(counts) < num_events:
     step = math.floor((size - pruned) * rate)
     following = pruned + step if cap is None else min(pruned + step, cap)
@@ -261,6 +262,8 @@ def plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsit
         layerwise=layerwise,
     )
     return Plan(*_at_steps(cubic), table, max(cubic))
+  num_events: int | None
+  last_step: int | None
   if prune_every is None:
     if target_sparsity is None or total_steps is None:
       raise ValueError(

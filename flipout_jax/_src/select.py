@@ -75,7 +75,7 @@ def count_dtype(size: int):
   """
   if size <= MAX_INT32_COUNT:
     return np.int32
-  if not jax.config.jax_enable_x64:
+  if not jax.config.read("jax_enable_x64"):
     raise ValueError(
         f"flipout: {size} prunable weights are ranked together, more than the 2**31 - 1 "
         "prunable weights that int32 counts can hold. Enable 64-bit counts with "
@@ -89,7 +89,7 @@ def _key_format(dtype) -> _KeyFormat:
   return _KEYS_64 if jnp.dtype(dtype) == jnp.float64 else _KEYS_32
 
 
-def sortable_keys(scores: jax.Array, live: jax.Array) -> jax.Array:
+def sortable_keys(scores: jax.Array, live: jax.Array | bool) -> jax.Array:
   """Maps float scores to unsigned keys with the same order; dead weights last.
 
   float64 scores give uint64 keys, all others (float32, half precision,
@@ -259,7 +259,7 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
   fresh = _Fresh(lambda: _common_format(compute())[0])
 
   parts = _fields(_pack_type(form.key_type, dtype)) + 1
-  steps = np.arange(1, parts, dtype=form.key_type)
+  steps: np.ndarray = np.arange(1, parts, dtype=form.key_type)
 
   # Invariant: low <= t <= high, below = count(keys < low) and
   # at_most = count(keys <= high).

@@ -1,0 +1,107 @@
+"""Whether params moved by exactly the update ``prune`` returned: ``prune`` is last.
+
+``prune`` must be the last link of ``optax.chain`` (``docs/algorithm.md``). Placed before the
+optimizer, it returns an update that the optimizer then scales, so the params of the next
+call are not ``params + update``. Waiting for pruned weights to move finds that only after
+the first pruning event, which can be hours into a run; this check finds it at the second
+update.
+
+Each update keeps a small sample of the prunable weights, a fixed number of evenly spaced
+entries over all prunable leaves (about :data:`SAMPLE_SIZE`, at least one per leaf): the
+params it saw, and those params plus the update it returned, computed as
+``optax.apply_updates`` does (``p + u`` cast to ``p``'s dtype). The next update compares its
+params with both, bit for bit: they must all equal the second (the update was applied) or all
+equal the first (the update was skipped, as ``optax.apply_if_finite`` and ``optax.MultiSteps``
+do, so params did not move). Anything else stops the run the way a moved pruned weight does:
+NaN params, and reading the state raises. No host callback, and a state of a few KiB.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Entries sampled over all prunable leaves, each sampled twice: 2 KiB for float32 params.
+SAMPLE_SIZE = 256
+# `PruneState.count` of a run this check stopped (-1 is a moved pruned weight, prune.py), and
+# what reading such a state raises.
+STOPPED_COUNT = -2
+STOPPED_MESSAGE = (
+    "flipout: the params of an update were not the previous params plus the update "
+    "flipout.prune returned, so training was stopped (params are NaN). Put flipout.prune "
+    "(or fixed_masks / prune_below) LAST in optax.chain, after the optimizer: "
+    "optax.chain(optax.sgd(...), flipout.prune(...)), not optax.chain(flipout.prune(...), "
+    "optax.sgd(...)); apply its updates with optax.apply_updates(params, updates) and do not "
+    "change params between tx.update calls."
+)
+
+
+class UpdateSample(NamedTuple):
+  """Part of :class:`~flipout_jax.PruneState`: a sample of the last update's params.
+
+  Attributes:
+    taken: bool scalar, False until an update has taken a sample (and after a resume from a
+      checkpoint written without one): the next update then checks nothing.
+    before: per prunable leaf, the sampled params the last update saw.
+    after: the same entries of ``params + update`` for the update it returned, in the params'
+      dtype, as ``optax.apply_updates`` computes them.
+  """
+
+  taken: jax.Array
+  before: list[jax.Array]
+  after: list[jax.Array]
+
+
+def _stride(size: int, leaves: int) -> int:
+  """Stride of the evenly spaced entries sampled in a leaf of ``size`` entries."""
+  per_leaf = max(1, SAMPLE_SIZE // max(leaves, 1))
+  return max(1, size // per_leaf)
+
+
+def _sampled(leaf: jax.Array, leaves: int) -> jax.Array:
+  flat = jnp.ravel(leaf)
+  per_leaf = max(1, SAMPLE_SIZE // max(leaves, 1))
+  return flat[:: _stride(flat.size, leaves)][:per_leaf]
+
+
+def empty(params_at_masks: list[Any]) -> UpdateSample:
+  """The sample of a state that has seen no update: zeros, and ``taken`` False."""
+  count = len(params_at_masks)
+  zeros = [jnp.zeros_like(_sampled(jnp.asarray(p), count)) for p in params_at_masks]
+  return UpdateSample(taken=jnp.zeros([], bool), before=zeros, after=list(zeros))
+
+
+def take(params_at_masks: list[Any], updates_at_masks: list[Any]) -> UpdateSample:
+  """The sample of this update: its params and ``params + updates`` in the params' dtype."""
+  count = len(params_at_masks)
+  before = [_sampled(p, count) for p in params_at_masks]
+  after = [(b + _sampled(u, count)).astype(b.dtype) for b, u in zip(before, updates_at_masks)]
+  return UpdateSample(taken=jnp.ones([], bool), before=before, after=after)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """``x``'s bits as unsigned integers: NaN equals NaN, and -0.0 differs from 0.0."""
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+def moved_otherwise(sample: UpdateSample, params_at_masks: list[Any]) -> jax.Array:
+  """Whether params are neither the last update's params nor those plus its update.
+
+  Args:
+    sample: the sample the last update took (``taken`` False: nothing to check).
+    params_at_masks: this update's params at the prunable leaves.
+
+  Returns:
+    A bool scalar, True when ``prune`` was not last or params were changed between updates.
+  """
+  count = len(params_at_masks)
+  now = [_bits(_sampled(p, count).astype(b.dtype)) for p, b in zip(params_at_masks, sample.before)]
+  applied = jnp.all(jnp.stack([jnp.all(n == _bits(a)) for n, a in zip(now, sample.after)]))
+  skipped = jnp.all(jnp.stack([jnp.all(n == _bits(b)) for n, b in zip(now, sample.before)]))
+  return sample.taken & ~(applied | skipped)
+
+
+def sample_bytes(sample: UpdateSample) -> int:
+  """Bytes the sample holds, for tests and docs."""
+  return sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(sample))

@@ -1,0 +1,124 @@
+"""A misplaced prune is caught at the second update; skipped updates are no false alarm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flipout_jax as flipout
+from tests.test_transform import _data, _loss, _mlp_params
+
+
+def _run(tx, grads_at, steps, apply_at=lambda step: True):
+  """``steps`` eager updates; ``grads_at(step, params)`` gives the gradient of each step.
+
+  Returns the params after each step and the final state. ``apply_at(step)`` False discards
+  that step's update (params unchanged) but keeps its state.
+  """
+  params = _mlp_params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  history = []
+  for step in range(1, steps + 1):
+    updates, state = update(grads_at(step, params), state, params)
+    if apply_at(step):
+      params = optax.apply_updates(params, updates)
+    history.append(params)
+  return history, state
+
+
+def _loss_grads(step, params):
+  del step
+  return jax.grad(_loss)(params, *_data())
+
+
+def _is_stopped(params) -> bool:
+  return bool(np.all(np.isnan(np.asarray(params["hidden"]["kernel"]))))
+
+
+def test_prune_before_the_optimizer_stops_at_the_second_update():
+  # The first pruning event is at step 12: the old check would wait until step 13.
+  tx = optax.chain(flipout.prune(0.9, total_steps=60), optax.sgd(0.1))
+  history, state = _run(tx, _loss_grads, steps=3)
+  assert not _is_stopped(history[0])
+  assert _is_stopped(history[1]) and _is_stopped(history[2])
+  with pytest.raises(ValueError, match=r"LAST in optax.chain.*not optax.chain\(flipout.prune"):
+    flipout.masks(state)
+
+
+def test_params_changed_between_updates_stop_the_run():
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=60))
+  params = _mlp_params()
+  state = tx.init(params)
+  updates, state = tx.update(_loss_grads(1, params), state, params)
+  params = optax.apply_updates(params, updates)
+  params = jax.tree.map(lambda p: p * 0.5, params)  # e.g. a weight constraint applied by hand
+  updates, state = tx.update(_loss_grads(2, params), state, params)
+  assert _is_stopped(optax.apply_updates(params, updates))
+  with pytest.raises(ValueError, match="do not change params between tx.update calls"):
+    flipout.flip_counts(state)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_correct_chain_never_stops(dtype):
+  # bfloat16 params with float32 updates: the sample must round p + u as apply_updates does.
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=20))
+  grads = lambda step, params: jax.tree.map(
+      lambda g: g.astype(jnp.float32), _loss_grads(step, params)
+  )
+  params = jax.tree.map(lambda p: p.astype(dtype), _mlp_params())
+  state = tx.init(params)
+  for step in range(1, 31):
+    updates, state = jax.jit(tx.update)(grads(step, params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert int(state[-1].count) == 30 and not _is_stopped(params)
+
+
+def test_a_step_skipped_by_apply_if_finite_is_no_alarm():
+  inner = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.5, total_steps=10))
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=3)
+
+  def grads(step, params):
+    g = _loss_grads(step, params)
+    return jax.tree.map(lambda x: x * jnp.nan, g) if step in (3, 7) else g
+
+  history, state = _run(tx, grads, steps=12)
+  assert int(state.total_notfinite) == 2
+  assert not _is_stopped(history[-1])
+  assert int(state.inner_state[-1].count) == 10  # the two skipped steps did not count
+  flipout.masks(state)  # readable: the run was not stopped
+
+
+def test_an_update_discarded_by_the_loop_is_no_alarm():
+  # The state advanced but params did not move (a loop skipping a step): not a misplaced prune.
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.5, total_steps=10))
+  history, state = _run(tx, _loss_grads, steps=8, apply_at=lambda step: step != 4)
+  assert not _is_stopped(history[-1]) and int(state[-1].count) == 8
+
+
+def test_multisteps_is_no_alarm():
+  inner = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.5, total_steps=10))
+  tx = optax.MultiSteps(inner, every_k_schedule=3)
+  history, state = _run(tx, _loss_grads, steps=15)
+  assert not _is_stopped(history[-1]) and int(state.inner_opt_state[-1].count) == 5
+
+
+def test_the_sample_is_a_few_kib_whatever_the_model_size():
+  tx = flipout.prune(0.5, total_steps=10)
+  big = {"a": jnp.zeros((1024, 1024)), "b": jnp.zeros((512, 256))}
+  sample = tx.init(big).last_update
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(sample))
+  assert nbytes <= 4096, nbytes
+
+
+def test_a_state_without_a_sample_checks_nothing():
+  # PruneState built with three fields (as before the sample existed) still trains.
+  tx = optax.chain(flipout.prune(0.9, total_steps=60), optax.sgd(0.1))
+  params = _mlp_params()
+  state = tx.init(params)
+  state = (state[0]._replace(last_update=None), *state[1:])
+  updates, state = tx.update(_loss_grads(1, params), state, params)
+  params = optax.apply_updates(params, updates)
+  updates, state = tx.update(_loss_grads(2, params), state, params)
+  assert state[0].last_update is None and int(state[0].count) == 2
