@@ -1,5 +1,5 @@
-"""Tests for the library's compaction, ``compact(apply_fn, params, *example_args)``: same outputs
-on smaller arrays for any pure JAX function of params (Flax NNX and Linen, Equinox, plain
+"""Tests for the library's compaction, ``flipout.compact(apply_fn, params, *example_args)``:
+same outputs on smaller arrays for any pure JAX function of params (Flax NNX and Linen, Equinox, plain
 ``jnp``), kept units where the analysis cannot see through an op, a compact model that jits,
 differentiates, changes batch size, exports, and continues training with its optimizer state.
 
@@ -28,9 +28,8 @@ import pytest
 from flax import nnx
 
 import flipout_jax as flipout
-from tests import family_compaction as compaction
 from experiments import models
-from flipout_jax._src.compact import compact
+
 from tests import family_compaction
 from tests.test_compaction import TOLERANCE, images_for, random_model, tiny_densenet
 
@@ -133,7 +132,7 @@ def test_family_outputs_match_and_remove_at_least_what_the_per_family_compaction
   graphdef, state = nnx.split(model)
   apply_fn = lambda state, x: nnx.merge(graphdef, state)(x)
   images = images_for(input_shape)
-  compacted = compact(apply_fn, state, images)
+  compacted = flipout.compact(apply_fn, state, images)
   assert jax.tree.structure(compacted.params) == jax.tree.structure(state)
   check_outputs(apply_fn, state, compacted, images)
   oracle = family_compaction.compact(model, input_shape)
@@ -169,7 +168,7 @@ def linen_case():
 
 def test_linen_cnn_with_a_residual_block():
   apply_fn, params, images = linen_case()
-  compacted = compact(apply_fn, params, images)
+  compacted = flipout.compact(apply_fn, params, images)
   assert size(compacted.params) < size(params)
   check_outputs(apply_fn, params, compacted, images)
 
@@ -182,7 +181,7 @@ def test_equinox_mlp_with_out_in_kernels():
   arrays = prune_tree(random_like(shapes, seed=4), 0.5, seed=4, dead=0.3, out_axis=0, in_axis=1)
   apply_fn = lambda arrays, x: jax.vmap(eqx.combine(arrays, static))(x)
   x = jax.random.normal(jax.random.key(1), (4, 8))
-  compacted = compact(apply_fn, arrays, x)
+  compacted = flipout.compact(apply_fn, arrays, x)
   before, after = model_layers(arrays), model_layers(compacted.params)
   assert any(a.shape[0] < b.shape[0] for a, b in zip(after, before))  # (out, in): rows went
   check_outputs(apply_fn, arrays, compacted, x)
@@ -214,7 +213,7 @@ def inputs(count=3, features=6, seed=1):
 
 def test_plain_jnp_function():
   params = prune_tree(mlp_params(), 0.4, seed=5, dead=0.3)
-  compacted = compact(mlp, params, inputs())
+  compacted = flipout.compact(mlp, params, inputs())
   assert size(compacted.params) < size(params)
   check_outputs(mlp, params, compacted, inputs())
 
@@ -238,7 +237,7 @@ def test_concatenated_units_of_different_widths():
     return both @ params["w3"]
 
   x = inputs(features=4)
-  compacted = compact(apply_fn, params, x)
+  compacted = flipout.compact(apply_fn, params, x)
   assert shapes(compacted.params) == {"w1": (4, 2), "w2": (4, 2), "w3": (4, 2)}
   check_outputs(apply_fn, params, compacted, x)
 
@@ -247,7 +246,7 @@ def test_a_layer_left_with_one_unit():
   params = mlp_params(seed=6)
   params["w2"][:, 1:] = 0.0  # hidden 2: only unit 0 has inputs ...
   params["b2"][1:] = -1.0  # ... the others are relu(-1) = 0 ...
-  compacted = compact(mlp, params, inputs())
+  compacted = flipout.compact(mlp, params, inputs())
   assert compacted.params["w2"].shape == (7, 1)  # ... so one unit is left
   assert compacted.params["w3"].shape == (1, 3)
   check_outputs(mlp, params, compacted, inputs())
@@ -256,7 +255,7 @@ def test_a_layer_left_with_one_unit():
 def test_a_dense_layer_left_with_no_unit():
   params = mlp_params(seed=7)
   params["w2"][:] = 0.0  # hidden 2 is the constant relu(b2): outputs do not depend on x
-  compacted = compact(mlp, params, inputs())
+  compacted = flipout.compact(mlp, params, inputs())
   assert compacted.params["w3"].shape[0] == 0
   check_outputs(mlp, params, compacted, inputs())
 
@@ -290,7 +289,7 @@ def images(count=2):
 def test_a_conv_layer_left_with_no_unit():
   params = conv_params(seed=8)
   params["k1"][:] = 0.0  # conv 1 is the constant relu(c1) at every position
-  compacted = compact(conv_net, params, images())
+  compacted = flipout.compact(conv_net, params, images())
   assert compacted.params["k2"].shape[2] == 0
   check_outputs(conv_net, params, compacted, images())
 
@@ -299,7 +298,7 @@ def test_a_unit_live_only_through_its_bias_is_folded():
   params = mlp_params(seed=9)
   params["w1"][:, 2] = 0.0  # hidden 1, unit 2: the constant tanh(b1[2]) ...
   params["b1"][2] = 0.9
-  compacted = compact(mlp, params, inputs())
+  compacted = flipout.compact(mlp, params, inputs())
   assert compacted.params["w1"].shape == (6, 6)  # ... removed ...
   # ... and folded: dropping it would move the outputs far beyond the tolerance.
   assert np.abs(np.tanh(0.9) * params["w2"][2]).max() > 0.1
@@ -312,7 +311,7 @@ def test_padded_conv_whose_removed_channel_is_a_nonzero_constant():
   params["c1"][0] = 0.8  # channel 0 is relu(0.8) = 0.8 inside the image, 0 in the padding
   params["k2"][:, :, 0] = 0.0
   params["k2"][0, 0, 0] = 1.5  # a corner tap: sees the padding at the border only
-  compacted = compact(conv_net, params, images())
+  compacted = flipout.compact(conv_net, params, images())
   assert compacted.params["k1"].shape == (3, 3, 2, 2)  # its position-dependent constant folded
   check_outputs(conv_net, params, compacted, images())
 
@@ -354,7 +353,7 @@ def test_units_of_an_axis_an_op_mixes_are_kept(mix, reason):
   params["w1"][:, 1] = 0.0  # hidden unit 1 is a constant, but the op mixes it with the others
   apply_fn = mixing_mlp(mix)
   x = inputs(features=4)
-  compacted = compact(apply_fn, params, x)
+  compacted = flipout.compact(apply_fn, params, x)
   assert shapes(compacted.params) == shapes(params)
   assert any(reason in kept for kept in compacted.report.kept_by), compacted.report.kept_by
   check_outputs(apply_fn, params, compacted, x)
@@ -374,7 +373,7 @@ def pruned_mlp():
 
 def test_compact_apply_jits_and_takes_other_batch_sizes():
   params = pruned_mlp()
-  compacted = compact(mlp, params, inputs(count=3))
+  compacted = flipout.compact(mlp, params, inputs(count=3))
   assert size(compacted.params) < size(params)
   for count in (1, 7):
     x = inputs(count=count, seed=count)
@@ -386,7 +385,7 @@ def test_sgd_on_the_compact_params_lowers_the_loss():
   params = pruned_mlp()
   x = inputs(count=8)
   targets = jax.random.normal(jax.random.key(3), (8, 3))
-  compacted = compact(mlp, params, x)
+  compacted = flipout.compact(mlp, params, x)
   loss = lambda p: jnp.mean((compacted.apply(p, x) - targets) ** 2)
   step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(loss)(p)))
   losses, current = [float(loss(compacted.params))], compacted.params
@@ -398,7 +397,7 @@ def test_sgd_on_the_compact_params_lowers_the_loss():
 
 def test_compact_apply_exports_and_runs_after_deserialization():
   params = pruned_mlp()
-  compacted = compact(mlp, params, inputs())
+  compacted = flipout.compact(mlp, params, inputs())
   exported = jax.export.export(jax.jit(compacted.apply))(compacted.params, inputs())
   restored = jax.export.deserialize(exported.serialize())
   assert_same_outputs(mlp(params, inputs()), restored.call(compacted.params, inputs()))
@@ -447,7 +446,7 @@ def test_shrunk_optimizer_state_continues_training_like_the_full_model(with_prun
   params, state = full_step(params, state)
   if not with_prune:  # plain SGD revives pruned weights: prune them again for the compaction
     params = jax.tree.map(lambda w, w0: jnp.where(w0 == 0, 0.0, w), params, pruned_mlp())
-  compacted = compact(mlp, params, x)
+  compacted = flipout.compact(mlp, params, x)
   assert size(compacted.params) < size(params)
   compact_state = compacted.shrink(state)
   new_full, new_full_state = full_step(params, state)
@@ -488,9 +487,9 @@ def test_compacting_the_compact_model_removes_nothing_more(case):
     graphdef, params = nnx.split(random_model(factory, 0.9, seed=13))
     apply_fn = lambda state, x: nnx.merge(graphdef, state)(x)
     args = images_for(input_shape)
-  once = compact(apply_fn, params, args)
+  once = flipout.compact(apply_fn, params, args)
   assert once.report.rounds >= 1
-  twice = compact(once.apply, once.params, args)
+  twice = flipout.compact(once.apply, once.params, args)
   assert shapes(twice.params) == shapes(once.params)
   assert twice.report.rounds == 0
 
@@ -509,4 +508,4 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument)
   kwargs = dict(dict(apply_fn=mlp), **kwargs)
   apply_fn = kwargs.pop("apply_fn")
   with pytest.raises(error, match=argument):
-    compact(apply_fn, mlp_params(), inputs(), **kwargs)
+    flipout.compact(apply_fn, mlp_params(), inputs(), **kwargs)
