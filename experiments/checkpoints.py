@@ -40,6 +40,7 @@ _RESUMABLE_FIELDS = (
     "eval_batch_size",
     "checkpoint_every_epochs",
     "keep_checkpoints",
+    "on_nonfinite",
 )
 
 

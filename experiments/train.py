@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,7 +43,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flipout_jax as flipout
-from experiments import checkpoints, devices, evaluation, input_pipeline, logs, optimizers, run_state
+from experiments import (
+    checkpoints,
+    devices,
+    divergence,
+    evaluation,
+    input_pipeline,
+    logs,
+    optimizers,
+    run_state,
+)
 from experiments import config as config_lib
 
 
@@ -138,6 +148,9 @@ def _make_train_step(
         "correct": totals["correct"] + correct,
         "count": totals["count"] + batch_size,
         "flips": totals["flips"] + flips,
+        "first_nonfinite_loss": divergence.first_nonfinite_loss_step(
+            totals["first_nonfinite_loss"], data_loss, new_state["step"]
+        ),
     }
     return (
         jax.lax.with_sharding_constraint(new_state, replicated),
@@ -153,6 +166,7 @@ def _zero_totals() -> dict[str, np.ndarray]:
       "correct": np.int32(0),
       "count": np.int32(0),
       "flips": np.float32(0),
+      "first_nonfinite_loss": np.int32(divergence.NO_STEP),
   }
 
 
@@ -375,14 +389,16 @@ def _train_epochs(
             epoch_order,
             np.int32(step_in_epoch),
         )
+      step = epoch * plan.steps_per_epoch
+      host_totals = devices.to_host(totals)
+      _check_finite(config, manager, host_totals, state, step, epoch)
       test_loss, test_accuracy = evaluation.evaluate(
           setup.graphdef_eval, mesh, state, data, eval_batches
       )
-      step = epoch * plan.steps_per_epoch
       record = logs.epoch_record(
           epoch,
           step,
-          devices.to_host(totals),
+          host_totals,
           test_loss,
           test_accuracy,
           sparsity=flipout.sparsity(devices.to_host(state["params"])),
@@ -410,6 +426,34 @@ def _train_epochs(
   finally:
     metrics_writer.close()
   return state, record
+
+
+def _check_finite(config, manager, host_totals, state, step: int, epoch: int) -> None:
+  """Stops (``--on_nonfinite=stop``) or warns when the loss or the weights went non-finite.
+
+  Called before the state of ``step`` is saved, so a non-finite state never becomes a
+  checkpoint.
+
+  Raises:
+    divergence.TrainingDiverged: the one-line reason, under ``--on_nonfinite=stop``.
+  """
+  weights = devices.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+  cause = divergence.nonfinite_cause(host_totals["first_nonfinite_loss"], weights, step)
+  if cause is None:
+    return
+  if config.on_nonfinite == "continue":
+    warnings.warn(f"{cause} (epoch {epoch}); training on (--on_nonfinite=continue)")
+    return
+  manager.wait_until_finished()
+  newest = manager.latest_step()
+  if newest is None:
+    kept = "no checkpoint was saved"
+  else:
+    kept = f"the newest checkpoint (epoch {newest}) is the last finite state"
+  raise divergence.TrainingDiverged(
+      f"training diverged: {cause} (epoch {epoch}); stopped without saving it, {kept}; "
+      "lower --lr, or pass --on_nonfinite=continue to train on"
+  )
 
 
 def lower_train_step(config: config_lib.Config) -> jax.stages.Lowered:
