@@ -13,15 +13,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import divergence, input_pipeline, models, train
+from experiments import checkpoints, divergence, input_pipeline, models, preemption, train
 
 # Exit statuses of a training command (besides 0, done).
 EXIT_BAD_INPUT = 2  # bad flags or data, a workdir of another run: one stderr line
 EXIT_DIVERGED = 3  # --on_nonfinite=stop: the loss or weights went non-finite
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written; the previous one is kept
 EXIT_STATUSES = (
     "exit status: 0 done; "
     f"{EXIT_BAD_INPUT} bad input (one stderr line, nothing of an existing run changed); "
-    f"{EXIT_DIVERGED} the loss or weights went non-finite (--on_nonfinite=stop)"
+    f"{EXIT_DIVERGED} the loss or weights went non-finite (--on_nonfinite=stop); "
+    f"{EXIT_SAVE_FAILED} a checkpoint could not be written (full disk?), the previous one kept; "
+    f"{preemption.EXIT_PREEMPTED} preempted by SIGTERM/SIGINT after saving the step reached "
+    "(continue with --resume); 130 interrupted before training began"
 )
 
 
@@ -235,6 +239,12 @@ def main(
   except divergence.TrainingDiverged as error:
     fail(parser.prog, error)
     return EXIT_DIVERGED
+  except checkpoints.CheckpointSaveError as error:
+    fail(parser.prog, error)
+    return EXIT_SAVE_FAILED
+  except preemption.Preempted as stop:
+    print(f"{parser.prog}: {stop}", file=sys.stderr)
+    return preemption.EXIT_PREEMPTED
   except KeyboardInterrupt:
     print(f"{parser.prog}: interrupted; continue with --resume", file=sys.stderr)
     return 130

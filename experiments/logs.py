@@ -167,14 +167,16 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
   )
 
 
-def progress(steps: int, epoch: int, config: config_lib.Config, show: bool):
-  """The step numbers of one epoch, behind a tqdm bar when ``show``."""
+def progress(steps: int, epoch: int, config: config_lib.Config, show: bool, first: int = 0):
+  """The step numbers ``first ..`` of one epoch of ``steps``, behind a tqdm bar when ``show``."""
   if not show:
-    return range(steps)
+    return range(first, steps)
   from tqdm.auto import tqdm
 
   return tqdm(
-      range(steps),
+      range(first, steps),
+      initial=first,
+      total=steps,
       desc=f"epoch {epoch}/{config.epochs}",
       leave=False,
       unit="step",
@@ -183,10 +185,13 @@ def progress(steps: int, epoch: int, config: config_lib.Config, show: bool):
 
 
 def announce(
-    config: config_lib.Config, steps_per_epoch: int, num_devices: int, start_epoch: int
+    config: config_lib.Config, steps_per_epoch: int, num_devices: int, start_step: int
 ) -> None:
   """Prints the one line that opens a run: what is trained, where, on how many devices."""
-  resumed = f", resuming after epoch {start_epoch}" if start_epoch else ""
+  epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  resumed = f", resuming after epoch {epoch}" if start_step else ""
+  if step_in_epoch:
+    resumed += f" and step {step_in_epoch} of epoch {epoch + 1} (step {start_step})"
   synthetic = " [SYNTHETIC DATA]" if config.synthetic else ""
   print(
       f"{config.dataset}/{config.model}/{config.method} sparsity {config.sparsity} on "
