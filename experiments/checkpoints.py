@@ -117,12 +117,20 @@ def close_store(store: Store) -> None:
 def _save_error(store: Store, error: BaseException) -> CheckpointSaveError:
   store.epochs.reload()
   newest = store.epochs.latest_step()
-  kept = "no complete checkpoint" if newest is None else f"epoch {newest}'s"
+  if newest is None:
+    kept = "no earlier checkpoint is complete"
+  else:
+    kept = f"the newest complete checkpoint (epoch {newest}) is left as it was"
   return CheckpointSaveError(
       f"could not save a checkpoint in {store.workdir} ({type(error).__name__}: "
-      f"{config_lib.one_line(error)}); the newest complete checkpoint is {kept}, left as it "
-      "was; free disk space and continue with --resume"
+      f"{_shortened(error)}); {kept}; free disk space and continue with --resume"
   )
+
+
+def _shortened(error: BaseException, limit: int = 400) -> str:
+  """The error's message on one line; the middle of a long one (paths) cut, not its end."""
+  text = config_lib.one_line(error)
+  return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-2 * limit // 3 :]}"
 
 
 def checksum(state, metadata: dict, totals=None) -> int:
@@ -297,7 +305,7 @@ def _set_aside(store: Store, candidate: Candidate, error: BaseException) -> None
     destination = destination.with_name(destination.name + "+")
   warnings.warn(
       f"checkpoint {candidate.folder} is damaged ({type(error).__name__}: "
-      f"{config_lib.one_line(error)[:300]}); moved to {destination} (not deleted), resuming "
+      f"{_shortened(error)}); moved to {destination} (not deleted), resuming "
       "from an older checkpoint"
   )
   if jax.process_index() == 0:
