@@ -21,7 +21,7 @@ from flax import nnx
 
 import flipout_jax as flipout
 from experiments import config as config_lib
-from experiments import models
+from experiments import models, validation
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -74,19 +74,28 @@ def read_records(path: Path) -> list[dict[str, Any]]:
   A run killed while writing leaves a partial last line: it is dropped with a warning (its
   epoch is written again when the run resumes). Any other unreadable line is an error.
 
+  Memory: the file's text and its records (a few times its size).
+
   Raises:
-    config_lib.ConfigError: a line before the last one is not a JSON record.
+    config_lib.ConfigError: a line before the last one is not a JSON record with an integer
+      ``epoch``, or the file is not UTF-8.
   """
   if not path.exists():
     return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError:
+    raise config_lib.ConfigError(
+        f"{path} is not UTF-8 text; remove the file to start its log anew"
+    ) from None
+  lines = [line for line in text.splitlines() if line.strip()]
   records = []
   for number, line in enumerate(lines, 1):
     try:
       record = json.loads(line)
-      if not isinstance(record, dict) or "epoch" not in record:
+      if not isinstance(record, dict) or not validation.is_int(record.get("epoch")):
         raise ValueError("not an epoch record")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
       if number < len(lines):
         raise config_lib.ConfigError(
             f"{path} line {number} is not a metrics record; remove the file to start its log anew"
