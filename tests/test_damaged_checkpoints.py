@@ -4,32 +4,12 @@ never damaged."""
 
 import shutil
 
-import numpy as np
 import pytest
 
 from experiments import checkpoints, mnist
 from tests import saved_runs
 
-_RUN = [
-    "--synthetic",
-    "--synthetic_train=64",
-    "--synthetic_test=16",
-    "--batch_size=16",
-    "--method=flipout",
-    "--sparsity=0.5",
-    "--epochs=3",
-    "--checkpoint_every_epochs=1",
-    "--keep_checkpoints=3",
-    "--no-progress",
-    "--no-tensorboard",
-]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("finished")
-  assert mnist.main([*_RUN, f"--workdir={workdir}"]) == 0
-  return workdir
+_RUN = saved_runs.TINY_FLIPOUT_RUN  # checkpoints every epoch, keeps 3 (the defaults)
 
 
 def _largest_state_file(checkpoint):
@@ -67,9 +47,9 @@ def _flip_a_metadata_digit(checkpoint):
 @pytest.mark.parametrize(
     "damage", [_truncate_metadata, _truncate_state, _flip_a_state_bit, _flip_a_metadata_digit]
 )
-def test_resume_falls_back_to_the_newest_intact_checkpoint(finished_run, tmp_path, damage):
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_flipout_run, tmp_path, damage):
   workdir = tmp_path / "run"
-  shutil.copytree(finished_run, workdir)
+  shutil.copytree(tiny_flipout_run, workdir)
   newest = workdir / "checkpoints" / "3"
   damage(newest)
   damaged_files = {
@@ -83,16 +63,12 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(finished_run, tmp_pat
       path.relative_to(kept): path.read_bytes() for path in kept.rglob("*") if path.is_file()
   } == damaged_files
   assert checkpoints.load_run(workdir).epoch == 3
-  expected, actual = saved_runs.final_arrays(finished_run), saved_runs.final_arrays(workdir)
-  for name in ("params", "masks", "flips"):
-    assert len(actual[name]) == len(expected[name]) > 0
-    for got, want in zip(actual[name], expected[name]):
-      np.testing.assert_array_equal(got, want, err_msg=name)
+  saved_runs.assert_same_final_arrays(tiny_flipout_run, workdir)
 
 
-def test_every_checkpoint_damaged_is_one_line(finished_run, tmp_path, capsys):
+def test_every_checkpoint_damaged_is_one_line(tiny_flipout_run, tmp_path, capsys):
   workdir = tmp_path / "run"
-  shutil.copytree(finished_run, workdir)
+  shutil.copytree(tiny_flipout_run, workdir)
   for checkpoint in (workdir / "checkpoints").iterdir():
     if checkpoint.name.isdigit():
       _truncate_state(checkpoint)
@@ -107,9 +83,11 @@ def test_every_checkpoint_damaged_is_one_line(finished_run, tmp_path, capsys):
   ]
 
 
-def test_load_run_of_a_bit_flipped_checkpoint_is_a_damaged_checkpoint_error(finished_run, tmp_path):
+def test_load_run_of_a_bit_flipped_checkpoint_is_a_damaged_checkpoint_error(
+    tiny_flipout_run, tmp_path
+):
   workdir = tmp_path / "run"
-  shutil.copytree(finished_run, workdir)
+  shutil.copytree(tiny_flipout_run, workdir)
   _flip_a_metadata_digit(workdir / "checkpoints" / "3")
   with pytest.raises(checkpoints.DamagedCheckpoint, match="checksum"):
     checkpoints.load_run(workdir)

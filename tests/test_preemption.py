@@ -1,5 +1,5 @@
 """SIGTERM/SIGINT mid-epoch: the run finishes the step, saves it, exits 75 ("preempted"), and
-``--resume`` ends bit-identical to an uninterrupted run, metrics included.
+``--resume`` ends bit-identical to an tiny_flipout_run run, metrics included.
 
 The child process signals itself from inside its training loop, right after a chosen step
 (a test-only wrapper of the train step, installed by the child's entry code below), so the
@@ -12,24 +12,13 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from experiments import checkpoints, mnist, preemption
 from tests import saved_runs
 
-_STEPS_PER_EPOCH = 4
-_RUN = [
-    "--synthetic",
-    "--synthetic_train=64",
-    "--synthetic_test=16",
-    "--batch_size=16",
-    "--method=flipout",
-    "--sparsity=0.5",
-    "--epochs=3",
-    "--no-progress",
-    "--no-tensorboard",
-]
+_STEPS_PER_EPOCH = saved_runs.TINY_FLIPOUT_STEPS_PER_EPOCH
+_RUN = saved_runs.TINY_FLIPOUT_RUN
 # Runs the MNIST command line with a train step that sends SIGNAL to its own process once
 # it has been called SIGNAL_AFTER_STEPS times.
 _SELF_SIGNALLING_ENTRY = """
@@ -51,13 +40,6 @@ sys.exit(mnist.main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  assert mnist.main([*_RUN, f"--workdir={workdir}"]) == 0
-  return workdir
-
-
 def _records(workdir):
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"} for line in lines]
@@ -70,8 +52,8 @@ def _records(workdir):
         ("SIGINT", 2 * _STEPS_PER_EPOCH, 0),  # the last step of epoch 2: its epoch checkpoint
     ],
 )
-def test_a_signal_saves_the_step_and_resume_ends_like_an_uninterrupted_run(
-    uninterrupted, tmp_path, signal_name, after_steps, every
+def test_a_signal_saves_the_step_and_resume_ends_like_an_tiny_flipout_run_run(
+    tiny_flipout_run, tmp_path, signal_name, after_steps, every
 ):
   argv = [*_RUN, f"--checkpoint_every_epochs={every}", f"--workdir={tmp_path}"]
   child = subprocess.run(
@@ -103,12 +85,8 @@ def test_a_signal_saves_the_step_and_resume_ends_like_an_uninterrupted_run(
   assert len(_records(tmp_path)) == after_steps // _STEPS_PER_EPOCH
 
   assert mnist.main([*argv, "--resume"]) == 0
-  expected, actual = saved_runs.final_arrays(uninterrupted), saved_runs.final_arrays(tmp_path)
-  for name in ("params", "masks", "flips"):
-    assert len(actual[name]) == len(expected[name]) > 0
-    for got, want in zip(actual[name], expected[name]):
-      np.testing.assert_array_equal(got, want, err_msg=name)
-  assert _records(tmp_path) == _records(uninterrupted)
+  saved_runs.assert_same_final_arrays(tiny_flipout_run, tmp_path)
+  assert _records(tmp_path) == _records(tiny_flipout_run)
 
 
 def test_the_watch_turns_a_signal_into_a_stop_request_and_restores_the_handlers():
