@@ -1,7 +1,8 @@
 """The training loop shared by every experiment (CIFAR-10, MNIST, Imagenette, digits).
 
 How a run works (the other concerns live in their own modules: ``config``, ``cli``,
-``optimizers``, ``run_state``, ``checkpoints``, ``devices``, ``logs``):
+``optimizers``, ``run_state``, ``checkpoints``, ``devices``, ``logs``, ``divergence``,
+``preemption``):
 
 * The data set is loaded whole (uint8) and kept on the accelerators, replicated. The order of
   epoch ``e`` is ``input_pipeline.batch_indices(seed, e, ...)``; each step gathers its batch by
@@ -16,6 +17,10 @@ How a run works (the other concerns live in their own modules: ``config``, ``cli
   the graph definition with the params/batch statistics, takes one optimizer step and returns
   the new state. ``state`` holds ``params``, ``batch_stats``, ``opt_state`` (with the pruning
   masks and flip counts) and ``step``.
+* Faults: after every step the loop asks whether SIGTERM/SIGINT came (every process
+  agreeing on the step); if so it saves that step, with the epoch's totals so far, and raises
+  ``preemption.Preempted``. Before any save it checks that the loss stayed finite
+  (``divergence``). Resuming picks the newest checkpoint that verifies (``checkpoints``).
 * Data parallel over every device (see ``devices``). BatchNorm statistics are computed over
   the global batch, so the model is the same function of the data for any device count.
 """
@@ -251,8 +256,11 @@ def train(config: config_lib.Config) -> dict[str, Any]:
 
   Raises:
     config_lib.ConfigError: bad input found once data and devices are known, or a workdir that holds
-      another run.
+      another run (or only damaged checkpoints: ``checkpoints.DamagedCheckpoint``).
     input_pipeline.DatasetUnavailableError: the data set cannot be loaded offline.
+    preemption.Preempted: SIGTERM/SIGINT; the step reached was saved (``--resume``).
+    divergence.TrainingDiverged: a non-finite loss or state under ``--on_nonfinite=stop``.
+    checkpoints.CheckpointSaveError: a checkpoint could not be written.
   """
   config_lib.validate_config(config)
   devices.maybe_initialize_distributed(config)
