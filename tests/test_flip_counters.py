@@ -167,7 +167,9 @@ def test_odd_counts_count_up_by_one(flip_count_dtype):
   np.testing.assert_array_equal(state.flips["w"], [[2, 4, 7]])
 
 
-@pytest.mark.parametrize("kwargs", [dict(prune_every=10), dict(sparsity=0.5, total_steps=131_072)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(prune_every=10), dict(target_sparsity=0.5, total_steps=131_072)]
+)
 def test_int32_can_be_asked_for_when_uint16_could_not_hold_the_counts(kwargs):
   # Only uint16 is refused there: int32 (wider, not "at least uint16") is allowed.
   tx = flipout.prune(flip_count_dtype="int32", **kwargs)
