@@ -1,22 +1,36 @@
-"""Orbax checkpoints of a run: save, restore, resumability checks, and :func:`load_run`.
+"""Orbax checkpoints of a run: save, verify, restore with fallback, and :func:`load_run`.
 
 State and run metadata are saved after every ``checkpoint_every_epochs`` epochs and at the end,
-keeping the newest ``keep_checkpoints``. Orbax writes into a temporary directory and renames it
+keeping the newest ``keep_checkpoints`` (orbax step = epochs done, in ``checkpoints/``). A
+preempted run saves its mid-epoch state and epoch totals in ``preempted_checkpoint/`` (orbax
+step = steps done, the newest only). Orbax writes into a temporary directory and renames it
 when complete, so a write cut short never replaces the previous checkpoint; pending
-asynchronous writes are waited on before a run returns.
+asynchronous writes are waited on before a run returns, and a write that fails is one
+:class:`CheckpointSaveError`.
+
+Each checkpoint's metadata holds a CRC-32 of its state and metadata. On ``--resume`` the
+newest checkpoint that restores and matches its checksum is used; a damaged one (truncated,
+bit-flipped, unreadable) is named in a warning and moved, never deleted, to
+``damaged_checkpoints/`` so that the run can write that step again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,6 +39,9 @@ from experiments import config as config_lib
 from experiments import devices, optimizers, run_state
 
 CHECKPOINT_DIR = "checkpoints"
+PREEMPTED_DIR = "preempted_checkpoint"
+DAMAGED_DIR = "damaged_checkpoints"
+_CHECKSUM_KEY = "crc32"
 
 
 # Fields that may differ between a run and its resumption: they do not change what is computed.
@@ -40,24 +57,130 @@ _RESUMABLE_FIELDS = (
     "eval_batch_size",
     "checkpoint_every_epochs",
     "keep_checkpoints",
+    "on_nonfinite",
 )
 
 
-def open_manager(workdir: Path, config: config_lib.Config) -> ocp.CheckpointManager:
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a write error); one-line message."""
+
+
+class DamagedCheckpoint(config_lib.ConfigError):
+  """A checkpoint's files do not restore, or do not match the checksum saved with them."""
+
+
+class Store(NamedTuple):
+  """A run's checkpoint managers: one per epoch checkpoint, one for a preempted run's state."""
+
+  workdir: Path
+  epochs: ocp.CheckpointManager
+  preempted: ocp.CheckpointManager
+
+
+def open_store(workdir: Path, config: config_lib.Config) -> Store:
+  """Opens (creating) ``checkpoints/`` and ``preempted_checkpoint/`` of ``workdir``."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
   )
-  return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
-
-
-def save(manager: ocp.CheckpointManager, epoch: int, state, metadata: dict) -> None:
-  """Saves after ``epoch`` completed epochs (orbax step = epochs done), asynchronously."""
-  manager.save(
-      epoch,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
-      ),
+  # The preempted state is written while the job is being stopped: synchronously.
+  preempted_options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, enable_async_checkpointing=False
   )
+  return Store(
+      workdir,
+      ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options),
+      ocp.CheckpointManager((workdir / PREEMPTED_DIR).absolute(), options=preempted_options),
+  )
+
+
+def finish_saving(store: Store) -> None:
+  """Waits for the pending asynchronous write.
+
+  Raises:
+    CheckpointSaveError: that write failed.
+  """
+  try:
+    store.epochs.wait_until_finished()
+  except Exception as error:  # orbax re-raises whatever the write thread met
+    raise _save_error(store, error) from error
+
+
+def close_store(store: Store) -> None:
+  """Closes both managers (waiting for pending writes; see :func:`finish_saving`)."""
+  try:
+    finish_saving(store)
+  finally:
+    store.epochs.close()
+    store.preempted.close()
+
+
+def _save_error(store: Store, error: BaseException) -> CheckpointSaveError:
+  store.epochs.reload()
+  newest = store.epochs.latest_step()
+  if newest is None:
+    kept = "no earlier checkpoint is complete"
+  else:
+    kept = f"the newest complete checkpoint (epoch {newest}) is left as it was"
+  return CheckpointSaveError(
+      f"could not save a checkpoint in {store.workdir} ({type(error).__name__}: "
+      f"{_shortened(error)}); {kept}; free disk space and continue with --resume"
+  )
+
+
+def _shortened(error: BaseException, limit: int = 400) -> str:
+  """The error's message on one line; the middle of a long one (paths) cut, not its end."""
+  text = config_lib.one_line(error)
+  return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-2 * limit // 3 :]}"
+
+
+def checksum(state, metadata: dict, totals=None) -> int:
+  """CRC-32 of the state's (and totals') leaves, dtypes and shapes, and of ``metadata``.
+
+  Integers narrower than 32 bits count as int32, as :func:`restore` reads them: the sum of a
+  checkpoint is the same whichever counter width restores it.
+  """
+  crc = 0
+  for leaf in jax.tree.leaves(devices.to_host({"state": state, "totals": totals})):
+    array = np.ascontiguousarray(leaf)
+    if np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize < 4:
+      array = array.astype(np.int32)
+    crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode(), crc)
+    crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)
+  fields = {key: value for key, value in metadata.items() if key != _CHECKSUM_KEY}
+  return zlib.crc32(json.dumps(fields, sort_keys=True).encode(), crc)
+
+
+def save(
+    manager: ocp.CheckpointManager, orbax_step: int, state, metadata: dict, totals=None
+) -> None:
+  """Saves ``state`` (and a preempted epoch's ``totals``) with ``metadata`` and its checksum.
+
+  ``orbax_step`` is the epochs done (``Store.epochs``, asynchronous) or the steps done
+  (``Store.preempted``). A failure of the previous asynchronous write surfaces here.
+  """
+  metadata = {**metadata, _CHECKSUM_KEY: checksum(state, metadata, totals)}
+  items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
+  if totals is not None:
+    items["totals"] = ocp.args.StandardSave(totals)
+  manager.save(orbax_step, args=ocp.args.Composite(**items))
+
+
+def save_to_store(
+    store: Store, orbax_step: int, state, metadata: dict, *, preempted_totals=None
+) -> None:
+  """:func:`save` into ``store``: an epoch's checkpoint, or a preempted run's (with the
+  epoch's totals so far, written before this returns).
+
+  Raises:
+    CheckpointSaveError: this write, or the previous asynchronous one, failed.
+  """
+  manager = store.epochs if preempted_totals is None else store.preempted
+  try:
+    save(manager, orbax_step, state, metadata, preempted_totals)
+    if preempted_totals is not None:
+      manager.wait_until_finished()
+  except Exception as error:  # orbax raises what the filesystem and tensorstore raise
+    raise _save_error(store, error) from error
 
 
 def restore_metadata(manager: ocp.CheckpointManager, epoch: int) -> dict[str, Any]:
@@ -67,26 +190,36 @@ def restore_metadata(manager: ocp.CheckpointManager, epoch: int) -> dict[str, An
   ]
 
 
-def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
-  """Restores state (shaped and sharded like ``target_state``) and metadata of ``epoch``.
+def restore(manager: ocp.CheckpointManager, orbax_step: int, target_state, target_totals=None):
+  """Restores state (shaped and sharded like ``target_state``) and metadata of ``orbax_step``.
 
   Integer leaves narrower than 32 bits (uint16 flip counters) are read as int32 and saturated
   into their dtype: a checkpoint written with int32 counters may hold counts above 65535,
   which orbax's cast would wrap (70,000 would come back as 4,464).
+
+  Returns:
+    ``(state, metadata)``, or ``(state, metadata, totals)`` when ``target_totals`` is given
+    (a preempted run's checkpoint).
+
+  Raises:
+    DamagedCheckpoint: the restored state or metadata do not match the checksum saved with
+      them (checkpoints written before checksums existed are not checked).
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
 
   def read(target):
-    return manager.restore(
-        epoch,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(_read_as_int32, target)),
-            metadata=ocp.args.JsonRestore(),
-        ),
-    )
+    items = {
+        "state": ocp.args.StandardRestore(jax.tree.map(_read_as_int32, target)),
+        "metadata": ocp.args.JsonRestore(),
+    }
+    if target_totals is not None:
+      totals_abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_totals)
+      items["totals"] = ocp.args.StandardRestore(totals_abstract)
+    return manager.restore(orbax_step, args=ocp.args.Composite(**items))
 
   try:
     restored = read(abstract)
+    state = restored["state"]
   except ValueError as error:
     # A checkpoint written before PruneState held its update sample: read it without, and
     # take the target's sample, which checks nothing at the first update.
@@ -100,8 +233,15 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target_state):
         lambda s: flipout.PruneState(*s, last_update=next(samples).last_update),
         is_leaf=lambda node: isinstance(node, _PruneStateWithoutSample),
     )
-    return _saturate_into(state, abstract), restored["metadata"]
-  return _saturate_into(restored["state"], abstract), restored["metadata"]
+  metadata = restored["metadata"]
+  totals = restored["totals"] if target_totals is not None else None
+  saved_checksum = metadata.get(_CHECKSUM_KEY) if isinstance(metadata, dict) else None
+  if saved_checksum is not None and checksum(restored["state"], metadata, totals) != saved_checksum:
+    raise DamagedCheckpoint(
+        f"{Path(manager.directory) / str(orbax_step)} does not match the checksum saved with it"
+    )
+  state = _saturate_into(state, abstract)
+  return (state, metadata) if target_totals is None else (state, metadata, totals)
 
 
 class _PruneStateWithoutSample(NamedTuple):
@@ -176,23 +316,100 @@ def check_resumable(saved: config_lib.Config, config: config_lib.Config) -> None
     )
 
 
-def latest_to_resume(manager: ocp.CheckpointManager, config: config_lib.Config) -> int | None:
-  """The newest complete checkpoint to resume from, once it is known to be this run's.
+class Candidate(NamedTuple):
+  """A checkpoint a run may resume from."""
+
+  steps_done: int
+  manager: ocp.CheckpointManager
+  orbax_step: int
+  preempted: bool
+
+  @property
+  def folder(self) -> Path:
+    return Path(self.manager.directory) / str(self.orbax_step)
+
+
+def _candidates(store: Store, steps_per_epoch: int) -> list[Candidate]:
+  """Every complete checkpoint, newest (most steps done) first; an epoch's before a tie."""
+  found = [Candidate(e * steps_per_epoch, store.epochs, e, False) for e in store.epochs.all_steps()]
+  found += [Candidate(s, store.preempted, s, True) for s in store.preempted.all_steps()]
+  return sorted(found, key=lambda candidate: (-candidate.steps_done, candidate.preempted))
+
+
+def _set_aside(store: Store, candidate: Candidate, error: BaseException) -> None:
+  """Warns naming the damaged ``candidate`` and moves it to ``damaged_checkpoints/``."""
+  kind = "preempted" if candidate.preempted else "epoch"
+  destination = store.workdir / DAMAGED_DIR / f"{kind}-{candidate.orbax_step}"
+  while destination.exists():
+    destination = destination.with_name(destination.name + "+")
+  warnings.warn(
+      f"checkpoint {candidate.folder} is damaged ({type(error).__name__}: "
+      f"{_shortened(error)}); moved to {destination} (not deleted), resuming "
+      "from an older checkpoint"
+  )
+  if jax.process_index() == 0:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(candidate.folder, destination)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"set aside {destination.name}")
+  candidate.manager.reload()
+
+
+def resume_candidates(
+    store: Store, config: config_lib.Config, steps_per_epoch: int
+) -> list[Candidate]:
+  """The checkpoints to resume from, newest first, once they are known to be this run's.
 
   Refuses to overwrite a run silently (no ``--resume``) and to continue another run's
   checkpoint: the saved config is compared before any state is built or restored, so the
-  answer is one line and the old run's files are left as they are.
+  answer is one line and the old run's files are left as they are. A checkpoint whose
+  metadata cannot be read is set aside with a warning (see :func:`restore_newest`).
+
+  Raises:
+    config_lib.ConfigError: checkpoints without ``--resume``, or of another run.
   """
-  latest = manager.latest_step()
-  if latest is not None and not config.resume:
+  candidates = _candidates(store, steps_per_epoch)
+  if candidates and not config.resume:
     raise config_lib.ConfigError(
         f"--workdir={config.workdir} already holds checkpoints; pass --resume to continue "
         "that run or choose another --workdir"
     )
-  if latest is not None:
-    saved = restore_metadata(manager, latest)["config"]
-    check_resumable(config_lib.config_from_json(saved), config)
-  return latest
+  for candidate in candidates:
+    try:
+      saved = config_lib.config_from_json(
+          restore_metadata(candidate.manager, candidate.orbax_step)["config"]
+      )
+    except Exception as error:  # any damage: unreadable, truncated, not a config
+      _set_aside(store, candidate, error)
+      continue
+    check_resumable(saved, config)
+    return candidates[candidates.index(candidate) :]
+  return []
+
+
+def restore_newest(store: Store, candidates: list[Candidate], target_state, target_totals):
+  """Restores the newest of ``candidates`` that restores and verifies; sets aside the others.
+
+  Returns:
+    ``(state, metadata, totals)``, totals None for an epoch checkpoint; None when
+    ``candidates`` is empty.
+
+  Raises:
+    DamagedCheckpoint: every candidate is damaged (all are set aside, none deleted).
+  """
+  for candidate in candidates:
+    try:
+      if candidate.preempted:
+        return restore(candidate.manager, candidate.orbax_step, target_state, target_totals)
+      return (*restore(candidate.manager, candidate.orbax_step, target_state), None)
+    except Exception as error:  # any damage: orbax, tensorstore, JSON or checksum errors
+      _set_aside(store, candidate, error)
+  if candidates:
+    raise DamagedCheckpoint(
+        f"every checkpoint of {store.workdir} is damaged (moved to {DAMAGED_DIR}/); "
+        "remove --resume to start the run anew"
+    )
+  return None
 
 
 def saved_config(workdir: str | os.PathLike) -> config_lib.Config | None:

@@ -13,7 +13,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import checkpoints, initializers, input_pipeline, models, train
+from experiments import checkpoints, divergence, initializers, input_pipeline, models, preemption, train
+
+# Exit statuses of a training command (besides 0, done).
+EXIT_BAD_INPUT = 2  # bad flags or data, a workdir of another run: one stderr line
+EXIT_DIVERGED = 3  # --on_nonfinite=stop: the loss or weights went non-finite
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written; the previous one is kept
+EXIT_STATUSES = (
+    "exit status: 0 done; "
+    f"{EXIT_BAD_INPUT} bad input (one stderr line, nothing of an existing run changed); "
+    f"{EXIT_DIVERGED} the loss or weights went non-finite (--on_nonfinite=stop); "
+    f"{EXIT_SAVE_FAILED} a checkpoint could not be written (full disk?), the previous one kept; "
+    f"{preemption.EXIT_PREEMPTED} preempted by SIGTERM/SIGINT after saving the step reached "
+    "(continue with --resume); 130 interrupted before training began"
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -137,6 +150,12 @@ _VALUE_FLAGS = (
     ("coordinator_address", str, "host:port of process 0 of a multi-process job"),
     ("num_processes", int, "processes in a multi-process job"),
     ("process_id", int, "this process's index in a multi-process job"),
+    (
+        "on_nonfinite",
+        str,
+        "a non-finite loss or weights: stop (exit status 3, nothing non-finite is saved, so the "
+        "newest checkpoint is the last finite state) or continue (warn and train on)",
+    ),
 )
 
 
@@ -172,6 +191,7 @@ def build_parser(
       description=f"Train {', '.join(allowed_models)} on {defaults.dataset} with FlipOut or a "
       "baseline pruning method. Defaults reproduce the entry point's paper run.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      epilog=EXIT_STATUSES,
   )
   add = parser.add_argument
   if allowed_datasets:
@@ -222,7 +242,7 @@ def main(
 
   Bad input (unknown model or method, sparsity outside [0, 1), epochs < 1, bad milestones,
   a data set that cannot be loaded offline, ...) prints one line to stderr and returns 2;
-  ``--help`` returns 0.
+  ``--help`` returns 0. The other statuses are in :data:`EXIT_STATUSES` (and ``--help``).
 
   Args:
     argv: the arguments (None: ``sys.argv[1:]``).
@@ -240,8 +260,16 @@ def main(
     config_lib.validate_config(config, allowed_models)
     train.train(config)
   except (config_lib.ConfigError, input_pipeline.DatasetUnavailableError) as error:
-    print(f"{parser.prog}: error: {config_lib.one_line(error)}", file=sys.stderr)
-    return 2
+    return fail(parser.prog, error)
+  except divergence.TrainingDiverged as error:
+    fail(parser.prog, error)
+    return EXIT_DIVERGED
+  except checkpoints.CheckpointSaveError as error:
+    fail(parser.prog, error)
+    return EXIT_SAVE_FAILED
+  except preemption.Preempted as stop:
+    print(f"{parser.prog}: {stop}", file=sys.stderr)
+    return preemption.EXIT_PREEMPTED
   except KeyboardInterrupt:
     print(f"{parser.prog}: interrupted; continue with --resume", file=sys.stderr)
     return 130

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import initializers, input_pipeline, models, validation
+from experiments import divergence, initializers, input_pipeline, models, validation
 
 METHODS: tuple[str, ...] = (
     "flipout",
@@ -90,6 +90,9 @@ class Config:
       ``JAX_COORDINATOR_ADDRESS`` variable, or a cluster JAX detects itself, or one process).
     num_processes: processes in the job (None: ``JAX_NUM_PROCESSES``).
     process_id: this process's index in ``[0, num_processes)`` (None: ``JAX_PROCESS_ID``).
+    on_nonfinite: a non-finite loss or weights: ``stop`` (raise ``TrainingDiverged`` before
+      saving, so the newest checkpoint is the last finite state) or ``continue`` (warn, train
+      on); see ``divergence``.
   """
 
   dataset: str = "cifar10"
@@ -129,6 +132,7 @@ class Config:
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  on_nonfinite: str = "stop"
 
 
 SCHEDULES: tuple[str, ...] = ("halving", "cubic")
@@ -166,6 +170,7 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
   check_choice("model", config.model, tuple(allowed_models))
   check_choice("method", config.method, METHODS)
   check_choice("init", config.init, initializers.INITS)
+  check_choice("on_nonfinite", config.on_nonfinite, divergence.ON_NONFINITE)
   if not 0.0 <= config.sparsity < 1.0:
     raise ConfigError(f"--sparsity must be in [0, 1) (e.g. 0.999), got {config.sparsity}")
   for name in (

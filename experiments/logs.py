@@ -21,7 +21,7 @@ from flax import nnx
 
 import flipout_jax as flipout
 from experiments import config as config_lib
-from experiments import models
+from experiments import models, validation
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -74,19 +74,28 @@ def read_records(path: Path) -> list[dict[str, Any]]:
   A run killed while writing leaves a partial last line: it is dropped with a warning (its
   epoch is written again when the run resumes). Any other unreadable line is an error.
 
+  Memory: the file's text and its records (a few times its size).
+
   Raises:
-    config_lib.ConfigError: a line before the last one is not a JSON record.
+    config_lib.ConfigError: a line before the last one is not a JSON record with an integer
+      ``epoch``, or the file is not UTF-8.
   """
   if not path.exists():
     return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError:
+    raise config_lib.ConfigError(
+        f"{path} is not UTF-8 text; remove the file to start its log anew"
+    ) from None
+  lines = [line for line in text.splitlines() if line.strip()]
   records = []
   for number, line in enumerate(lines, 1):
     try:
       record = json.loads(line)
-      if not isinstance(record, dict) or "epoch" not in record:
+      if not isinstance(record, dict) or not validation.is_int(record.get("epoch")):
         raise ValueError("not an epoch record")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
       if number < len(lines):
         raise config_lib.ConfigError(
             f"{path} line {number} is not a metrics record; remove the file to start its log anew"
@@ -167,14 +176,16 @@ def format_record(record: dict[str, Any], epochs: int) -> str:
   )
 
 
-def progress(steps: int, epoch: int, config: config_lib.Config, show: bool):
-  """The step numbers of one epoch, behind a tqdm bar when ``show``."""
+def progress(steps: int, epoch: int, config: config_lib.Config, show: bool, first: int = 0):
+  """The step numbers ``first ..`` of one epoch of ``steps``, behind a tqdm bar when ``show``."""
   if not show:
-    return range(steps)
+    return range(first, steps)
   from tqdm.auto import tqdm
 
   return tqdm(
-      range(steps),
+      range(first, steps),
+      initial=first,
+      total=steps,
       desc=f"epoch {epoch}/{config.epochs}",
       leave=False,
       unit="step",
@@ -183,10 +194,13 @@ def progress(steps: int, epoch: int, config: config_lib.Config, show: bool):
 
 
 def announce(
-    config: config_lib.Config, steps_per_epoch: int, num_devices: int, start_epoch: int
+    config: config_lib.Config, steps_per_epoch: int, num_devices: int, start_step: int
 ) -> None:
   """Prints the one line that opens a run: what is trained, where, on how many devices."""
-  resumed = f", resuming after epoch {start_epoch}" if start_epoch else ""
+  epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  resumed = f", resuming after epoch {epoch}" if start_step else ""
+  if step_in_epoch:
+    resumed += f" and step {step_in_epoch} of epoch {epoch + 1} (step {start_step})"
   synthetic = " [SYNTHETIC DATA]" if config.synthetic else ""
   print(
       f"{config.dataset}/{config.model}/{config.method} sparsity {config.sparsity} on "

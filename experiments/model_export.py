@@ -29,7 +29,7 @@ from flax import nnx
 from flax import traverse_util
 
 import flipout_jax as flipout
-from experiments import models
+from experiments import models, validation
 
 DESCRIPTION_FILE = "model.json"
 _FORMAT = "flipout_jax.experiments.model"
@@ -79,6 +79,10 @@ def _widths_from_json(name: str, fields) -> Widths | None:
   values = {
       field: tuple(value) if isinstance(value, list) else value for field, value in fields.items()
   }
+  for field, value in values.items():
+    parts = value if isinstance(value, tuple) else (value,)
+    if not all(part is None or (validation.is_int(part) and part >= 0) for part in parts):
+      raise ValueError(f"widths of {name}: {field} must be integers >= 0, got {value!r}")
   try:
     return family(**values)
   except TypeError as error:
@@ -124,8 +128,8 @@ def read_description(directory: str | os.PathLike) -> Description:
   path = Path(directory) / DESCRIPTION_FILE
   try:
     content = json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: not JSON ({error})") from None
+  except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deeply
+    raise ValueError(f"{path}: not JSON ({type(error).__name__}: {error})") from None
   if not isinstance(content, dict) or content.get("format") != _FORMAT:
     raise ValueError(f"{path}: not a model description (format {_FORMAT!r})")
   if content.get("version") != _FORMAT_VERSION:
@@ -134,11 +138,12 @@ def read_description(directory: str | os.PathLike) -> Description:
   if name not in models.MODEL_NAMES:
     raise ValueError(f"{path}: unknown model {name!r}")
   try:
+    input_shape, num_classes = tuple(content["input_shape"]), content["num_classes"]
+    if len(input_shape) != 3 or not all(validation.is_int(s) and s >= 1 for s in input_shape):
+      raise ValueError(f"input_shape must be 3 integers >= 1, got {list(input_shape)}")
+    validation.check_int("num_classes", num_classes, minimum=1)
     return Description(
-        name,
-        tuple(int(size) for size in content["input_shape"]),
-        int(content["num_classes"]),
-        _widths_from_json(name, content.get("widths")),
+        name, input_shape, num_classes, _widths_from_json(name, content.get("widths"))
     )
   except (KeyError, TypeError, ValueError) as error:
     raise ValueError(f"{path}: malformed description ({type(error).__name__}: {error})") from None

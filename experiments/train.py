@@ -1,7 +1,8 @@
 """The training loop shared by every experiment (CIFAR-10, MNIST, Imagenette, digits).
 
 How a run works (the other concerns live in their own modules: ``config``, ``cli``,
-``optimizers``, ``run_state``, ``checkpoints``, ``devices``, ``logs``):
+``optimizers``, ``run_state``, ``checkpoints``, ``devices``, ``logs``, ``divergence``,
+``preemption``):
 
 * The data set is loaded whole (uint8) and kept on the accelerators, replicated. The order of
   epoch ``e`` is ``input_pipeline.batch_indices(seed, e, ...)``; each step gathers its batch by
@@ -16,6 +17,10 @@ How a run works (the other concerns live in their own modules: ``config``, ``cli
   the graph definition with the params/batch statistics, takes one optimizer step and returns
   the new state. ``state`` holds ``params``, ``batch_stats``, ``opt_state`` (with the pruning
   masks and flip counts) and ``step``.
+* Faults: after every step the loop asks whether SIGTERM/SIGINT came (every process
+  agreeing on the step); if so it saves that step, with the epoch's totals so far, and raises
+  ``preemption.Preempted``. Before any save it checks that the loss stayed finite
+  (``divergence``). Resuming picks the newest checkpoint that verifies (``checkpoints``).
 * Data parallel over every device (see ``devices``). BatchNorm statistics are computed over
   the global batch, so the model is the same function of the data for any device count.
 """
@@ -28,6 +33,7 @@ import json
 import logging
 import math
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,7 +48,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flipout_jax as flipout
-from experiments import checkpoints, devices, evaluation, input_pipeline, logs, optimizers, run_state
+from experiments import (
+    checkpoints,
+    devices,
+    divergence,
+    evaluation,
+    input_pipeline,
+    logs,
+    optimizers,
+    preemption,
+    run_state,
+)
 from experiments import config as config_lib
 
 
@@ -138,6 +154,9 @@ def _make_train_step(
         "correct": totals["correct"] + correct,
         "count": totals["count"] + batch_size,
         "flips": totals["flips"] + flips,
+        "first_nonfinite_loss": divergence.first_nonfinite_loss_step(
+            totals["first_nonfinite_loss"], data_loss, new_state["step"]
+        ),
     }
     return (
         jax.lax.with_sharding_constraint(new_state, replicated),
@@ -153,6 +172,7 @@ def _zero_totals() -> dict[str, np.ndarray]:
       "correct": np.int32(0),
       "count": np.int32(0),
       "flips": np.float32(0),
+      "first_nonfinite_loss": np.int32(divergence.NO_STEP),
   }
 
 
@@ -236,8 +256,11 @@ def train(config: config_lib.Config) -> dict[str, Any]:
 
   Raises:
     config_lib.ConfigError: bad input found once data and devices are known, or a workdir that holds
-      another run.
+      another run (or only damaged checkpoints: ``checkpoints.DamagedCheckpoint``).
     input_pipeline.DatasetUnavailableError: the data set cannot be loaded offline.
+    preemption.Preempted: SIGTERM/SIGINT; the step reached was saved (``--resume``).
+    divergence.TrainingDiverged: a non-finite loss or state under ``--on_nonfinite=stop``.
+    checkpoints.CheckpointSaveError: a checkpoint could not be written.
   """
   config_lib.validate_config(config)
   devices.maybe_initialize_distributed(config)
@@ -251,9 +274,9 @@ def train(config: config_lib.Config) -> dict[str, Any]:
   plan = _plan(config, dataset, mesh)
   is_main = jax.process_index() == 0
 
-  manager = checkpoints.open_manager(workdir, config)
+  store = checkpoints.open_store(workdir, config)
   try:
-    latest = checkpoints.latest_to_resume(manager, config)
+    candidates = checkpoints.resume_candidates(store, config, plan.steps_per_epoch)
     first_order = input_pipeline.batch_indices(config.seed, 0, plan.num_train, config.batch_size)
     setup = run_state.build_setup(
         config,
@@ -263,10 +286,14 @@ def train(config: config_lib.Config) -> dict[str, Any]:
         snip_batch_source=(dataset, first_order),
     )
     state = devices.place_tree(setup.state, replicated)
-    start_epoch = 0
-    if latest is not None:
-      state, metadata = checkpoints.restore(manager, latest, state)
-      start_epoch = int(metadata["epoch"])
+    start_step, start_totals = 0, None
+    restored = checkpoints.restore_newest(
+        store, candidates, state, devices.place_tree(_zero_totals(), replicated)
+    )
+    if restored is not None:
+      state, metadata, start_totals = restored
+      start_step = int(metadata["step"])
+    start_epoch = start_step // plan.steps_per_epoch
     data = devices.DeviceData(
         *(
             devices.place(array, replicated)
@@ -283,13 +310,12 @@ def train(config: config_lib.Config) -> dict[str, Any]:
     if is_main:
       workdir.mkdir(parents=True, exist_ok=True)
       if config.progress:
-        logs.announce(config, plan.steps_per_epoch, mesh.size, start_epoch)
+        logs.announce(config, plan.steps_per_epoch, mesh.size, start_step)
     state, record = _train_epochs(
-        config, plan, setup, mesh, data, manager, state, start_epoch, dataset
+        config, plan, setup, mesh, data, store, (state, start_step, start_totals), dataset
     )
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    checkpoints.close_store(store)
 
   if record is None:  # resumed a finished run: report its last epoch again
     record = logs.last_record(workdir / logs.METRICS_FILE, start_epoch)
@@ -330,15 +356,23 @@ def _train_epochs(
     setup: run_state.Setup,
     mesh: Mesh,
     data: devices.DeviceData,
-    manager: ocp.CheckpointManager,
-    state,
-    start_epoch: int,
+    store: checkpoints.Store,
+    start,
     dataset: input_pipeline.Dataset,
 ):
-  """Epochs ``start_epoch + 1 .. config.epochs``: train, evaluate, log, checkpoint.
+  """Trains from ``start`` to ``config.epochs``: train, evaluate, log, checkpoint.
 
-  Returns the final state and the last epoch's record (None when no epoch was left).
+  ``start`` is ``(state, steps done, the epoch's totals so far or None)``; a run preempted
+  mid-epoch resumes inside that epoch. Returns the final state and the last epoch's record
+  (None when no epoch was left).
+
+  Raises:
+    preemption.Preempted: SIGTERM/SIGINT; the checkpoint of the step reached is saved.
+    divergence.TrainingDiverged: a non-finite loss or state under ``--on_nonfinite=stop``.
+    checkpoints.CheckpointSaveError: a checkpoint could not be written.
   """
+  state, start_step, start_totals = start
+  start_epoch, start_in_epoch = divmod(start_step, plan.steps_per_epoch)
   replicated = NamedSharding(mesh, P())
   order_sharding = NamedSharding(mesh, P(None, devices.DATA_AXIS))
   train_step = _make_train_step(
@@ -357,59 +391,122 @@ def _train_epochs(
   )
   show = config.progress and jax.process_index() == 0
   record = None
-  try:
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-      epoch_started = time.perf_counter()
-      # The data order is a function of (seed, epoch) alone, so a resumed run replays it.
-      order = input_pipeline.batch_indices(
-          config.seed, epoch - 1, plan.num_train, config.batch_size
-      )
-      epoch_order = devices.place(order, order_sharding)
-      totals = devices.place_tree(_zero_totals(), replicated)
-      for step_in_epoch in logs.progress(plan.steps_per_epoch, epoch, config, show):
-        state, totals = train_step(
-            state,
-            totals,
-            data.train_images,
-            data.train_labels,
-            epoch_order,
-            np.int32(step_in_epoch),
+  with preemption.Watch() as watch:
+    try:
+      for epoch in range(start_epoch + 1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        # The data order is a function of (seed, epoch) alone, so a resumed run replays it.
+        order = input_pipeline.batch_indices(
+            config.seed, epoch - 1, plan.num_train, config.batch_size
         )
-      test_loss, test_accuracy = evaluation.evaluate(
-          setup.graphdef_eval, mesh, state, data, eval_batches
-      )
-      step = epoch * plan.steps_per_epoch
-      record = logs.epoch_record(
-          epoch,
-          step,
-          devices.to_host(totals),
-          test_loss,
-          test_accuracy,
-          sparsity=flipout.sparsity(devices.to_host(state["params"])),
-          lr=optimizers.learning_rate_at(config, plan.steps_per_epoch, step - 1),
-          steps=plan.steps_per_epoch,
-          seconds=time.perf_counter() - epoch_started,
-          synthetic=config.synthetic,
-      )
-      metrics_writer.write(record, step)
-      if show:
-        print(logs.format_record(record, config.epochs), flush=True)
-      every = config.checkpoint_every_epochs
-      if epoch == config.epochs or (every and epoch % every == 0):
-        checkpoints.save(
-            manager,
+        epoch_order = devices.place(order, order_sharding)
+        resumed = epoch == start_epoch + 1 and start_totals is not None
+        totals = start_totals if resumed else devices.place_tree(_zero_totals(), replicated)
+        first = start_in_epoch if resumed else 0
+        preempted = False
+        for step_in_epoch in logs.progress(plan.steps_per_epoch, epoch, config, show, first):
+          state, totals = train_step(
+              state,
+              totals,
+              data.train_images,
+              data.train_labels,
+              epoch_order,
+              np.int32(step_in_epoch),
+          )
+          steps_done = (epoch - 1) * plan.steps_per_epoch + step_in_epoch + 1
+          # Asked after every step, on every process: they must agree on the step.
+          preempted = watch.reached(steps_done)
+          if preempted and step_in_epoch + 1 < plan.steps_per_epoch:
+            _save_preempted(config, store, state, totals, steps_done, epoch, metadata)
+            raise preemption.Preempted(
+                steps_done, epoch - 1, step_in_epoch + 1, plan.steps_per_epoch
+            )
+        step = epoch * plan.steps_per_epoch
+        host_totals = devices.to_host(totals)
+        _check_finite(config, store, host_totals, state, step, epoch)
+        test_loss, test_accuracy = evaluation.evaluate(
+            setup.graphdef_eval, mesh, state, data, eval_batches
+        )
+        record = logs.epoch_record(
             epoch,
-            state,
-            {
-                **metadata,
-                "epoch": epoch,
-                "step": step,
-                "data_order": {"seed": config.seed, "next_epoch": epoch},
-            },
+            step,
+            host_totals,
+            test_loss,
+            test_accuracy,
+            sparsity=flipout.sparsity(devices.to_host(state["params"])),
+            lr=optimizers.learning_rate_at(config, plan.steps_per_epoch, step - 1),
+            steps=plan.steps_per_epoch,
+            seconds=time.perf_counter() - epoch_started,
+            synthetic=config.synthetic,
         )
-  finally:
-    metrics_writer.close()
+        metrics_writer.write(record, step)
+        if show:
+          print(logs.format_record(record, config.epochs), flush=True)
+        every = config.checkpoint_every_epochs
+        if epoch == config.epochs or (every and epoch % every == 0) or preempted:
+          checkpoints.save_to_store(
+              store,
+              epoch,
+              state,
+              {
+                  **metadata,
+                  "epoch": epoch,
+                  "step": step,
+                  "data_order": {"seed": config.seed, "next_epoch": epoch},
+              },
+          )
+        if preempted and epoch < config.epochs:  # on the epoch's last step
+          checkpoints.finish_saving(store)
+          raise preemption.Preempted(step, epoch, 0, plan.steps_per_epoch)
+    finally:
+      metrics_writer.close()
   return state, record
+
+
+def _save_preempted(config, store, state, totals, steps_done: int, epoch: int, metadata) -> None:
+  """Saves the state and the epoch's totals after ``steps_done`` steps, inside ``epoch``."""
+  host_totals = devices.to_host(totals)
+  _check_finite(config, store, host_totals, state, steps_done, epoch)
+  checkpoints.save_to_store(
+      store,
+      steps_done,
+      state,
+      {
+          **metadata,
+          "epoch": epoch - 1,
+          "step": steps_done,
+          "data_order": {"seed": config.seed, "next_epoch": epoch - 1},
+      },
+      preempted_totals=totals,
+  )
+
+
+def _check_finite(config, store, host_totals, state, step: int, epoch: int) -> None:
+  """Stops (``--on_nonfinite=stop``) or warns when the loss or the weights went non-finite.
+
+  Called before the state of ``step`` is saved, so a non-finite state never becomes a
+  checkpoint.
+
+  Raises:
+    divergence.TrainingDiverged: the one-line reason, under ``--on_nonfinite=stop``.
+  """
+  weights = devices.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+  cause = divergence.nonfinite_cause(host_totals["first_nonfinite_loss"], weights, step)
+  if cause is None:
+    return
+  if config.on_nonfinite == "continue":
+    warnings.warn(f"{cause} (epoch {epoch}); training on (--on_nonfinite=continue)")
+    return
+  checkpoints.finish_saving(store)
+  newest = store.epochs.latest_step()
+  if newest is None:
+    kept = "no checkpoint was saved"
+  else:
+    kept = f"the newest checkpoint (epoch {newest}) is the last finite state"
+  raise divergence.TrainingDiverged(
+      f"training diverged: {cause} (epoch {epoch}); stopped without saving it, {kept}; "
+      "lower --lr, or pass --on_nonfinite=continue to train on"
+  )
 
 
 def lower_train_step(config: config_lib.Config) -> jax.stages.Lowered:

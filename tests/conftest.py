@@ -31,3 +31,13 @@ def pruned_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
   return train_tiny_run(tmp_path_factory.mktemp("dense"), "--method=dense")
+
+
+@pytest.fixture(scope="session")
+def tiny_flipout_run(tmp_path_factory):
+  """An uninterrupted ``saved_runs.TINY_FLIPOUT_RUN`` (checkpoints of epochs 1-3); read-only."""
+  from tests import saved_runs
+
+  workdir = tmp_path_factory.mktemp("tiny_flipout")
+  assert mnist.main([*saved_runs.TINY_FLIPOUT_RUN, f"--workdir={workdir}"]) == 0
+  return workdir

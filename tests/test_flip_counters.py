@@ -155,3 +155,27 @@ def test_a_checkpoint_with_int32_counts_resumes_into_uint16_counters(tmp_path):
   np.testing.assert_array_equal(
       flipout.flip_counts(restored["opt_state"])["w"], np.minimum(counts, 65_535)
   )
+
+
+@pytest.mark.parametrize("flip_count_dtype", ["uint16", "int32"])
+def test_odd_counts_count_up_by_one(flip_count_dtype):
+  # Every weight flips once: an odd count must go up by one (a bitwise or would keep it).
+  tx = flipout.prune(0.5, total_steps=131_070, flip_count_dtype=flip_count_dtype)
+  params = {"w": jnp.asarray([[-1.0, 1.0, -1.0]])}
+  updates = {"w": jnp.asarray([[2.0, -2.0, 2.0]])}
+  _, state = _step(tx, params, updates, count=70_000, flips=[[1, 3, 6]])
+  np.testing.assert_array_equal(state.flips["w"], [[2, 4, 7]])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(prune_every=10), dict(target_sparsity=0.5, total_steps=131_072)]
+)
+def test_int32_can_be_asked_for_when_uint16_could_not_hold_the_counts(kwargs):
+  # Only uint16 is refused there: int32 (wider, not "at least uint16") is allowed.
+  tx = flipout.prune(flip_count_dtype="int32", **kwargs)
+  assert _stored_dtype(tx) == jnp.int32
+
+
+def test_a_short_schedule_counts_in_uint16_by_default():
+  # Well below the 65535 boundary (which the cases above test at exactly 65535).
+  assert _stored_dtype(flipout.prune(0.5, total_steps=100)) == jnp.uint16

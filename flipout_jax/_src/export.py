@@ -57,8 +57,20 @@ _NPY_HEADER_MAX_BYTES = 10_000 + 12
 # The manifest is JSON in a 0-d unicode array, 4 bytes per character: 64 MiB
 # holds some 100,000 leaves with long paths.
 _MANIFEST_MAX_BYTES = 64 * 2**20
-# Errors numpy and zipfile raise on a damaged, truncated or foreign file.
-_READ_ERRORS = (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, zlib.error)
+# Errors numpy and zipfile raise on a damaged, truncated or foreign file. zipfile raises
+# NotImplementedError for a header whose bits name a compression method, zip version or
+# encryption it does not support (one flipped bit does it), RuntimeError for an encrypted
+# member.
+_READ_ERRORS = (
+    ValueError,
+    KeyError,
+    EOFError,
+    OSError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 class _FormatError(ValueError):
