@@ -29,12 +29,15 @@ def test_a_checkpoint_without_the_update_sample_resumes_and_trains(tmp_path):
     params = optax.apply_updates(params, updates)
   old = (state[0], _OldPruneState(*state[1][:3]))
   config = config_lib.Config(workdir=str(tmp_path), keep_checkpoints=1)
-  with checkpoints.open_manager(tmp_path, config) as manager:
-    checkpoints.save(manager, 1, {"params": params, "opt_state": old}, {"epoch": 1})
-    manager.wait_until_finished()
+  store = checkpoints.open_store(tmp_path, config)
+  try:
+    checkpoints.save(store.epochs, 1, {"params": params, "opt_state": old}, {"epoch": 1})
+    checkpoints.finish_saving(store)
     target = {"params": params, "opt_state": tx.init(params)}
-    restored, metadata = checkpoints.restore(manager, 1, target)
-  assert metadata == {"epoch": 1}
+    restored, metadata = checkpoints.restore(store.epochs, 1, target)
+  finally:
+    checkpoints.close_store(store)
+  assert metadata["epoch"] == 1
   prune_state = restored["opt_state"][1]
   assert isinstance(prune_state, flipout.PruneState) and int(prune_state.count) == 3
   np.testing.assert_array_equal(prune_state.masks["w"], state[1].masks["w"])
