@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import checkpoints, divergence, initializers, input_pipeline, models, preemption, train
+from experiments import checkpoints, devices, divergence, initializers, input_pipeline, models, preemption, train
 
 # Exit statuses of a training command (besides 0, done).
 EXIT_BAD_INPUT = 2  # bad flags or data, a workdir of another run: one stderr line
@@ -224,6 +224,9 @@ def _unflagged_init(config: config_lib.Config, default: str) -> str:
   was trained with (a run saved before ``--init`` existed used ``flax``, whatever the entry
   point's default is now); otherwise the entry point's ``default``."""
   if config.resume:
+    # Reading the checkpoint touches JAX (orbax asks for the process index): join a
+    # multi-process job first, as that must come before anything else does.
+    devices.maybe_initialize_distributed(config)
     saved = checkpoints.saved_config(config.workdir or config_lib.default_workdir(config))
     if saved is not None:
       return saved.init

@@ -19,6 +19,8 @@ import numpy as np
 
 from flipout_jax._src import compact_analysis as analysis
 from flipout_jax._src import compact_report as report_lib
+from flipout_jax._src import prune as prune_lib
+from flipout_jax._src import update_check
 from flipout_jax._src.compact_program import Literal, Program, evaluate, same_structure, trace
 
 CompactionReport = report_lib.CompactionReport
@@ -183,12 +185,29 @@ def _cutter(params_tree, keeps, shapes):
       return False
     return True
 
+  def cut(node):
+    if isinstance(node, prune_lib.PruneState):
+      return _cut_prune_state(node, cut_params)
+    return cut_params(node) if matches(node) else node
+
   def shrink(tree):
-    if matches(tree):
-      return cut_params(tree)
-    return jax.tree.map(lambda n: cut_params(n) if matches(n) else n, tree, is_leaf=matches)
+    is_node = lambda n: isinstance(n, prune_lib.PruneState) or matches(n)
+    return cut(tree) if is_node(tree) else jax.tree.map(cut, tree, is_leaf=is_node)
 
   return shrink
+
+
+def _cut_prune_state(state, cut_params):
+  """A ``PruneState`` with its masks and flip counts cut, and its sample of the last update
+  (taken at the dense sizes) replaced by one that checks nothing at the next update."""
+  masks, flips = cut_params(state.masks), cut_params(state.flips)
+  sample = state.last_update
+  if sample is not None:
+    shapes = [
+        jnp.zeros(np.shape(m), b.dtype) for m, b in zip(jax.tree.leaves(masks), sample.before)
+    ]
+    sample = update_check.empty(shapes)
+  return state._replace(masks=masks, flips=flips, last_update=sample)
 
 
 def _absorb(params, plan: analysis.Plan):
@@ -219,7 +238,7 @@ def _compact_once(apply_fn, params, args, batch_axis, constants):
 def compact(
     apply_fn: Callable,
     params: Any,
-    *example_args,
+    *example_args: Any,
     batch_axis: int | None = 0,
     constants: str = "program",
     max_rounds: int = 8,
