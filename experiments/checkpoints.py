@@ -413,7 +413,8 @@ def restore_newest(store: Store, candidates: list[Candidate], target_state, targ
 
 
 def saved_config(workdir: str | os.PathLike) -> config_lib.Config | None:
-  """The config of the newest complete checkpoint in ``workdir``; None when there is none.
+  """The config of the newest complete checkpoint in ``workdir`` whose metadata reads; None
+  when there is none.
 
   Reads only the metadata, and creates nothing (no folder for a workdir without one).
   """
@@ -422,10 +423,13 @@ def saved_config(workdir: str | os.PathLike) -> config_lib.Config | None:
     return None
   options = ocp.CheckpointManagerOptions(create=False, read_only=True)
   with ocp.CheckpointManager(directory, options=options) as manager:
-    latest = manager.latest_step()
-    if latest is None:
-      return None
-    return config_lib.config_from_json(restore_metadata(manager, latest)["config"])
+    # The newest whose metadata reads: a damaged newest one is what resume falls back past.
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return config_lib.config_from_json(restore_metadata(manager, step)["config"])
+      except Exception:  # any damage: unreadable, truncated, not a config
+        continue
+    return None
 
 
 class RestoredRun(NamedTuple):
