@@ -87,7 +87,7 @@ def _family_widths(model: nnx.Module, state: dict, kept: dict) -> Widths:
   return _plain_widths(model, state, kept)
 
 
-def _rebuild(model: nnx.Module, widths: Widths, input_shape, num_classes: int, state: dict):
+def rebuild(model: nnx.Module, widths: Widths, input_shape, num_classes: int, state: dict):
   """A model of ``model``'s class with ``widths``, holding ``state`` (flat, by path)."""
 
   def create() -> nnx.Module:
@@ -140,7 +140,7 @@ def compact(model: nnx.Module, input_shape: Sequence[int]) -> Compacted:
   flat = traverse_util.flatten_dict(compacted.params)
   kept = traverse_util.flatten_dict(compacted.kept, is_leaf=lambda _, x: isinstance(x, tuple))
   widths = _family_widths(model, flat, kept)
-  compact_model = _rebuild(model, widths, input_shape, _num_classes(model), flat)
+  compact_model = rebuild(model, widths, input_shape, _num_classes(model), flat)
   return Compacted(compact_model, widths, compacted.report.rounds, compacted.report)
 
 

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 from flax import traverse_util
 
-from experiments import models
+from experiments import compaction, models
 
 _INPUT = "input"
 _LOGITS = "logits"
@@ -536,29 +536,6 @@ def _family_widths(model: nnx.Module, widths: dict, rows) -> Widths:
   )
 
 
-def _rebuild(model: nnx.Module, widths: Widths, input_shape, num_classes: int, state: dict):
-  """A model of ``model``'s class with ``widths``, holding ``state`` (flat, by path)."""
-
-  def create() -> nnx.Module:
-    kwargs = dict(input_shape=input_shape, num_classes=num_classes, widths=widths)
-    if isinstance(model, models.PlainConvNet):
-      return models.PlainConvNet(model.spec, rngs=nnx.Rngs(0), **kwargs)
-    if isinstance(model, models.DenseNet):
-      return models.DenseNet(block_config=model.block_config, rngs=nnx.Rngs(0), **kwargs)
-    return models.ResNet18(rngs=nnx.Rngs(0), **kwargs)
-
-  # Shapes only: no initialiser runs (on CPU each would be an XLA compile).
-  graphdef, abstract = nnx.split(nnx.eval_shape(create))
-  leaves = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
-  if set(leaves) != set(state) or any(leaves[p].shape != state[p].shape for p in leaves):
-    raise AssertionError("compaction produced a state that does not fit the compact model")
-  filled = {path: jnp.asarray(state[path], leaf.dtype) for path, leaf in leaves.items()}
-  nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(filled))
-  compact_model = nnx.merge(graphdef, abstract)
-  compact_model.eval()
-  return compact_model
-
-
 def compact(model: nnx.Module, input_shape: Sequence[int]) -> Compacted:
   """Removes every unit of ``model`` that cannot change its inference-mode logits.
 
@@ -590,7 +567,9 @@ def compact(model: nnx.Module, input_shape: Sequence[int]) -> Compacted:
   widths = _family_widths(model, _widths_of(graph, working, input_shape[2]), rows)
   final = {path: leaf.astype(dtypes[path]) for path, leaf in working.items()}
   num_classes = working[(*graph.ops[-1].path, "kernel")].shape[-1]
-  return Compacted(_rebuild(model, widths, input_shape, num_classes, final), widths, rounds)
+  return Compacted(
+      compaction.rebuild(model, widths, input_shape, num_classes, final), widths, rounds
+  )
 
 
 def parameter_count(model: nnx.Module) -> int:
