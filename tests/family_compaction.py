@@ -572,6 +572,4 @@ def compact(model: nnx.Module, input_shape: Sequence[int]) -> Compacted:
   )
 
 
-def parameter_count(model: nnx.Module) -> int:
-  """Number of trainable parameters (``nnx.Param`` entries) of ``model``."""
-  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+parameter_count = compaction.parameter_count  # one count for the oracle and the adapter
