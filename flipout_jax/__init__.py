@@ -39,6 +39,7 @@ from flipout_jax._src.report import LayerReport
 from flipout_jax._src.report import Summary
 from flipout_jax._src.report import sparsity
 from flipout_jax._src.report import summary
+from flipout_jax._src.unit_groups import unit_groups
 
 __version__ = "0.1.0"
 
@@ -70,4 +71,5 @@ __all__ = (
     "snip",
     "sparsity",
     "summary",
+    "unit_groups",
 )

@@ -96,6 +96,12 @@ def simulate(
     criterion="flipout",
     seed=0,
     cubic=None,
+    structure="weight",
+    groups=None,
+    group_score="mean",
+    min_units=1,
+    output_axes=None,
+    input_axes=None,
 ):
   """Runs prune as the last link of a chain whose updates are given.
 
@@ -110,6 +116,10 @@ def simulate(
     updates: list over steps of lists of arrays.
     criterion: "flipout", "global_magnitude", "magnitude", "random", or a
       NumPy function ``(weights, flips) -> scores`` over lists of arrays.
+    structure: "weight", "unit" or (N, M).
+    groups: "unit": per leaf, the group id of each output unit (-1: never
+      pruned); None: each unit its own group.
+    output_axes, input_axes: per leaf (default: -1 and -2, Flax's layout).
 
   Yields per step: (weights, masks, flips), lists of arrays.
   """
@@ -133,16 +143,29 @@ def simulate(
     if step in events:
       final = events[step] == "final"
       scores = _scores(criterion, new, flips, p, seed, step)
-      groups = (
-          [[i] for i in range(len(new))] if criterion == "magnitude" else [list(range(len(new)))]
-      )
-      for group in groups:
+      # N:M prunes the same share of every run, counted over the whole network.
+      layerwise = criterion == "magnitude" and not isinstance(structure, tuple)
+      scopes = [[i] for i in range(len(new))] if layerwise else [list(range(len(new)))]
+      unit_choice = None
+      if structure == "unit":
+        unit_choice = _UnitChoice(
+            new, scores, masks, output_axes or [-1] * len(new), groups, group_score, min_units
+        )
+      for group in scopes:
         size = sum(new[i].size for i in group)
         pruned = sum(int((~masks[i]).sum()) for i in group)
         if cubic is None:
           count = _wanted(size, pruned, rate, target, final) - pruned
         else:
           count = max(round(events[step] * size), pruned) - pruned
+        if isinstance(structure, tuple):
+          masks = _n_of_m_masks(
+              scores, masks, input_axes or [-2] * len(new), *structure, count + pruned, size
+          )
+          continue
+        if unit_choice is not None:
+          masks = unit_choice.prune(group, count)
+          continue
         flat_scores = np.concatenate([scores[i].ravel() for i in group])
         flat_live = np.concatenate([masks[i].ravel() for i in group])
         chosen = _select_lowest(flat_scores, flat_live, max(count, 0))
@@ -156,3 +179,75 @@ def simulate(
       new = [np.where(m, n, n.dtype.type(0)) for n, m in zip(new, masks)]
     weights = new
     yield weights, masks, flips
+
+
+class _UnitChoice:
+  """Structure "unit": groups of output units, scored by the mean (or sum) of their
+  weights' scores in float64, ranked by a stable sort; each leaf keeps its min_units best
+  live units; an event takes the fewest lowest groups whose weights reach its count."""
+
+  def __init__(self, new, scores, masks, output_axes, groups, group_score, min_units):
+    self.masks = [m.copy() for m in masks]
+    self.axes = output_axes
+    columns = [np.moveaxis(s, a, -1).reshape(-1, s.shape[a]) for s, a in zip(scores, output_axes)]
+    if groups is None:
+      offsets = np.cumsum([0] + [c.shape[1] for c in columns])
+      groups = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(columns))]
+    self.ids = [np.asarray(g) for g in groups]
+    count = max([int(g.max(initial=-1)) for g in self.ids] + [-1]) + 1
+    sums, weights = np.zeros(count), np.zeros(count, np.int64)
+    bad, live = np.zeros(count, bool), np.zeros(count, bool)
+    for c, ids, m, a in zip(columns, self.ids, masks, output_axes):
+      unit_live = np.moveaxis(m, a, -1).reshape(-1, m.shape[a]).any(axis=0)
+      for unit, group in enumerate(ids):
+        if group >= 0:
+          sums[group] += np.where(np.isfinite(c[:, unit]), c[:, unit], 0).astype(np.float64).sum()
+          bad[group] |= not np.isfinite(c[:, unit]).all()
+          weights[group] += c.shape[0]
+          live[group] |= unit_live[unit]
+    values = sums / np.maximum(weights, 1) if group_score == "mean" else sums
+    self.values = np.where(bad, np.inf, values)
+    self.weights = weights
+    protected = np.zeros(count, bool)
+    for ids, m, a in zip(self.ids, masks, output_axes):
+      unit_live = np.moveaxis(m, a, -1).reshape(-1, m.shape[a]).any(axis=0)
+      unit_values = np.array([np.inf if g < 0 else self.values[g] for g in ids])
+      order = [u for u in np.argsort(-unit_values, kind="stable") if unit_live[u]]
+      for unit in order[:min_units]:
+        if ids[unit] >= 0:
+          protected[ids[unit]] = True
+    self.candidates = live & ~protected
+
+  def prune(self, leaves, count):
+    """Masks after pruning the fewest lowest candidate groups of ``leaves`` weighing ``count``."""
+    scope = np.zeros(len(self.values), bool)
+    for i in leaves:
+      scope[self.ids[i][self.ids[i] >= 0]] = True
+    candidates = np.flatnonzero(self.candidates & scope)
+    order = candidates[np.argsort(self.values[candidates].astype(np.float32), kind="stable")]
+    reached = np.cumsum(self.weights[order]) >= count
+    chosen = order[: int(np.argmax(reached)) + 1] if count > 0 and reached.any() else order
+    chosen = chosen if count > 0 else order[:0]
+    for i in leaves:
+      gone = np.isin(self.ids[i], chosen) & (self.ids[i] >= 0)
+      shape = [1] * self.masks[i].ndim
+      shape[self.axes[i]] = gone.size
+      self.masks[i] = self.masks[i] & ~gone.reshape(shape)
+    return self.masks
+
+
+def _n_of_m_masks(scores, masks, input_axes, n, m, wanted, size):
+  """Structure (N, M): in every run of m weights along the input axis, the lowest-scored
+  (dead ones first, then by score, then by position) go, round(wanted / size * m) of them
+  (half up), at most m - n."""
+  per_run = min((2 * wanted * m + size) // (2 * size), m - n)
+  result = []
+  for s, mask, axis in zip(scores, masks, input_axes):
+    s = np.moveaxis(np.where(np.isnan(s), np.inf, s), axis, -1)
+    live = np.moveaxis(mask, axis, -1).copy()
+    runs_s, runs_live = s.reshape(-1, m), live.reshape(-1, m)
+    for run_s, run_live in zip(runs_s, runs_live):
+      order = np.lexsort((np.arange(m), run_s.astype(np.float32), run_live))
+      run_live[order[:per_run]] = False
+    result.append(np.moveaxis(runs_live.reshape(live.shape), -1, axis))
+  return result

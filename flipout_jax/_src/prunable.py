@@ -92,3 +92,22 @@ def check_floating(params, masks) -> None:
 def prunable_only(tree, prunable):
   """``tree`` with ``None`` at leaves that are not prunable."""
   return jax.tree.map(lambda leaf, keep: leaf if keep else None, tree, prunable)
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def leaves_at(masks, tree) -> list:
+  """Leaves of ``tree`` at the masks' non-None positions, in leaf order."""
+  return jax.tree.leaves(
+      jax.tree.map(lambda m, leaf: None if m is None else leaf, masks, tree, is_leaf=_is_none)
+  )
+
+
+def replace_at(tree, masks, new_leaves):
+  """``tree`` with the leaves at the masks' non-None positions replaced."""
+  replacements = iter(new_leaves)
+  return jax.tree.map(
+      lambda m, leaf: leaf if m is None else next(replacements), masks, tree, is_leaf=_is_none
+  )

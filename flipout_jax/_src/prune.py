@@ -36,9 +36,11 @@ import optax
 
 from flipout_jax._src import counters
 from flipout_jax._src import criteria as criteria_lib
+from flipout_jax._src import events
+from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src import schedule as schedule_lib
-from flipout_jax._src import select
+from flipout_jax._src import structure as structure_lib
 from flipout_jax._src import update_check
 
 # Public through flipout_jax; the checks are shared with baselines.snip.
@@ -73,53 +75,6 @@ class PruneState(NamedTuple):
   last_update: update_check.UpdateSample | None = None
 
 
-# An event rule maps (step, new_params, masks, flips) to the new masks, where
-# new_params and flips are functions returning the trees (recomputed at each
-# use, see _ranked_event). It is built once the leaf sizes are known (at trace
-# time) by an event factory.
-EventRule = Callable[[jax.Array, Any, Any, Any], Any]
-
-
-def _ranked_event(
-    rule: criteria_lib._Rule,
-    table: np.ndarray,
-    event_index: Callable[[jax.Array], jax.Array],
-    seed: int,
-) -> EventRule:
-  """Prunes the lowest-scored live weights down to ``table[event_index]``.
-
-  ``new_params`` and ``flips`` are functions returning the trees: the scores
-  and their keys are recomputed from them inside every counting pass of the
-  selection (``select.lowest_k_cut``), so no score or key per weight is ever
-  held in memory and the event adds no scratch per weight to the step's peak.
-  """
-  targets_table = jnp.asarray(table)
-
-  def event(step, new_params, masks, flips):
-    key = criteria_lib.random_criterion_key(seed, step)
-    mask_leaves, treedef = jax.tree.flatten(masks)
-
-    def keys(group):
-      def compute():
-        scores = _leaves_at(masks, rule.score(new_params(), flips(), key))
-        return [select.sortable_keys(scores[i], mask_leaves[i]) for i in group]
-
-      return compute
-
-    targets = targets_table[event_index(step)]
-    count = len(mask_leaves)
-    groups = [[i] for i in range(count)] if rule.layerwise else [list(range(count))]
-    new_masks = list(mask_leaves)
-    for group, target in zip(groups, targets):
-      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in group)
-      cut = select.lowest_k_cut(keys(group), jnp.maximum(target - pruned, 0))
-      for i, leaf_chosen in zip(group, select.chosen_by(cut, keys(group))):
-        new_masks[i] = mask_leaves[i] & ~leaf_chosen
-    return jax.tree.unflatten(treedef, new_masks)
-
-  return event
-
-
 # ---------------------------------------------------------------------------
 # The transformation shared by prune, fixed_masks and prune_below.
 # ---------------------------------------------------------------------------
@@ -151,7 +106,7 @@ def _pruned_weights_moved(step, masks, params) -> jax.Array:
 
   moved = [
       jnp.any(~spaced(m) & (spaced(p) != 0))
-      for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))
+      for m, p in zip(jax.tree.leaves(masks), prunable_lib.leaves_at(masks, params))
   ]
   return ((step > 1) & jnp.any(jnp.stack(moved))) | (step <= _NOT_LAST + 1)
 
@@ -159,8 +114,8 @@ def _pruned_weights_moved(step, masks, params) -> jax.Array:
 def _masking_transform(
     where,
     initial_masks: Callable[[Any, Any], Any],
-    make_event: Callable[[list[int]], tuple[Callable, EventRule]] | None,
-    check_sizes: Callable[[list[int]], Any] = lambda sizes: None,
+    make_event: events.MakeEvent | None,
+    check_leaves: Callable[[Any, Any], Any] = lambda masks, params: None,
     flip_dtype=np.int32,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transform: masking, flip counting and optional events.
@@ -168,10 +123,10 @@ def _masking_transform(
   Args:
     where: which leaves are prunable (see :func:`prune`).
     initial_masks: ``(params, prunable) -> masks`` at init.
-    make_event: ``sizes -> (is_event(step), event_rule)``, called at trace
-      time with the sizes of the prunable leaves; None for no events.
-    check_sizes: called at init with the sizes of the prunable leaves, to
-      refuse params that ``make_event`` could not trace.
+    make_event: ``(masks, params) -> (is_event(step), event_rule)``, called at
+      trace time (it reads only shapes); None for no events.
+    check_leaves: called at init with the masks and params, to refuse params
+      that ``make_event`` could not trace.
     flip_dtype: storage of the flip counts (``counters.flip_count_dtype``).
   """
   prunable_lib.check_where(where)
@@ -180,13 +135,13 @@ def _masking_transform(
     prunable = prunable_lib.prunable_tree(params, where)
     masks = initial_masks(params, prunable)
     prunable_lib.check_floating(params, masks)
-    check_sizes([int(np.size(m)) for m in jax.tree.leaves(masks)])
+    check_leaves(masks, params)
     flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
     return PruneState(
         count=jnp.zeros([], jnp.int32),
         masks=masks,
         flips=flips,
-        last_update=update_check.empty(_leaves_at(masks, params)),
+        last_update=update_check.empty(prunable_lib.leaves_at(masks, params)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -198,8 +153,8 @@ def _masking_transform(
       )
     mask_structure = jax.tree.structure(state.masks)
     try:
-      params_at_masks = _leaves_at(state.masks, params)
-      updates_at_masks = _leaves_at(state.masks, updates)
+      params_at_masks = prunable_lib.leaves_at(state.masks, params)
+      updates_at_masks = prunable_lib.leaves_at(state.masks, updates)
     except (ValueError, TypeError) as error:
       raise ValueError(
           "params do not match the pruning state (was the state built for "
@@ -248,7 +203,7 @@ def _masking_transform(
     if make_event is None:
       masks = mask_leaves
     else:
-      is_event, event = make_event([int(np.size(m)) for m in mask_leaves])
+      is_event, event = make_event(state.masks, params)
 
       def with_event():
         return jax.tree.leaves(
@@ -280,7 +235,7 @@ def _masking_transform(
         jnp.where(not_last, jnp.nan, _masked_update(m & ((f | 1) != 0), p, u))
         for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
-    updates = _replace_at(updates, state.masks, masked_updates)
+    updates = prunable_lib.replace_at(updates, state.masks, masked_updates)
     stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
     return updates, PruneState(
         count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
@@ -309,25 +264,6 @@ def _masked_update(mask, param, update):
   return jnp.where(mask, update.astype(wide), -param.astype(wide))
 
 
-def _is_none(x) -> bool:
-  return x is None
-
-
-def _leaves_at(masks, tree) -> list:
-  """Leaves of ``tree`` at the masks' non-None positions, in leaf order."""
-  return jax.tree.leaves(
-      jax.tree.map(lambda m, leaf: None if m is None else leaf, masks, tree, is_leaf=_is_none)
-  )
-
-
-def _replace_at(tree, masks, new_leaves):
-  """``tree`` with the leaves at the masks' non-None positions replaced."""
-  replacements = iter(new_leaves)
-  return jax.tree.map(
-      lambda m, leaf: leaf if m is None else next(replacements), masks, tree, is_leaf=_is_none
-  )
-
-
 def _all_live(params, prunable):
   return jax.tree.map(
       lambda leaf, keep: jnp.ones(np.shape(leaf), bool) if keep else None, params, prunable
@@ -354,6 +290,11 @@ def prune(
     begin_step: int | None = None,
     end_step: int | None = None,
     flip_count_dtype: Any = None,
+    structure: str = "weight",
+    groups: Any = None,
+    group_score: str = "mean",
+    min_units: int = 1,
+    kernel_layout: layout_lib.KernelLayout = "in_out",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
@@ -426,6 +367,36 @@ def prune(
       flips at most once per step, so uint16 counts are exact at every event;
       after the last one they saturate at 65535 (``int32`` keeps them exact
       for the whole run, for 2 more bytes per prunable weight).
+    structure: what goes together (``docs/algorithm.md``, "Structured pruning"):
+      ``"weight"`` (each weight alone, the paper's); ``"unit"`` (every weight
+      feeding one output unit, a column of a Dense kernel or an output channel
+      of a conv, is one group, and groups go whole: the lowest-scored groups,
+      ranked globally, until the pruned weights reach each event's count, so
+      the achieved sparsity is the nearest at or above the target that whole
+      groups allow); or ``"N:M"`` such as ``"2:4"`` (of every ``M``
+      consecutive weights along a kernel's input axis feeding one output, the
+      ``N`` most salient stay: sparsity ``1 - N/M``, which ``target_sparsity``
+      must equal or leave to it; each event prunes the schedule's share of
+      every run of ``M``, rounded, the last exactly ``M - N``). Every criterion
+      works with every structure.
+    groups: ``"unit"``: a tree shaped like params with, at each prunable leaf,
+      an int array giving each output unit's group id: units of different
+      leaves with the same id (coupled by a residual add or shared by a
+      concatenation) go together, and ``-1`` marks a unit never pruned (such
+      as the model's outputs). :func:`unit_groups` builds it from the model
+      function. None: each unit is its own group (leave the output layer out
+      of ``where`` then).
+    group_score: ``"unit"``: ``"mean"`` (the default: a group's score is the
+      mean of its weights' scores, so units of layers of different fan-in
+      compare per weight) or ``"sum"`` (their sum, which favours keeping wide
+      units). Group scores are exact sums, whatever the sharding.
+    min_units: ``"unit"``: each prunable leaf keeps at least this many output
+      units (its best); 0 lets a layer lose all of them.
+    kernel_layout: which axes of a kernel hold its output and input units:
+      ``"in_out"`` (Flax: outputs last, inputs second to last),
+      ``"out_in"`` (Equinox, PyTorch: outputs on axis 0, inputs on axis 1),
+      or a callable ``(path, leaf)`` returning one of them. Used by
+      ``"unit"`` and ``"N:M"``.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`. It must
@@ -461,6 +432,17 @@ def prune(
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {type(seed).__name__}")
   rule = criteria_lib.resolve(criterion, float(p))
+  structure_spec = structure_lib.parse(structure)
+  if structure_spec.kind == "n:m":
+    target_sparsity = structure_lib.check_n_of_m_target(structure_spec, target_sparsity)
+  group_score = structure_lib.check_group_score(group_score)
+  if isinstance(min_units, bool) or not isinstance(min_units, (int, np.integer)):
+    raise TypeError(f"min_units must be an int >= 0, got {type(min_units).__name__}")
+  if min_units < 0:
+    raise ValueError(f"min_units must be an int >= 0, got {min_units}")
+  layout_lib.check_argument(kernel_layout)
+  if groups is not None and structure_spec.kind != "unit":
+    raise ValueError(f"groups: only structure='unit' takes groups, got structure={structure!r}")
   cubic = schedule_lib.cubic_steps(
       schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
   )
@@ -468,17 +450,17 @@ def prune(
   plan = schedule_lib.plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsity)
   flip_dtype = counters.flip_count_dtype(flip_count_dtype, plan.last_step)
 
-  def make_event(sizes):
-    table = plan.table(sizes, rule.layerwise)
-    if len(table) == 0:
-      return (lambda step: jnp.bool_(False)), (lambda step, new, masks, flips: masks)
-    clipped = lambda step: jnp.minimum(plan.event_index(step), len(table) - 1)
-    return plan.is_event, _ranked_event(rule, table, clipped, seed)
-
-  def check_sizes(sizes):
-    select.count_dtype(max(schedule_lib.group_sizes(sizes, rule.layerwise)))
-
-  return _masking_transform(where, _all_live, make_event, check_sizes, flip_dtype)
+  check_leaves, make_event = events.factory(
+      structure_spec,
+      rule,
+      plan,
+      seed,
+      groups=groups,
+      group_score=group_score,
+      min_units=min_units,
+      kernel_layout=kernel_layout,
+  )
+  return _masking_transform(where, _all_live, make_event, check_leaves, flip_dtype)
 
 
 def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
@@ -500,7 +482,7 @@ def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
   def initial(params, prunable):
     del prunable
     try:
-      _leaves_at(masks, params)
+      prunable_lib.leaves_at(masks, params)
     except (ValueError, TypeError) as error:
       raise ValueError(f"masks do not match params: {error}") from None
     return jax.tree.map(jnp.asarray, masks)
@@ -530,8 +512,8 @@ def prune_below(
     del flips
     return jax.tree.map(lambda m, w: m & (jnp.abs(w) >= threshold), masks, new_params())
 
-  def make_event(sizes):
-    del sizes
+  def make_event(masks, params):
+    del masks, params
     return (lambda current: current == at_step), event
 
   flip_dtype = counters.flip_count_dtype(None, at_step)
@@ -592,6 +574,6 @@ def apply_masks(params: Any, masks: Any) -> Any:
   """
   masked = [
       jnp.where(m, p, jnp.zeros_like(p))
-      for m, p in zip(jax.tree.leaves(masks), _leaves_at(masks, params))
+      for m, p in zip(jax.tree.leaves(masks), prunable_lib.leaves_at(masks, params))
   ]
-  return _replace_at(params, masks, masked)
+  return prunable_lib.replace_at(params, masks, masked)

@@ -7,7 +7,6 @@ diverged run has them too. The reports count such weights apart and give a NaN
 sparsity for them rather than calling the run dense (or sparse).
 """
 
-from collections.abc import Callable
 import dataclasses
 import math
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
 
 
@@ -43,7 +43,8 @@ class LayerReport:
   ``dead_outputs`` counts output units (e.g. conv filters or dense columns)
   with no nonzero incoming weight, ``dead_inputs`` input units with no nonzero
   outgoing weight: the layer collapse that drives SNIP and random pruning to
-  chance accuracy at extreme sparsity. Which axes hold the units is
+  chance accuracy at extreme sparsity. ``str(summary)`` shows the units left
+  of each kind against the layer's width (``live_outputs / outputs``). Which axes hold the units is
   :func:`summary`'s ``kernel_layout``: the last two axes (outputs last) for
   ``"in_out"``, the first two (outputs first) for ``"out_in"``. A NaN or
   infinite weight connects its units.
@@ -59,6 +60,16 @@ class LayerReport:
   dead_inputs: int
   inputs: int
   non_finite: int = 0
+
+  @property
+  def live_outputs(self) -> int:
+    """Output units left (the table's "units out": left / before pruning)."""
+    return self.outputs - self.dead_outputs
+
+  @property
+  def live_inputs(self) -> int:
+    """Input units left (the table's "units in": left / before pruning)."""
+    return self.inputs - self.dead_inputs
 
 
 _STOPPED = (
@@ -99,15 +110,15 @@ class Summary:
 
   def __str__(self) -> str:
     header = (
-        f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'dead out':>12} "
-        f"{'dead in':>12} {'NaN/inf':>9}"
+        f"{'layer':<40} {'shape':<20} {'live':>10} {'sparsity':>9} {'units out':>12} "
+        f"{'units in':>12} {'NaN/inf':>9}"
     )
     lines = [header, "-" * len(header)]
     for layer in self.layers:
       lines.append(
           f"{layer.path:<40} {str(layer.shape):<20} {layer.live:>10} "
-          f"{layer.sparsity:>9.4%} {f'{layer.dead_outputs}/{layer.outputs}':>12} "
-          f"{f'{layer.dead_inputs}/{layer.inputs}':>12} {layer.non_finite:>9}"
+          f"{layer.sparsity:>9.4%} {f'{layer.live_outputs}/{layer.outputs}':>12} "
+          f"{f'{layer.live_inputs}/{layer.inputs}':>12} {layer.non_finite:>9}"
       )
     lines.append(
         f"{'total':<40} {'':<20} {self.live:>10} {self.sparsity:>9.4%} {'':>12} {'':>12} "
@@ -126,23 +137,6 @@ def _any_along(connected: np.ndarray, axis: int) -> np.ndarray:
   return np.asarray(moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).any(axis=1))
 
 
-# Axes of (output units, input units) in a kernel of each layout.
-KERNEL_LAYOUTS = {"in_out": (-1, -2), "out_in": (0, 1)}
-KernelLayout = str | Callable[[Any, Any], str]
-
-
-def _check_layout(kernel_layout: Any, where: str = "kernel_layout") -> None:
-  if isinstance(kernel_layout, str) and kernel_layout in KERNEL_LAYOUTS:
-    return
-  allowed = f"one of {tuple(KERNEL_LAYOUTS)}"
-  if isinstance(kernel_layout, str):
-    raise ValueError(f"{where} must be {allowed}, got {kernel_layout!r}")
-  raise TypeError(
-      f"{where} must be {allowed} or a callable (path, leaf) -> one of them, got "
-      f"{type(kernel_layout).__name__}"
-  )
-
-
 def _layer_report(path, leaf, layout: str) -> LayerReport:
   weights = np.asarray(leaf)
   finite = np.isfinite(weights)
@@ -150,7 +144,7 @@ def _layer_report(path, leaf, layout: str) -> LayerReport:
   live = int((connected & finite).sum())
   non_finite = int(weights.size - finite.sum())
   if weights.ndim >= 2:
-    output_axis, input_axis = KERNEL_LAYOUTS[layout]
+    output_axis, input_axis = layout_lib.KERNEL_LAYOUTS[layout]
     alive_outputs = _any_along(connected, output_axis)
     alive_inputs = _any_along(connected, input_axis)
   else:
@@ -169,15 +163,9 @@ def _layer_report(path, leaf, layout: str) -> LayerReport:
   )
 
 
-def _layout_of(kernel_layout: KernelLayout, path, leaf) -> str:
-  if isinstance(kernel_layout, str):
-    return kernel_layout
-  layout = kernel_layout(path, leaf)
-  _check_layout(layout, f"kernel_layout({jax.tree_util.keystr(path)}, leaf)")
-  return layout
-
-
-def summary(params: Any, where: Any = None, *, kernel_layout: KernelLayout = "in_out") -> Summary:
+def summary(
+    params: Any, where: Any = None, *, kernel_layout: layout_lib.KernelLayout = "in_out"
+) -> Summary:
   """Per-layer shape, live weights, sparsity and dead units of prunable leaves.
 
   Pruned weights are the exact zeros of prunable leaves; NaN and infinite
@@ -212,12 +200,11 @@ def summary(params: Any, where: Any = None, *, kernel_layout: KernelLayout = "in
     (1, 3, 0, 2)
   """
   prunable_lib.check_where(where)
-  if not callable(kernel_layout):
-    _check_layout(kernel_layout)
+  layout_lib.check_argument(kernel_layout)
   prunable = prunable_lib.prunable_tree(params, where)
   selected = prunable_lib.prunable_only(params, prunable)
   layers = tuple(
-      _layer_report(path, leaf, _layout_of(kernel_layout, path, leaf))
+      _layer_report(path, leaf, layout_lib.layout_of(kernel_layout, path, leaf))
       for path, leaf in jax.tree_util.tree_leaves_with_path(selected)
   )
   return Summary(

@@ -1,0 +1,294 @@
+"""Pruning events of each structure: which live weights, units or N:M slots go at an event.
+
+An event rule maps ``(step, new_params, masks, flips)`` to the new masks, where
+``new_params`` and ``flips`` are functions returning the trees (recomputed at each use, so
+that no score per weight is held in memory, see :func:`_weight_event`). :func:`factory`
+builds, from ``prune``'s checked arguments, the init-time check of the prunable leaves and
+the trace-time rule for their shapes.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flipout_jax._src import criteria as criteria_lib
+from flipout_jax._src import layout as layout_lib
+from flipout_jax._src import prunable as prunable_lib
+from flipout_jax._src import schedule as schedule_lib
+from flipout_jax._src import select
+from flipout_jax._src import structure as structure_lib
+
+EventRule = Callable[[jax.Array, Any, Any, Any], Any]
+# (masks, params) -> (is_event(step), rule); called at trace time.
+MakeEvent = Callable[[Any, Any], tuple[Callable, EventRule]]
+
+
+def _no_event(step):
+  del step
+  return jnp.bool_(False)
+
+
+def _unchanged(step, new_params, masks, flips):
+  del step, new_params, flips
+  return masks
+
+
+def _weight_event(
+    rule: criteria_lib._Rule, table: np.ndarray, event_index: Callable, seed: int
+) -> EventRule:
+  """Prunes the lowest-scored live weights down to ``table[event_index]``.
+
+  The scores and their keys are recomputed from ``new_params`` and ``flips`` inside every
+  counting pass of the selection (``select.lowest_k_cut``), so no score or key per weight
+  is ever held in memory and the event adds no scratch per weight to the step's peak.
+  """
+  targets_table = jnp.asarray(table)
+
+  def event(step, new_params, masks, flips):
+    key = criteria_lib.random_criterion_key(seed, step)
+    mask_leaves, treedef = jax.tree.flatten(masks)
+
+    def keys(group):
+      def compute():
+        scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+        return [select.sortable_keys(scores[i], mask_leaves[i]) for i in group]
+
+      return compute
+
+    targets = targets_table[event_index(step)]
+    count = len(mask_leaves)
+    groups = [[i] for i in range(count)] if rule.layerwise else [list(range(count))]
+    new_masks = list(mask_leaves)
+    for group, target in zip(groups, targets):
+      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in group)
+      cut = select.lowest_k_cut(keys(group), jnp.maximum(target - pruned, 0))
+      for i, leaf_chosen in zip(group, select.chosen_by(cut, keys(group))):
+        new_masks[i] = mask_leaves[i] & ~leaf_chosen
+    return jax.tree.unflatten(treedef, new_masks)
+
+  return event
+
+
+class _Units(NamedTuple):
+  """The unit groups of the prunable leaves (static: NumPy, known at trace time)."""
+
+  output_axes: list[int]
+  # Per leaf, the group of each output unit; num_groups for a unit never pruned (given as
+  # -1), an index that scatters drop and gathers fill (a negative one would wrap around).
+  ids: list[np.ndarray]
+  num_groups: int
+  group_weights: np.ndarray  # weights per group
+
+
+def _pairs(masks, params) -> list[tuple[Any, Any]]:
+  """``(path, param)`` of each prunable leaf, in leaf order."""
+  paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(masks)]
+  return list(zip(paths, prunable_lib.leaves_at(masks, params)))
+
+
+def _units(masks, params, kernel_layout, groups) -> _Units:
+  """Output axes and unit groups of the prunable leaves (shapes only: any trace level)."""
+  pairs = _pairs(masks, params)
+  axes = [layout_lib.unit_axes(kernel_layout, p, leaf)[0] for p, leaf in pairs]
+  shapes = [tuple(np.shape(leaf)) for _, leaf in pairs]
+  if groups is None:
+    offsets = np.cumsum([0] + [shape[axis] for shape, axis in zip(shapes, axes)])
+    ids = [np.arange(start, stop) for start, stop in zip(offsets[:-1], offsets[1:])]
+  else:
+    ids = [np.asarray(i, np.int64) for i in prunable_lib.leaves_at(masks, groups)]
+  num_groups = int(max((i.max(initial=-1) for i in ids), default=-1)) + 1
+  ids = [np.where(i < 0, num_groups, i) for i in ids]
+  fan_ins = [np.prod(shape) // max(shape[axis], 1) for shape, axis in zip(shapes, axes)]
+  weights = np.zeros(num_groups, np.int64)
+  for i, fan_in in zip(ids, fan_ins):
+    np.add.at(weights, i[i < num_groups], fan_in)
+  return _Units(axes, ids, num_groups, weights)
+
+
+def _protected(unit_scores, unit_live, ids, min_units: int, num_groups: int) -> jax.Array:
+  """Groups holding one of the ``min_units`` best live units of some leaf."""
+  protected = jnp.zeros(num_groups, bool)
+  for scores, live, leaf_ids in zip(unit_scores, unit_live, ids):
+    k = min(min_units, leaf_ids.size)
+    if k == 0:
+      continue
+    _, best = jax.lax.top_k(jnp.where(live, scores, -jnp.inf), k)
+    chosen = jnp.asarray(leaf_ids)[best]
+    protected = protected.at[jnp.where(live[best], chosen, num_groups)].set(True, mode="drop")
+  return protected
+
+
+def _unit_event(
+    rule, table, event_index, seed, units: _Units, group_score: str, min_units: int
+) -> EventRule:
+  """Prunes whole groups of units, lowest group score first, up to each event's count."""
+  targets_table = jnp.asarray(table)
+  bits = structure_lib.limb_bits(int(units.group_weights.max(initial=1)))
+  mean = group_score == "mean"
+
+  def event(step, new_params, masks, flips):
+    key = criteria_lib.random_criterion_key(seed, step)
+    mask_leaves, treedef = jax.tree.flatten(masks)
+    scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+    matrices = [structure_lib.units_last(s, a) for s, a in zip(scores, units.output_axes)]
+    live = [
+        structure_lib.units_last(m, a).any(axis=0) for m, a in zip(mask_leaves, units.output_axes)
+    ]
+    sums, non_finite = structure_lib.exact_group_sums(matrices, units.ids, units.num_groups, bits)
+    weights = jnp.asarray(units.group_weights, targets_table.dtype)
+    values = sums / jnp.maximum(weights, 1).astype(sums.dtype) if mean else sums
+    values = jnp.where(non_finite, jnp.inf, values)
+    unit_scores = [values.at[i].get(mode="fill", fill_value=jnp.inf) for i in units.ids]
+    protected = _protected(unit_scores, live, units.ids, min_units, units.num_groups)
+    group_live = jnp.zeros(units.num_groups, bool)
+    for leaf_live, leaf_ids in zip(live, units.ids):
+      group_live = group_live.at[leaf_ids].max(leaf_live, mode="drop")
+    candidates = group_live & ~protected
+    targets = targets_table[event_index(step)]
+    leaf_groups = (
+        [[i] for i in range(len(mask_leaves))]
+        if rule.layerwise
+        else [list(range(len(mask_leaves)))]
+    )
+    chosen = jnp.zeros(units.num_groups, bool)
+    for leaves, target in zip(leaf_groups, targets):
+      in_scope = np.zeros(units.num_groups, bool)
+      for i in leaves:
+        in_scope[units.ids[i][units.ids[i] < units.num_groups]] = True
+      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in leaves)
+      keys = select.sortable_keys(values, candidates & in_scope)
+      chosen = chosen | structure_lib.lowest_reaching(keys, weights, target - pruned)
+    new_masks = []
+    for mask, leaf_ids, axis in zip(mask_leaves, units.ids, units.output_axes):
+      gone = chosen.at[leaf_ids].get(mode="fill", fill_value=False)
+      shape = [1] * mask.ndim
+      shape[axis] = mask.shape[axis]
+      new_masks.append(mask & ~gone.reshape(shape))
+    return jax.tree.unflatten(treedef, new_masks)
+
+  return event
+
+
+def _n_of_m_event(rule, per_group_table, event_index, seed, input_axes, m: int) -> EventRule:
+  """In every run of ``m`` weights along each leaf's input axis, prunes the lowest-scored
+  down to ``per_group_table[event]`` pruned."""
+  pruned_table = jnp.asarray(per_group_table, jnp.int32)
+
+  def event(step, new_params, masks, flips):
+    key = criteria_lib.random_criterion_key(seed, step)
+    mask_leaves, treedef = jax.tree.flatten(masks)
+    scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+    pruned = pruned_table[event_index(step)]
+    return jax.tree.unflatten(
+        treedef,
+        [
+            structure_lib.keep_n_of_m(s, mask, axis, m, pruned)
+            for s, mask, axis in zip(scores, mask_leaves, input_axes)
+        ],
+    )
+
+  return event
+
+
+def _n_of_m_table(table: np.ndarray, total: int, structure) -> np.ndarray:
+  """Pruned weights per run of M after each event: the event's sparsity of M, rounded
+  half up, and exactly ``M - N`` at the target (``table`` counts weights of all leaves)."""
+  counts = table[:, 0].astype(np.int64)
+  per_group = (2 * counts * structure.m + total) // (2 * max(total, 1))
+  return np.minimum(per_group, structure.m - structure.n)
+
+
+def _input_axes(masks, params, kernel_layout) -> list[int]:
+  return [layout_lib.unit_axes(kernel_layout, p, leaf)[1] for p, leaf in _pairs(masks, params)]
+
+
+def _check_kernels(masks, params, what: str) -> None:
+  for path, leaf in _pairs(masks, params):
+    if np.ndim(leaf) < 2:
+      raise ValueError(
+          f"structure={what!r} needs kernels of 2+ dimensions, but the prunable leaf "
+          f"{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; leave it out of `where`"
+      )
+
+
+def _check_groups(masks, params, groups, kernel_layout, layerwise: bool) -> None:
+  """Refuses ``groups`` that do not give one int per output unit of each prunable leaf."""
+  try:
+    group_leaves = prunable_lib.leaves_at(masks, groups)
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"groups must be a tree shaped like params: {error}") from None
+  owner: dict[int, str] = {}
+  for (key_path, leaf), ids in zip(_pairs(masks, params), group_leaves):
+    path = jax.tree_util.keystr(key_path)
+    ids = np.asarray(ids)
+    units = np.shape(leaf)[layout_lib.unit_axes(kernel_layout, key_path, leaf)[0]]
+    if ids.shape != (units,) or not np.issubdtype(ids.dtype, np.integer) or (ids < -1).any():
+      raise ValueError(
+          f"groups at {path}: expected an int array of shape ({units},), one group id >= 0 "
+          f"per output unit (-1: never pruned), got {ids.dtype} {ids.shape}"
+      )
+    for group in np.unique(ids[ids >= 0]):
+      if layerwise and owner.setdefault(int(group), path) != path:
+        raise ValueError(
+            f"groups: group {group} couples units of {owner[int(group)]} and {path}, but "
+            "criterion='magnitude' ranks each leaf alone; use 'global_magnitude'"
+        )
+
+
+def factory(
+    structure: structure_lib.Structure,
+    rule: criteria_lib._Rule,
+    plan: schedule_lib.Plan,
+    seed: int,
+    *,
+    groups: Any,
+    group_score: str,
+    min_units: int,
+    kernel_layout: layout_lib.KernelLayout,
+) -> tuple[Callable[[Any, Any], None], MakeEvent]:
+  """``(check_leaves, make_event)`` for ``prune``: both take ``(masks, params)``.
+
+  ``check_leaves`` runs at init and refuses prunable leaves the structure cannot cut;
+  ``make_event`` runs at trace time and returns ``(is_event(step), rule)``.
+  """
+
+  def sizes(masks) -> list[int]:
+    return [int(np.size(m)) for m in jax.tree.leaves(masks)]
+
+  def check_leaves(masks, params):
+    select.count_dtype(max(schedule_lib.group_sizes(sizes(masks), rule.layerwise)))
+    if structure.kind == "weight":
+      return
+    _check_kernels(masks, params, structure.kind if structure.kind == "unit" else "N:M")
+    if structure.kind == "unit" and groups is not None:
+      _check_groups(masks, params, groups, kernel_layout, rule.layerwise)
+    if structure.kind == "n:m":
+      for (path, leaf), axis in zip(
+          _pairs(masks, params), _input_axes(masks, params, kernel_layout)
+      ):
+        if np.shape(leaf)[axis] % structure.m:
+          raise ValueError(
+              f"structure '{structure.n}:{structure.m}': the input axis ({axis}) of "
+              f"{jax.tree_util.keystr(path)}, shape {np.shape(leaf)}, is not a multiple of "
+              f"M={structure.m}; leave the leaf out of `where` or set kernel_layout"
+          )
+
+  def make_event(masks, params):
+    # An N:M event prunes the same share of every run of M, so it counts globally.
+    table = plan.table(sizes(masks), rule.layerwise and structure.kind != "n:m")
+    if len(table) == 0:
+      return _no_event, _unchanged
+    clipped = lambda step: jnp.minimum(plan.event_index(step), len(table) - 1)
+    if structure.kind == "weight":
+      return plan.is_event, _weight_event(rule, table, clipped, seed)
+    if structure.kind == "unit":
+      units = _units(masks, params, kernel_layout, groups)
+      return plan.is_event, _unit_event(rule, table, clipped, seed, units, group_score, min_units)
+    per_group = _n_of_m_table(table, sum(sizes(masks)), structure)
+    axes = _input_axes(masks, params, kernel_layout)
+    return plan.is_event, _n_of_m_event(rule, per_group, clipped, seed, axes, structure.m)
+
+  return check_leaves, make_event

@@ -1,0 +1,203 @@
+r"""What ``prune`` removes together: single weights, units, or N of every M weights.
+
+* ``"weight"``: each weight alone (the paper's FlipOut).
+* ``"unit"``: every weight feeding one output unit (a column of a Dense ``(in, out)``
+  kernel, an output channel of a conv ``(h, w, in, out)`` kernel) is one group; a group may
+  also hold units of several kernels (``groups``: units coupled by a residual stream or a
+  concatenation, see :func:`flipout_jax.unit_groups`), which then go together. A group's
+  score is the ``group_score`` (``"mean"`` or ``"sum"``) of its weights' scores; groups are
+  ranked globally and, at an event, the lowest go until the pruned weights reach the
+  event's count: the fewest groups, in score order, whose weights reach it (so the achieved
+  sparsity is the nearest whole groups allow at or above the target).
+* ``"N:M"``: along the input axis, of every M consecutive weights feeding one output the N
+  most salient stay; the sparsity is ``1 - N/M``.
+
+Group sums are exact and independent of how XLA orders a reduction (so sharded params give
+the same masks as one device): each weight's score is written as ``g * x`` with ``g`` the
+largest magnitude in its group (a max, which any order computes exactly) and
+:math:`|x| \le 1`, and ``x`` is cut into integer limbs of ``b`` bits,
+:math:`x = \sum_l d_l 2^{-b(l+1)}` (the floors are exact: scaling by a power of two and
+taking a fractional part are), which are summed as int32. ``b`` leaves room for the
+largest group's sum in 31 bits; the limbs hold at least 48 bits below the group's largest
+score, more than float32's 24-bit mantissa.
+"""
+
+import math
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flipout_jax._src import select
+
+
+class Structure(NamedTuple):
+  """A parsed ``structure`` argument: ``kind`` is ``"weight"``, ``"unit"`` or ``"n:m"``."""
+
+  kind: str
+  n: int = 0
+  m: int = 0
+
+
+GROUP_SCORES = ("mean", "sum")
+_ALLOWED = "'weight', 'unit' or 'N:M' with integers 0 < N < M (e.g. '2:4')"
+
+
+def parse(structure) -> Structure:
+  """Reads ``prune``'s ``structure`` argument.
+
+  Raises:
+    TypeError: not a string.
+    ValueError: naming the allowed values.
+  """
+  if not isinstance(structure, str):
+    raise TypeError(f"structure must be a str, {_ALLOWED}; got {type(structure).__name__}")
+  if structure in ("weight", "unit"):
+    return Structure(structure)
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", structure)
+  if match is None:
+    raise ValueError(f"structure must be {_ALLOWED}, got {structure!r}")
+  n, m = int(match.group(1)), int(match.group(2))
+  if not 0 < n < m:
+    raise ValueError(f"structure {structure!r}: N:M needs 0 < N < M, got N={n}, M={m}")
+  return Structure("n:m", n, m)
+
+
+def check_n_of_m_target(structure: Structure, target_sparsity) -> float:
+  """``1 - N/M``, the only sparsity an N:M structure reaches; refuses any other target."""
+  sparsity = 1 - structure.n / structure.m
+  if target_sparsity is not None and abs(target_sparsity - sparsity) > 1e-9:
+    raise ValueError(
+        f"target_sparsity: structure '{structure.n}:{structure.m}' reaches sparsity "
+        f"1 - {structure.n}/{structure.m} = {sparsity:g}; leave target_sparsity unset or give "
+        f"that, got {target_sparsity}"
+    )
+  return sparsity
+
+
+def check_group_score(group_score) -> str:
+  """Validates ``group_score`` (one of :data:`GROUP_SCORES`)."""
+  if not isinstance(group_score, str) or group_score not in GROUP_SCORES:
+    raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+  return group_score
+
+
+def units_last(leaf: jax.Array, output_axis: int) -> jax.Array:
+  """``leaf`` as a ``(fan_in, units)`` matrix: one column per output unit."""
+  moved = jnp.moveaxis(leaf, output_axis, -1)
+  return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
+
+
+def limb_bits(largest_group: int) -> int:
+  """Bits per limb such that a group's sum of limbs fits an int32."""
+  # Each limb is in [-2**b, 2**b]: the sum of `largest_group` of them needs b + log2 + 1 bits.
+  return max(1, 30 - max(1, largest_group).bit_length())
+
+
+def exact_group_sums(
+    unit_scores: list[jax.Array], unit_ids: list[np.ndarray], num_groups: int, bits: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per group, the sum of its weights' scores and whether one of them is not finite.
+
+  Args:
+    unit_scores: per leaf, ``(fan_in, units)`` scores.
+    unit_ids: per leaf, the group of each unit (``-1``: in no group).
+    num_groups: number of groups.
+    bits: :func:`limb_bits` of the largest group.
+
+  Returns:
+    ``(sums, non_finite)``, float32 and bool, of shape ``(num_groups,)``; the sums are a
+    function of the multiset of each group's scores only (see the module docstring).
+  """
+  ids = [jnp.asarray(np.where(i < 0, num_groups, i), jnp.int32) for i in unit_ids]
+  per_group = lambda values, op: op(jnp.concatenate(values), jnp.concatenate(ids), num_groups)
+  finite = [jnp.isfinite(s) for s in unit_scores]
+  magnitudes = [
+      jnp.where(f, jnp.abs(s), 0).astype(jnp.float32) for s, f in zip(unit_scores, finite)
+  ]
+  unit_max = [m.max(axis=0, initial=0.0) for m in magnitudes]
+  group_max = jnp.maximum(per_group(unit_max, jax.ops.segment_max), 0.0)
+  non_finite = per_group([(~f).any(axis=0).astype(jnp.int32) for f in finite], jax.ops.segment_max)
+  limbs = max(2, -(-48 // bits))
+  sums: list[list[jax.Array]] = [[] for _ in range(limbs)]
+  for s, f, i in zip(unit_scores, finite, ids):
+    scale = group_max.at[i].get(mode="fill", fill_value=0.0)
+    x = jnp.where(f & (scale > 0), s.astype(jnp.float32) / jnp.where(scale > 0, scale, 1), 0)
+    rest = x * 2.0**bits
+    for limb in range(limbs):
+      digit = jnp.floor(rest)
+      sums[limb].append(digit.astype(jnp.int32).sum(axis=0))
+      rest = (rest - digit) * 2.0**bits
+  total = jnp.zeros(num_groups, jnp.float32)
+  for limb in reversed(range(limbs)):  # smallest first: no large term swallows the rest
+    total = total + per_group(sums[limb], jax.ops.segment_sum).astype(jnp.float32) * 2.0 ** (
+        -bits * (limb + 1)
+    )
+  return group_max * total, non_finite > 0
+
+
+def lowest_reaching(keys: jax.Array, weights: jax.Array, need) -> jax.Array:
+  """The fewest entries, lowest keys first, whose weights sum to at least ``need``.
+
+  Ties are taken in index order (a stable sort's order). Entries whose key is the pruned
+  key (:func:`select.sortable_keys` of a dead entry) are never chosen; when the others do
+  not reach ``need``, all of them are. No sort: the key threshold is found by bisection
+  over the key's bits, each step one weighted count.
+
+  Args:
+    keys: unsigned keys, one per entry (e.g. per group).
+    weights: non-negative integer weight of each entry.
+    need: the weight to reach (``<= 0``: nothing is chosen).
+
+  Returns:
+    A bool array shaped like ``keys``.
+  """
+  key_type = keys.dtype.type
+  pruned = key_type(np.iinfo(keys.dtype).max)
+  eligible = keys != pruned
+  weights = jnp.where(eligible, weights, 0)
+  reached = lambda t: jnp.sum(jnp.where(keys <= t, weights, 0)) >= need
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = low + (high - low) // 2
+    return jnp.where(reached(middle), low, middle + 1), jnp.where(reached(middle), middle, high)
+
+  bits = np.iinfo(keys.dtype).bits
+  threshold, _ = jax.lax.fori_loop(0, bits, halve, (key_type(0), pruned))
+  below = keys < threshold
+  at = (keys == threshold) & eligible
+  still = need - jnp.sum(jnp.where(below, weights, 0))
+  at_weights = jnp.where(at, weights, 0)
+  before = jnp.cumsum(at_weights) - at_weights
+  return eligible & (below | (at & (before < still))) & (need > 0)
+
+
+def keep_n_of_m(
+    scores: jax.Array, live: jax.Array, axis: int, m: int, pruned_per_group
+) -> jax.Array:
+  """The new live mask: in each run of ``m`` weights along ``axis``, the lowest-scored
+  ``pruned_per_group`` are pruned, counting those already pruned first.
+
+  Ties are broken by position along ``axis``. No sort: each weight's rank in its group is
+  counted by comparing it with the ``m - 1`` others.
+  """
+  moved_scores = jnp.moveaxis(scores, axis, -1)
+  moved_live = jnp.moveaxis(live, axis, -1)
+  shape = moved_scores.shape
+  grouped = (*shape[:-1], shape[-1] // m, m)
+  keys = select.sortable_keys(moved_scores, True).reshape(grouped)
+  alive = moved_live.reshape(grouped)
+  rank = jnp.zeros(grouped, jnp.int32)
+  for j in range(m):
+    key_j, alive_j = keys[..., j : j + 1], alive[..., j : j + 1]
+    # j comes before i: dead before live, then lower key, then lower position.
+    earlier = jnp.arange(m) > j
+    before = (alive & ~alive_j) | (
+        (alive == alive_j) & ((key_j < keys) | ((key_j == keys) & earlier))
+    )
+    rank = rank + before.astype(jnp.int32)
+  new_live = (alive & (rank >= pruned_per_group)).reshape(shape)
+  return jnp.moveaxis(new_live, -1, axis)
