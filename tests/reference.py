@@ -116,7 +116,9 @@ def simulate(
     updates: list over steps of lists of arrays.
     criterion: "flipout", "global_magnitude", "magnitude", "random", or a
       NumPy function ``(weights, flips) -> scores`` over lists of arrays.
-    structure: "weight", "unit" or (N, M).
+    structure: "weight", "unit" or (N, M). Structured events count from the
+      count the schedule reached at the previous event (as weight pruning
+      would have), not from what whole units or runs of M overshot it by.
     groups: "unit": per leaf, the group id of each output unit (-1: never
       pruned); None: each unit its own group.
     output_axes, input_axes: per leaf (default: -1 and -2, Flax's layout).
@@ -126,6 +128,9 @@ def simulate(
   weights = [np.array(w) for w in weights]
   masks = [np.ones(w.shape, bool) for w in weights]
   flips = [np.zeros(w.shape, np.int32) for w in weights]
+  # Per scope, the count the schedule has reached: whole units and runs of M overshoot
+  # it, and the next event counts from the schedule's count, not from theirs.
+  scheduled = {}
   if cubic is None:
     events = reference_events(target, total_steps, prune_every, rate)
   else:
@@ -151,13 +156,16 @@ def simulate(
         unit_choice = _UnitChoice(
             new, scores, masks, output_axes or [-1] * len(new), groups, group_score, min_units
         )
-      for group in scopes:
+      for scope, group in enumerate(scopes):
         size = sum(new[i].size for i in group)
         pruned = sum(int((~masks[i]).sum()) for i in group)
+        before = scheduled.get(scope, 0) if structure != "weight" else pruned
         if cubic is None:
-          count = _wanted(size, pruned, rate, target, final) - pruned
+          wanted = _wanted(size, before, rate, target, final)
         else:
-          count = max(round(events[step] * size), pruned) - pruned
+          wanted = max(round(events[step] * size), before)
+        scheduled[scope] = wanted
+        count = wanted - pruned
         if isinstance(structure, tuple):
           masks = _n_of_m_masks(
               scores, masks, input_axes or [-2] * len(new), *structure, count + pruned, size
