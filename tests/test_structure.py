@@ -277,3 +277,14 @@ def test_keys_of_the_pruned_are_never_chosen():
   pruned = select.sortable_keys(jnp.array([1.0, 2.0]), jnp.array([False, True]))
   got = structure_lib.lowest_reaching(pruned, jnp.array([5, 5]), 100)
   np.testing.assert_array_equal(got, [False, True])
+
+
+@pytest.mark.parametrize("pruned_per_run", [1, 2, 3])
+def test_n_of_m_breaks_ties_by_position_and_prunes_the_dead_first(pruned_per_run):
+  rng = np.random.default_rng(pruned_per_run)
+  scores = rng.integers(0, 3, (5, 16, 3)).astype(np.float32)  # many ties
+  live = rng.random((5, 16, 3)) < 0.8
+  got = structure_lib.keep_n_of_m(jnp.asarray(scores), jnp.asarray(live), 1, 4, pruned_per_run)
+  want = reference._n_of_m_masks([scores], [live], [1], 4 - pruned_per_run, 4, 1, 1)[0]
+  # The reference rounds wanted/size * m: 1/1 * 4 = 4 per run, capped at m - n.
+  np.testing.assert_array_equal(np.asarray(got), want)
