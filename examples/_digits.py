@@ -36,8 +36,11 @@ def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespa
 TOLERANCE = 1e-5
 
 
-def check_and_export(compacted: flipout.Compacted, pruned_logits: jax.Array, x: jax.Array) -> None:
-  """Checks the compact logits on ``x``, then exports the compact model with ``jax.export``.
+def check_and_export(
+    compacted: flipout.Compacted, pruned_logits: jax.Array, x: jax.Array
+) -> bytearray:
+  """Checks the compact logits on ``x``, exports the compact model with ``jax.export`` and
+  checks the exported one's; returns its serialized bytes.
 
   The export closes over the compact params, so the serialized bytes are the whole model:
   ``jax.export.deserialize(blob).call(x)`` runs it without the model's code, at any batch size.
@@ -59,3 +62,4 @@ def check_and_export(compacted: flipout.Compacted, pruned_logits: jax.Array, x: 
   blob = jax.export.export(forward)(images).serialize()  # a bytearray of StableHLO
   print(f"exported: {len(blob):,} bytes")
   check("exported", jax.export.deserialize(blob).call(x))
+  return blob

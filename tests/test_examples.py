@@ -71,10 +71,16 @@ def _tiny_compacted() -> tuple[flipout.Compacted, jax.Array, jax.Array]:
   return flipout.compact(apply_fn, params, x), apply_fn(params, x), x
 
 
-def test_check_and_export_refuses_a_compact_model_with_other_logits(capsys):
+def test_exported_bytes_run_the_compact_model_at_another_batch_size():
   compacted, logits, x = _tiny_compacted()
-  _digits.check_and_export(compacted, logits, x)  # the right logits pass
   assert compacted.params["hidden"].shape == (64, 3)
+  blob = _digits.check_and_export(compacted, logits, x)
+  # The export's batch size is symbolic: the bytes alone run the compact model on 2 images.
+  np.testing.assert_allclose(jax.export.deserialize(blob).call(x[:2]), logits[:2], rtol=1e-6)
+
+
+def test_check_and_export_refuses_a_compact_model_with_other_logits():
+  compacted, logits, x = _tiny_compacted()
   wrong = compacted._replace(params={**compacted.params, "out": compacted.params["out"] * 1.001})
   with pytest.raises(SystemExit, match="compact logits differ"):
     _digits.check_and_export(wrong, logits, x)
