@@ -16,7 +16,7 @@ from examples import _digits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Trains, prunes to ``--sparsity`` and prints the accuracy and ``flipout.summary``."""
+  """Trains, prunes to ``--sparsity``, prints ``flipout.summary``, compacts and exports."""
   args = _digits.parse_args(argv, __doc__.splitlines()[0])
   x, y, x_test, y_test = map(jnp.asarray, _digits.load())
   # 64 -> 128 -> 10. Equinox stores kernels (out, in): summary() is told so below.
@@ -45,9 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   logits = jax.vmap(eqx.combine(params, static))(x_test)
   accuracy = float(jnp.mean(jnp.argmax(logits, axis=-1) == y_test))
   print(f"loss {float(loss):.4f}, test accuracy {accuracy:.4f}")
-  print(flipout.summary(params, kernel_layout="out_in"))
-  # Compaction hook: the pruned model is `eqx.combine(params, static)` (pruned weights are
-  # exact zeros) and the masks `flipout.masks(opt_state)`; compacting and exporting go here.
+  print(flipout.summary(params, kernel_layout="out_in"))  # pruned weights are exact zeros
+  # Compaction: the pruned model as a pure function of its params, rewritten at smaller widths.
+  apply_fn = lambda params, x: jax.vmap(eqx.combine(params, static))(x)
+  compacted = flipout.compact(apply_fn, params, x_test)
+  print(compacted.report)
+  _digits.check_and_export(compacted, logits, x_test)
   return 0
 
 

@@ -26,7 +26,7 @@ class MLP(nn.Module):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Trains, prunes to ``--sparsity`` and prints the accuracy and ``flipout.summary``."""
+  """Trains, prunes to ``--sparsity``, prints ``flipout.summary``, compacts and exports."""
   args = _digits.parse_args(argv, __doc__.splitlines()[0])
   x, y, x_test, y_test = map(jnp.asarray, _digits.load())
   model = MLP()
@@ -52,9 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   logits = state.apply_fn({"params": state.params}, x_test)
   accuracy = float(jnp.mean(jnp.argmax(logits, axis=-1) == y_test))
   print(f"loss {float(loss):.4f}, test accuracy {accuracy:.4f}")
-  print(flipout.summary(state.params))
-  # Compaction hook: the pruned params are `state.params` (pruned weights are exact zeros) and
-  # the masks `flipout.masks(state.opt_state)`; compacting and exporting them goes here.
+  print(flipout.summary(state.params))  # the pruned weights are exact zeros of the params
+  # Compaction: the pruned model as a pure function of its params, rewritten at smaller widths.
+  apply_fn = lambda params, x: model.apply({"params": params}, x)
+  compacted = flipout.compact(apply_fn, state.params, x_test)
+  print(compacted.report)
+  _digits.check_and_export(compacted, logits, x_test)
   return 0
 
 

@@ -27,7 +27,7 @@ class MLP(nnx.Module):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Trains, prunes to ``--sparsity`` and prints the accuracy and ``flipout.summary``."""
+  """Trains, prunes to ``--sparsity``, prints ``flipout.summary``, compacts and exports."""
   args = _digits.parse_args(argv, __doc__.splitlines()[0])
   x, y, x_test, y_test = map(jnp.asarray, _digits.load())
   model = MLP(nnx.Rngs(args.seed))
@@ -51,10 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss = train_step(model, optimizer)
   accuracy = float(jnp.mean(jnp.argmax(model(x_test), axis=-1) == y_test))
   print(f"loss {float(loss):.4f}, test accuracy {accuracy:.4f}")
-  params = nnx.state(model, nnx.Param)
+  graphdef, params = nnx.split(model)  # the pruned weights are exact zeros of `params`
   print(flipout.summary(params))
-  # Compaction hook: the pruned params are `params` (pruned weights are exact zeros) and the
-  # masks `flipout.masks(optimizer.opt_state)`; compacting and exporting them goes here.
+  # Compaction: the pruned model as a pure function of its params, rewritten at smaller widths.
+  apply_fn = lambda params, x: nnx.merge(graphdef, params)(x)
+  compacted = flipout.compact(apply_fn, params, x_test)
+  print(compacted.report)
+  _digits.check_and_export(compacted, apply_fn(params, x_test), x_test)
   return 0
 
 

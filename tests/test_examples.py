@@ -1,10 +1,15 @@
-"""Each example trains on a tiny budget, reaches its pruning target and prints summary()."""
+"""Each example trains on a tiny budget, reaches its pruning target, prints summary(), compacts
+the pruned model to fewer parameters with the same logits, and exports it with jax.export."""
 
 import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from examples import equinox_mlp, linen_mlp, nnx_mlp
+import flipout_jax as flipout
+from examples import _digits, equinox_mlp, linen_mlp, nnx_mlp
 
 _STEPS = ["--steps", "24", "--sparsity", "0.9"]  # events at steps 5, 10, 14, 19
 # The hidden layer's summary line: its kernel's shape, then 128 output units and 64 inputs
@@ -14,6 +19,9 @@ _HIDDEN_LINE = {
     linen_mlp: r"\['hidden'\]\['kernel'\] .*\(64, 128\) .* \d+/128 +\d+/64 ",
     equinox_mlp: r"\.layers\[0\]\.weight .*\(128, 64\) .* \d+/128 +\d+/64 ",
 }
+_NUMBER = r"([\d,]+)"  # as the report prints counts: 9,610
+_DIFF = r"max \|logits - pruned logits\| (\S+) \(tolerance (\S+)\)"
+_PARAMETERS = 64 * 128 + 128 + 128 * 10 + 10  # the dense MLP's kernels and biases
 
 
 def _total_sparsity(printed: str) -> float:
@@ -21,10 +29,75 @@ def _total_sparsity(printed: str) -> float:
   return float(re.search(r"([\d.]+)%", total).group(1)) / 100
 
 
+def _found(pattern: str, printed: str) -> tuple[str, ...]:
+  """The groups of the line of ``printed`` that starts with ``pattern``, commas dropped."""
+  match = re.search("^" + pattern, printed, re.MULTILINE)
+  assert match, f"no line matches {pattern!r} in\n{printed}"
+  return tuple(group.replace(",", "") for group in match.groups())
+
+
+def _assert_compacted(printed: str) -> None:
+  """The report's widths and parameter totals, and the logit checks, as the example printed."""
+  # The report's first layer, the hidden one: 64 inputs kept, 128 outputs down to `hidden`.
+  (hidden,) = map(int, _found(rf"\S+ +64 -> 64 +128 -> {_NUMBER} ", printed))
+  dense, compact = map(int, _found(rf"parameters: {_NUMBER} -> {_NUMBER} ", printed))
+  # Tiny training at 90% leaves dead hidden units, and the compact params are their width.
+  assert 0 < hidden < 128
+  assert (dense, compact) == (_PARAMETERS, 64 * hidden + hidden + hidden * 10 + 10)
+  (size,) = map(int, _found(rf"exported: {_NUMBER} bytes", printed))
+  assert size > 0
+  for what in ("compact", "exported"):
+    diff, limit = map(float, _found(f"{what}: {_DIFF}", printed))
+    # 1e-5 of the largest logit, below 100 here: a loosened tolerance fails too.
+    assert diff <= limit <= 1e-3, printed
+
+
 @pytest.mark.parametrize("example", list(_HIDDEN_LINE), ids=lambda module: module.__name__)
-def test_example_prunes_to_its_target_and_prints_the_summary(example, capsys):
+def test_example_prunes_compacts_and_exports(example, capsys):
   assert example.main(_STEPS) == 0
   printed = capsys.readouterr().out
   assert "test accuracy" in printed
   assert _total_sparsity(printed) == pytest.approx(0.9, abs=1e-3)
   assert re.search(_HIDDEN_LINE[example], printed, re.MULTILINE), printed
+  _assert_compacted(printed)
+
+
+def _tiny_compacted() -> tuple[flipout.Compacted, jax.Array, jax.Array]:
+  """A 64 -> 4 -> 10 model with one dead hidden unit, compacted, its logits and inputs."""
+  kernel = jnp.ones((64, 4)).at[:, 3].set(0.0)
+  params = {"hidden": kernel, "out": jnp.ones((4, 10))}
+  apply_fn = lambda params, x: jax.nn.relu(x @ params["hidden"]) @ params["out"]
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(5, 64)), jnp.float32)
+  return flipout.compact(apply_fn, params, x), apply_fn(params, x), x
+
+
+def test_exported_bytes_run_the_compact_model_at_another_batch_size():
+  compacted, logits, x = _tiny_compacted()
+  assert compacted.params["hidden"].shape == (64, 3)
+  blob = _digits.check_and_export(compacted, logits, x)
+  # The export's batch size is symbolic: the bytes alone run the compact model on 2 images.
+  np.testing.assert_allclose(jax.export.deserialize(blob).call(x[:2]), logits[:2], rtol=1e-6)
+
+
+def test_check_and_export_refuses_a_compact_model_with_other_logits():
+  compacted, logits, x = _tiny_compacted()
+  wrong = compacted._replace(params={**compacted.params, "out": compacted.params["out"] * 1.001})
+  with pytest.raises(SystemExit, match="compact logits differ"):
+    _digits.check_and_export(wrong, logits, x)
+
+
+def test_check_and_export_refuses_an_export_with_other_logits(monkeypatch):
+  compacted, logits, x = _tiny_compacted()
+  deserialize = jax.export.deserialize
+
+  class Shifted:  # what a broken serialization would give back: other logits
+
+    def __init__(self, blob):
+      self.exported = deserialize(blob)
+
+    def call(self, *args):
+      return self.exported.call(*args) + 1e-2
+
+  monkeypatch.setattr(jax.export, "deserialize", Shifted)
+  with pytest.raises(SystemExit, match="exported logits differ"):
+    _digits.check_and_export(compacted, logits, x)
