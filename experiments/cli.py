@@ -112,6 +112,13 @@ _VALUE_FLAGS = (
         str,
         "pruning schedule: halving (the paper's) or cubic (Zhu & Gupta's polynomial ramp)",
     ),
+    (
+        "structure",
+        str,
+        "what is pruned together: weight (the paper's), unit (whole output units, coupled "
+        "across layers as read from the model) or N:M such as 2:4 (--sparsity 1 - N/M)",
+    ),
+    ("group_score", str, "unit: a group's score is the mean or the sum of its weights'"),
     ("initial_sparsity", float, "sparsity of the first cubic event"),
     (
         "prune_begin_epoch",

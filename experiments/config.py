@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import flipout_jax as flipout
+
 from experiments import divergence, initializers, input_pipeline, models, validation
 
 METHODS: tuple[str, ...] = (
@@ -59,6 +61,12 @@ class Config:
     schedule: ``halving`` (the paper's: each event prunes ``prune_rate`` of the live weights,
       the last lands on ``sparsity``) or ``cubic`` (Zhu & Gupta's polynomial ramp from
       ``initial_sparsity`` to ``sparsity``; see ``flipout.prune``); scheduled methods only.
+    structure: what a scheduled method prunes together (``flipout.prune``'s ``structure``):
+      ``weight`` (the paper's), ``unit`` (whole output units, coupled across layers as
+      ``flipout.unit_groups`` reads them from the model, the model's outputs never) or
+      ``N:M`` such as ``2:4`` (then ``sparsity`` must be ``1 - N/M``; kernels whose input
+      width is not a multiple of M, such as a first conv on 1 or 3 channels, stay dense).
+    group_score: ``unit``: a group's score is the ``mean`` or the ``sum`` of its weights'.
     initial_sparsity: sparsity of the first ``cubic`` event, in ``[0, sparsity]``.
     prune_begin_epoch: ``cubic``: the first event after this many epochs; None: at the step
       of the ``halving`` schedule's first event (the same span as the paper's schedule).
@@ -110,6 +118,8 @@ class Config:
   p: float = 2.0
   prune_rate: float = 0.5
   schedule: str = "halving"
+  structure: str = "weight"
+  group_score: str = "mean"
   initial_sparsity: float = 0.0
   prune_begin_epoch: int | None = None
   prune_end_epoch: int | None = None
@@ -211,6 +221,31 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
     )
 
 
+def _validate_structure(config: Config) -> None:
+  """``--structure`` and ``--group_score``: flipout.prune's values, for scheduled methods."""
+  try:  # the library's own checks, with its messages
+    flipout.prune(
+        None if ":" in config.structure else 0.5,
+        total_steps=2,
+        structure=config.structure,
+        group_score=config.group_score,
+    )
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"--{one_line(error)}") from None
+  if config.structure != "weight" and config.method not in SCHEDULED_CRITERIA:
+    raise ConfigError(
+        f"--structure={config.structure} applies to the scheduled methods "
+        f"({', '.join(SCHEDULED_CRITERIA)}); got --method={config.method}"
+    )
+  if ":" in config.structure:
+    n, m = (int(x) for x in config.structure.split(":"))
+    if abs(config.sparsity - (1 - n / m)) > 1e-9:
+      raise ConfigError(
+          f"--structure={config.structure} reaches sparsity 1 - {n}/{m} = {1 - n / m:g}; "
+          f"give --sparsity={1 - n / m:g}, got {config.sparsity}"
+      )
+
+
 def _validate_noise_and_schedule(config: Config) -> None:
   """The gradient noise and the schedule flags: ranges, and only for scheduled methods."""
   scheduled = ", ".join(SCHEDULED_CRITERIA)
@@ -227,6 +262,7 @@ def _validate_noise_and_schedule(config: Config) -> None:
         f"--schedule={config.schedule} applies to the scheduled methods ({scheduled}); "
         f"got --method={config.method}"
     )
+  _validate_structure(config)
   if not 0.0 <= config.initial_sparsity <= config.sparsity:
     raise ConfigError(
         f"--initial_sparsity must be in [0, --sparsity={config.sparsity}], got "

@@ -31,6 +31,8 @@ used instead, as the paper's reference code did, and the sparsity is whatever it
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -96,8 +98,21 @@ def cubic_steps(
   return begin, end, every
 
 
+def _structure(config: config_lib.Config, unit_groups) -> dict[str, Any]:
+  """``prune``'s structure arguments: ``unit_groups`` for ``unit``; for ``N:M``, only the
+  kernels whose input width is a multiple of M (a first conv on 1 or 3 channels stays
+  dense, as NVIDIA's ASP leaves it)."""
+  if config.structure == "weight":
+    return {}
+  if config.structure == "unit":
+    return dict(structure="unit", groups=unit_groups, group_score=config.group_score)
+  m = int(config.structure.split(":")[1])
+  divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % m == 0
+  return dict(structure=config.structure, where=divisible)
+
+
 def _pruning_transform(
-    config: config_lib.Config, total_steps: int, steps_per_epoch: int, snip_masks
+    config: config_lib.Config, total_steps: int, steps_per_epoch: int, snip_masks, unit_groups
 ) -> optax.GradientTransformation | None:
   """The last link of the chain: how (and whether) the method prunes."""
   method = config.method
@@ -122,6 +137,7 @@ def _pruning_transform(
         criterion=config_lib.SCHEDULED_CRITERIA[method],
         seed=config.seed,
         **schedule,
+        **_structure(config, unit_groups),
     )
   if method == "snip":
     return flipout.fixed_masks(snip_masks)
@@ -138,9 +154,10 @@ def _pruning_transform(
 
 
 def build_optimizer(
-    config: config_lib.Config, steps_per_epoch: int, snip_masks=None
+    config: config_lib.Config, steps_per_epoch: int, snip_masks=None, unit_groups=None
 ) -> optax.GradientTransformation:
-  """The method's Optax chain (see the module docstring); ``snip_masks`` for ``snip``.
+  """The method's Optax chain (see the module docstring); ``snip_masks`` for ``snip``,
+  ``unit_groups`` (``flipout.unit_groups`` of the model) for ``--structure=unit``.
 
   Raises:
     config_lib.ConfigError: the schedule is too short for the pruning events the target needs.
@@ -155,7 +172,7 @@ def build_optimizer(
       optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
   ]
   try:
-    pruning = _pruning_transform(config, total_steps, steps_per_epoch, snip_masks)
+    pruning = _pruning_transform(config, total_steps, steps_per_epoch, snip_masks, unit_groups)
   except ValueError as error:
     schedule = (
         f"--prune_rate={config.prune_rate}"

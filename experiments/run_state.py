@@ -68,6 +68,21 @@ def _model_initializer(
   return graphdef_train, graphdef_eval, initial_state
 
 
+def _unit_groups(graphdef_eval, params, batch_stats, input_shape):
+  """``flipout.unit_groups`` of the model's inference function, for the params.
+
+  The batch statistics are traced as params too (not as arguments, which would pin their
+  channels), and only the params' kernels are prunable.
+  """
+  apply_fn = lambda state, images: nnx.merge(graphdef_eval, state["params"], state["stats"])(images)
+  images = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+  kernels = lambda path, leaf: path[0].key == "params" and len(leaf.shape) >= 2
+  groups = flipout.unit_groups(
+      apply_fn, {"params": params, "stats": batch_stats}, images, where=kernels
+  )
+  return groups["params"]
+
+
 def build_setup(
     config: config_lib.Config,
     input_shape: tuple[int, int, int],
@@ -107,7 +122,10 @@ def build_setup(
       )
       # SNIP prunes at initialisation: the first step already trains the sparse network.
       params = run_once(flipout.apply_masks, params, snip_masks)
-  tx = optimizers.build_optimizer(config, steps_per_epoch, snip_masks)
+  groups = None
+  if config.structure == "unit":
+    groups = _unit_groups(graphdef_eval, params, batch_stats, input_shape)
+  tx = optimizers.build_optimizer(config, steps_per_epoch, snip_masks, groups)
   step = jax.ShapeDtypeStruct((), jnp.int32) if abstract else np.zeros((), np.int32)
   state = {
       "params": params,
