@@ -1,0 +1,216 @@
+"""Structured FlipOut on Fashion-MNIST: accuracy against unstructured pruning, and speed.
+
+``python -m benchmarks.structured_study`` trains, with the experiments' trainer
+(``experiments.mnist --dataset=fashion_mnist``, PyTorch's initialisation, the paper's
+learning-rate shape), and on paired seeds (same initialisation and data order):
+
+* LeNet5 at :data:`CONV_SPARSITY`: FlipOut by weights (``--structure=weight``), by units
+  with the mean group score (``unit``) and with the summed one (``unit_sum``), and dense. Each
+  pruned run is then compacted (``experiments.compact``: ``flipout.compact`` on the trained
+  model) and timed against the same model uncompacted (as costly as dense), side by side.
+* LeNet-300-100 at 2:4 (50%): FlipOut's scores against global magnitude's (qwix's rule).
+
+The report gives each comparison as the mean of per-seed paired differences of test accuracy
+with a 95% t-interval (``benchmarks.fashion_study.paired_interval``), and the compacted
+speed-up and parameters of each pruned LeNet5 run. Runs finished are kept in
+``results-I.json`` (one per shard) under the work folder; the same command continues a study cut short, and
+``--shard I/N`` splits the runs over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+CONV_SPARSITY = 0.98
+EPOCHS = 10
+SEEDS = (0, 1, 2)
+# Tracked: results of a study cut short are committed and continued by the next session.
+DEFAULT_WORKDIR = "benchmarks/results/structured_study"
+# Not tracked: the runs' checkpoints, which the compaction reads.
+RUNS_DIR = Path("runs/structured_study")
+
+
+class Run(NamedTuple):
+  """One training run: a variant of a model on a seed."""
+
+  model: str
+  variant: str
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.model}-{self.variant}-seed{self.seed}"
+
+
+# variant -> flags of experiments.mnist besides the model, epochs and seed.
+VARIANTS = {
+    "weight": {"method": "flipout", "sparsity": CONV_SPARSITY},
+    "unit": {"method": "flipout", "sparsity": CONV_SPARSITY, "structure": "unit"},
+    "unit_sum": {
+        "method": "flipout",
+        "sparsity": CONV_SPARSITY,
+        "structure": "unit",
+        "group_score": "sum",
+    },
+    "dense": {"method": "dense", "sparsity": 0.0},
+    "flipout_2:4": {"method": "flipout", "sparsity": 0.5, "structure": "2:4"},
+    "global_magnitude_2:4": {"method": "global_magnitude", "sparsity": 0.5, "structure": "2:4"},
+}
+# (variant, baseline it is compared with on the same seeds)
+COMPARISONS = (
+    ("lenet5", "unit", "weight"),
+    ("lenet5", "unit_sum", "unit"),
+    ("lenet300", "flipout_2:4", "global_magnitude_2:4"),
+)
+STUDY = (
+    *(Run("lenet5", v, s) for s in SEEDS for v in ("unit", "weight", "unit_sum")),
+    Run("lenet5", "dense", 0),
+    *(Run("lenet300", v, s) for s in SEEDS for v in ("flipout_2:4", "global_magnitude_2:4")),
+)
+
+
+def flags(run: Run, workdir: Path, epochs: int) -> list[str]:
+  """The ``experiments.mnist`` command line of one run."""
+  settings = {
+      "dataset": "fashion_mnist",
+      "model": run.model,
+      "epochs": epochs,
+      "seed": run.seed,
+      "workdir": str(RUNS_DIR / run.name),
+      **VARIANTS[run.variant],
+  }
+  return [f"--{key}={value}" for key, value in settings.items()] + ["--no-progress"]
+
+
+def _results(workdir: Path) -> dict[str, Any]:
+  """Every shard's finished runs (each shard writes its own ``results-I.json``)."""
+  runs = {}
+  for path in sorted(workdir.glob("results-*.json")):
+    runs.update(json.loads(path.read_text())["runs"])
+  return {"runs": runs}
+
+
+def train_and_measure(run: Run, workdir: Path, epochs: int) -> dict[str, Any]:
+  """Trains one run with the experiments' command line, then compacts and times it."""
+  from experiments import compact, mnist
+
+  status = mnist.main(flags(run, workdir, epochs))
+  if status != 0:
+    raise SystemExit(f"{run.name}: experiments.mnist exited with {status}")
+  run_dir = RUNS_DIR / run.name
+  summary = json.loads((run_dir / "summary.json").read_text())
+  record = {"test_accuracy": summary["test_accuracy"], "sparsity": summary.get("sparsity")}
+  if run.variant != "dense" and run.model == "lenet5":
+    report = compact.compact_run(run_dir)
+    keys = ("speedup", "dense_parameters", "compact_parameters", "widths", "compact_flops")
+    record.update({key: report[key] for key in keys})
+    record["dense_flops"] = report["dense_flops"]
+  return record
+
+
+def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each :data:`COMPARISONS` entry over the seeds where both runs finished."""
+  from benchmarks import fashion_study
+
+  rows = []
+  for model, variant, baseline in COMPARISONS:
+    pairs = [
+        (
+            results["runs"].get(Run(model, variant, s).name),
+            results["runs"].get(Run(model, baseline, s).name),
+        )
+        for s in SEEDS
+    ]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if not pairs:
+      continue
+    differences = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs]
+    mean, low, high = fashion_study.paired_interval(differences)
+    verdict = "level" if not low > 0 and not high < 0 else ("ahead" if low > 0 else "behind")
+    rows.append(
+        {
+            "model": model,
+            "variant": variant,
+            "baseline": baseline,
+            "seeds": len(pairs),
+            "variant_accuracy": statistics.mean(100 * a["test_accuracy"] for a, _ in pairs),
+            "baseline_accuracy": statistics.mean(100 * b["test_accuracy"] for _, b in pairs),
+            "difference": mean,
+            "interval": (low, high),
+            "verdict": verdict,
+        }
+    )
+  return rows
+
+
+def report(results: dict[str, Any]) -> str:
+  """Markdown tables: the paired comparisons, then each LeNet5 run's compaction."""
+  lines = [
+      "| model | variant | vs | seeds | accuracy | baseline | difference (95% CI) | verdict |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for row in comparisons(results):
+    low, high = row["interval"]
+    lines.append(
+        f"| {row['model']} | {row['variant']} | {row['baseline']} | {row['seeds']} | "
+        f"{row['variant_accuracy']:.2f}% | {row['baseline_accuracy']:.2f}% | "
+        f"{row['difference']:+.2f} [{low:+.2f}, {high:+.2f}] | {row['verdict']} |"
+    )
+  lines += [
+      "",
+      "| LeNet5 run | accuracy | sparsity | compact params | widths | compact FLOPs | speed-up vs dense |",
+      "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for name, record in sorted(results["runs"].items()):
+    if "speedup" in record:
+      widths = record["widths"]
+      lines.append(
+          f"| {name} | {100 * record['test_accuracy']:.2f}% | {100 * record['sparsity']:.2f}% | "
+          f"{record['compact_parameters']:,} of {record['dense_parameters']:,} | "
+          f"conv {widths['conv']}, hidden {widths['hidden']} | "
+          f"{record['compact_flops']:,} of {record['dense_flops']:,} | {record['speedup']:.2f}x |"
+      )
+    elif name.endswith("dense-seed0") or "-dense-" in name:
+      lines.append(f"| {name} | {100 * record['test_accuracy']:.2f}% | 0% | | | | 1.00x |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line: trains the runs not yet in ``results.json``, prints the report."""
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.structured_study")
+  parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="results and runs folder")
+  parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every run")
+  parser.add_argument("--shard", default="0/1", help="I/N: train runs I, I+N, ... only")
+  parser.add_argument("--table_only", action="store_true", help="train nothing; print tables")
+  args = parser.parse_args(argv)
+  try:
+    index, count = (int(x) for x in args.shard.split("/"))
+    if not 0 <= index < count:
+      raise ValueError
+  except ValueError:
+    print(f"{parser.prog}: --shard must be I/N with 0 <= I < N, got {args.shard}", file=sys.stderr)
+    return 2
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not args.table_only:
+    for run in STUDY[index::count]:
+      if run.name in _results(workdir)["runs"]:
+        continue
+      record = train_and_measure(run, workdir, args.epochs)
+      own = workdir / f"results-{index}.json"
+      results = json.loads(own.read_text()) if own.exists() else {"runs": {}}
+      results["runs"][run.name] = record
+      own.write_text(json.dumps(results, indent=1) + "\n")
+      print(f"{run.name}: {record}", flush=True)
+  print(report(_results(workdir)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
