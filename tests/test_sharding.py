@@ -49,11 +49,18 @@ _SCRIPT = textwrap.dedent("""
     params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     grads = [{k: (0.5 * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()}
              for _ in range(40)]
-    # Only elementwise transforms before prune, so both runs see identical updates.
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9),
-                     flipout.prune(0.95, total_steps=40))
+    # Only elementwise transforms before prune, so both runs see identical updates. The unit
+    # structure sums scores over "dense"'s rows, which are sharded: the group sums must not
+    # depend on the order the shards add up in.
+    chain = lambda prune: optax.chain(
+        optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9), prune)
+    transforms = {
+        "weight": chain(flipout.prune(0.95, total_steps=40)),
+        "unit": chain(flipout.prune(0.95, total_steps=40, structure="unit")),
+        "2:4": chain(flipout.prune(total_steps=40, structure="2:4")),
+    }
 
-    def run(place):
+    def run(tx, place):
       p = place(params)
       state = jax.jit(tx.init)(p)
       update = jax.jit(tx.update)
@@ -71,18 +78,26 @@ _SCRIPT = textwrap.dedent("""
         k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
     single = lambda tree: {k: jax.device_put(v, jax.devices()[0]) for k, v in tree.items()}
 
-    sharded_params, sharded_state = run(shard)
-    assert len(sharded_params["dense"].sharding.device_set) == 4
-    assert len(flipout.masks(sharded_state)["dense"].sharding.device_set) == 4
-    plain_params, plain_state = run(single)
-    for k in ("conv", "dense"):
-      np.testing.assert_array_equal(flipout.masks(sharded_state)[k], flipout.masks(plain_state)[k])
-      np.testing.assert_array_equal(flipout.flip_counts(sharded_state)[k],
-                                    flipout.flip_counts(plain_state)[k])
-      np.testing.assert_array_equal(sharded_params[k], plain_params[k])
-    report = flipout.summary(sharded_params)
-    assert report.size - report.live == round(0.95 * report.size)
-    print("SHARDED-OK", report.live)
+    for structure, tx in transforms.items():
+      sharded_params, sharded_state = run(tx, shard)
+      assert len(sharded_params["dense"].sharding.device_set) == 4
+      assert len(flipout.masks(sharded_state)["dense"].sharding.device_set) == 4
+      plain_params, plain_state = run(tx, single)
+      for k in ("conv", "dense"):
+        np.testing.assert_array_equal(
+            flipout.masks(sharded_state)[k], flipout.masks(plain_state)[k])
+        np.testing.assert_array_equal(flipout.flip_counts(sharded_state)[k],
+                                      flipout.flip_counts(plain_state)[k])
+        np.testing.assert_array_equal(sharded_params[k], plain_params[k])
+      report = flipout.summary(sharded_params)
+      pruned = report.size - report.live
+      if structure == "weight":
+        assert pruned == round(0.95 * report.size)
+      elif structure == "unit":
+        assert pruned >= round(0.95 * report.size)
+      else:
+        assert pruned == report.size // 2
+      print("SHARDED-OK", structure, report.live)
 """)
 
 
@@ -116,4 +131,5 @@ def test_sharded_params_give_identical_masks_and_flips():
         f"{(error.stderr or '')[-3000:]}"
     ) from None
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "SHARDED-OK" in result.stdout
+  for structure in ("weight", "unit", "2:4"):
+    assert f"SHARDED-OK {structure}" in result.stdout, result.stdout
