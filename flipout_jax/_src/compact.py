@@ -21,7 +21,7 @@ from flipout_jax._src import compact_analysis as analysis
 from flipout_jax._src import compact_report as report_lib
 from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
-from flipout_jax._src.compact_program import Literal, Program, evaluate, same_structure, trace
+from flipout_jax._src.compact_program import Literal, Program, evaluate_compiled, same_structure, trace
 
 CompactionReport = report_lib.CompactionReport
 LayerCompaction = report_lib.LayerCompaction
@@ -225,7 +225,8 @@ def _compact_once(apply_fn, params, args, batch_axis, constants):
   param_leaves, params_tree = jax.tree.flatten(params)
   arg_leaves = jax.tree.leaves(args)
   program = trace(apply_fn, params, *args)
-  values = jax.jit(lambda inputs: evaluate(program, inputs))([*param_leaves, *arg_leaves])
+  inputs = [*param_leaves, *arg_leaves]
+  values = evaluate_compiled(program, inputs, analysis.values_read(program))
   plan = analysis.analyse(program, values, len(param_leaves), batch_axis, constants)
   keeps = [plan.keep.get(index) for index in program.inputs[: len(param_leaves)]]
   shapes = [np.shape(leaf) for leaf in param_leaves]
@@ -315,7 +316,8 @@ def compact(
         apply, current, example_args, batch_axis, constants
     )
     first_program = first_program or program
-    if not plan.keep:  # removes nothing: the fixed point
+    if not plan.keep:  # removes nothing: the fixed point, and ``program`` is its trace
+      final_program = program
       break
     kept = [
         indices if rows is None else tuple(i if r is None else i[r] for i, r in zip(indices, rows))
@@ -323,13 +325,14 @@ def compact(
     ]
     shrinks.append(shrink)
     apply, current, rounds = next_apply, _absorb(shrink(current), plan), rounds + 1
+  else:
+    final_program = trace(apply, current, *example_args)
 
   def shrink_all(tree):
     for shrink in shrinks:
       tree = shrink(tree)
     return tree
 
-  final_program = trace(apply, current, *example_args)
   arg_leaves = jax.tree.leaves(example_args)
   examples = 1 if batch_axis is None or not arg_leaves else np.shape(arg_leaves[0])[batch_axis]
   report = report_lib.build(first_program, final_program, params, current, plan, rounds, examples)

@@ -68,6 +68,18 @@ def _merge_axes(old: rules.Axes, new: rules.Axes) -> rules.Axes:
   return [a | b for a, b in zip(old, new)]
 
 
+def values_read(program: Program) -> set[int]:
+  """The ids of the values whose concrete contents the analysis reads: the operands of the
+  linear ops (which of their elements are nonzero, and the constants folded through them)."""
+  return {
+      x
+      for eqn in program.eqns
+      if eqn.primitive.name in rules.LINEAR
+      for x in eqn.inputs
+      if not isinstance(x, Literal)
+  }
+
+
 def _flow(program: Program, values, num_params: int):
   """Forward variation and backward reads of every value, and each linear op's own reads."""
   avals = program.avals
