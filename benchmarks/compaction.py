@@ -1,7 +1,7 @@
 """``flipout.compact`` against the per-family compaction it replaced, and how long it takes.
 
     python -m benchmarks.compaction --workdir RUN [--repeats 21]      # a trained pruned run
-    python -m benchmarks.compaction --families [--sparsity 0.999]    # random weights, timing
+    python -m benchmarks.compaction --families [--sparsity 0.999] [--family vgg19 ...]
 
 ``--workdir``: loads the run's newest checkpoint and its test set, then compacts the model
 three ways: the library with ``constants="program"`` (removed constants may stay in the
@@ -12,10 +12,10 @@ logit difference against the pruned model, and inference time at the run's evalu
 size side by side (compiled, warmed up, interleaved repetitions; speedups are medians of the
 per-repetition ratios to the pruned model).
 
-``--families``: every experiments family with random weights pruned at ``--sparsity``
-(``tests/test_compaction.random_model``: random masks, whole units cut, non-trivial
-BatchNorm statistics) at CIFAR size: parameters after each compaction, and the seconds
-``flipout.compact`` takes.
+``--families``: every experiments family (or each ``--family``) with random weights pruned
+at ``--sparsity`` (``tests/test_compaction.random_model``: random masks, whole units cut,
+non-trivial BatchNorm statistics) at CIFAR size: parameters after each compaction, and the
+seconds ``flipout.compact`` takes.
 """
 
 from __future__ import annotations
@@ -78,16 +78,21 @@ def run_report(workdir: str, repeats: int) -> None:
     )
 
 
-def families_report(sparsity: float) -> None:
-  cases = [
-      ("lenet300", (28, 28, 1)),
-      ("lenet5", (28, 28, 1)),
-      ("conv6", (32, 32, 3)),
-      ("vgg19", (32, 32, 3)),
-      ("resnet18", (32, 32, 3)),
-      ("densenet121", (32, 32, 3)),
-  ]
-  for name, shape in cases:
+# Each family at the input size of its experiments.
+_FAMILIES = {
+    "lenet300": (28, 28, 1),
+    "lenet5": (28, 28, 1),
+    "conv6": (32, 32, 3),
+    "vgg19": (32, 32, 3),
+    "resnet18": (32, 32, 3),
+    "densenet121": (32, 32, 3),
+}
+
+
+def families_report(sparsity: float, only: list[str] | None = None) -> None:
+  for name, shape in _FAMILIES.items():
+    if only and name not in only:
+      continue
     model = test_compaction.random_model(test_compaction.named(name, shape), sparsity)
     apply, params = _apply_of(model)
     images = jnp.zeros((2, *shape))
@@ -108,11 +113,17 @@ def main(argv=None) -> int:
   parser.add_argument("--families", action="store_true")
   parser.add_argument("--sparsity", type=float, default=0.999)
   parser.add_argument("--repeats", type=int, default=21)
+  parser.add_argument(
+      "--family",
+      action="append",
+      choices=list(_FAMILIES),
+      help="with --families: only this family (repeatable)",
+  )
   args = parser.parse_args(argv)
   if args.workdir:
     run_report(args.workdir, args.repeats)
   if args.families:
-    families_report(args.sparsity)
+    families_report(args.sparsity, args.family)
   return 0
 
 

@@ -10,8 +10,8 @@ outputs on smaller arrays, with params cut to match.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ from flipout_jax._src import compact_analysis as analysis
 from flipout_jax._src import compact_report as report_lib
 from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
-from flipout_jax._src.compact_program import Literal, Program, evaluate, same_structure, trace
+from flipout_jax._src.compact_program import Atom, Literal, Program, evaluate_compiled
+from flipout_jax._src.compact_program import same_structure, trace
+from flipout_jax._src.compact_rules import Mask, shape_of
 
 CompactionReport = report_lib.CompactionReport
 LayerCompaction = report_lib.LayerCompaction
@@ -49,7 +51,26 @@ class Compacted(NamedTuple):
   kept: Any
 
 
-def _cut(value, rows):
+Rows: TypeAlias = Sequence[Mask | None]  # per axis, the kept positions (None: all)
+Signature: TypeAlias = tuple[tuple[tuple[int, ...], Any], ...]  # (shape, dtype) per leaf
+
+
+class _TreeDef(Protocol):
+  """What compaction uses of a ``jax.tree_util.PyTreeDef`` (jax's stubs name it through an
+  alias of jaxlib's, which mypy cannot resolve)."""
+
+  @property
+  def num_leaves(self) -> int:
+    ...
+
+  def flatten_up_to(self, tree: Any) -> list[Any]:
+    ...
+
+  def unflatten(self, leaves: Iterable[Any]) -> Any:
+    ...
+
+
+def _cut(value: Any, rows: Rows | None) -> Any:
   """``value`` keeping, along each axis with a row, the positions the row marks (on host for
   concrete arrays: a device gather would compile once per shape)."""
   if rows is None:
@@ -62,42 +83,46 @@ def _cut(value, rows):
   return jnp.asarray(cut) if concrete and not isinstance(value, np.ndarray) else cut
 
 
-def _new_shape(program: Program, plan: analysis.Plan, index: int) -> tuple[int, ...]:
-  shape = program.avals[index].shape
-  rows = plan.keep.get(index) or [None] * len(shape)
+def _new_shape(program: Program, plan: analysis.Plan, atom: Atom) -> tuple[int, ...]:
+  shape = shape_of(program.avals, atom)
+  rows = None if isinstance(atom, Literal) else plan.keep.get(atom)
+  if rows is None:
+    return shape
   return tuple(size if row is None else int(row.sum()) for size, row in zip(shape, rows))
 
 
-def _resized_params(program: Program, plan: analysis.Plan, position: int) -> dict:
+def _resized_params(program: Program, plan: analysis.Plan, position: int) -> dict[str, Any]:
   """``eqn.params`` with the sizes it names set to the compact values' sizes."""
   eqn = program.eqns[position]
   params = eqn.params
   name = eqn.primitive.name
-  out = eqn.outputs[0] if eqn.outputs else None
   if name == "broadcast_in_dim":
-    return dict(params, shape=_new_shape(program, plan, out))
+    return dict(params, shape=_new_shape(program, plan, eqn.outputs[0]))
   if name == "reshape":
-    sizes = list(_new_shape(program, plan, out))
+    sizes = list(_new_shape(program, plan, eqn.outputs[0]))
     source = _new_shape(program, plan, eqn.inputs[0])
     for axis, merged in plan.merges.get(position, {}).items():
       sizes[axis] = int(np.prod([source[d] for d in merged]))
     return dict(params, new_sizes=tuple(sizes))
   if name == "slice":
     source = _new_shape(program, plan, eqn.inputs[0])
+    dense = shape_of(program.avals, eqn.inputs[0])
     limits = [
-        source[d] if limit == program.avals[eqn.inputs[0]].shape[d] else limit
-        for d, limit in enumerate(params["limit_indices"])
+        source[d] if limit == dense[d] else limit for d, limit in enumerate(params["limit_indices"])
     ]
     return dict(params, limit_indices=tuple(limits))
   return params
 
 
-def _run(program: Program, plan: analysis.Plan, inputs) -> list:
+def _run(program: Program, plan: analysis.Plan, inputs: Sequence[Any]) -> list[Any]:
   """The compact program on compact ``inputs`` (the flattened params and args)."""
-  env: dict = dict(zip(program.inputs, inputs))
+  env: dict[int, Any] = dict(zip(program.inputs, inputs))
   for index, value in program.consts.items():
     env[index] = _cut(value, plan.keep.get(index))
-  read = lambda x: x.value if isinstance(x, Literal) else env[x]
+
+  def read(x: Atom) -> Any:
+    return x.value if isinstance(x, Literal) else env[x]
+
   for position, eqn in enumerate(program.eqns):
     outs = eqn.primitive.bind(*map(read, eqn.inputs), **_resized_params(program, plan, position))
     outs = list(outs) if eqn.primitive.multiple_results else [outs]
@@ -110,16 +135,22 @@ def _run(program: Program, plan: analysis.Plan, inputs) -> list:
   return [read(x) for x in program.outputs]
 
 
-def _signature(leaves) -> tuple:
+def _signature(leaves: Iterable[Any]) -> Signature:
   return tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
 
 
-def _make_apply(apply_fn, program: Program, plan: analysis.Plan, params_tree, param_shapes):
+def _make_apply(
+    apply_fn: Callable[..., Any],
+    program: Program,
+    plan: analysis.Plan,
+    params_tree: _TreeDef,
+    param_shapes: list[jax.ShapeDtypeStruct],
+) -> Callable[..., Any]:
   """``apply(compact_params, *args)``; other argument shapes retrace ``apply_fn``."""
-  programs: dict = {}
+  programs: dict[Signature, Program] = {}
   num_params = params_tree.num_leaves
 
-  def program_for(arg_leaves, args) -> Program:
+  def program_for(arg_leaves: list[Any], args: tuple[Any, ...]) -> Program:
     key = _signature(arg_leaves)
     if key == _signature_of_inputs(program, num_params):
       return program
@@ -130,7 +161,7 @@ def _make_apply(apply_fn, program: Program, plan: analysis.Plan, params_tree, pa
       programs[key] = traced
     return programs[key]
 
-  def apply(params, *args):
+  def apply(params: Any, *args: Any) -> Any:
     param_leaves = params_tree.flatten_up_to(params)
     arg_leaves = jax.tree.leaves(args)
     current = program_for(arg_leaves, args)
@@ -140,7 +171,7 @@ def _make_apply(apply_fn, program: Program, plan: analysis.Plan, params_tree, pa
   return apply
 
 
-def _signature_of_inputs(program: Program, num_params: int) -> tuple:
+def _signature_of_inputs(program: Program, num_params: int) -> Signature:
   avals = [program.avals[i] for i in program.inputs[num_params:]]
   return tuple((tuple(a.shape), a.dtype) for a in avals)
 
@@ -160,10 +191,12 @@ def _check_retrace(analysed: Program, traced: Program, plan: analysis.Plan) -> N
     )
 
 
-def _cutter(params_tree, keeps, shapes):
+def _cutter(
+    params_tree: _TreeDef, keeps: Sequence[Rows | None], shapes: Sequence[tuple[int, ...]]
+) -> Callable[[Any], Any]:
   """``shrink``: cuts every subtree shaped like the params."""
 
-  def cut_params(node):
+  def cut_params(node: Any) -> Any:
     leaves = params_tree.flatten_up_to(node)
     cut = []
     for path_index, (leaf, rows, shape) in enumerate(zip(leaves, keeps, shapes)):
@@ -178,26 +211,28 @@ def _cutter(params_tree, keeps, shapes):
         cut.append(_cut(leaf, rows))
     return params_tree.unflatten(cut)
 
-  def matches(node) -> bool:
+  def matches(node: Any) -> bool:
     try:
       params_tree.flatten_up_to(node)
     except (ValueError, TypeError):
       return False
     return True
 
-  def cut(node):
+  def cut(node: Any) -> Any:
     if isinstance(node, prune_lib.PruneState):
       return _cut_prune_state(node, cut_params)
     return cut_params(node) if matches(node) else node
 
-  def shrink(tree):
+  def shrink(tree: Any) -> Any:
     is_node = lambda n: isinstance(n, prune_lib.PruneState) or matches(n)
     return cut(tree) if is_node(tree) else jax.tree.map(cut, tree, is_leaf=is_node)
 
   return shrink
 
 
-def _cut_prune_state(state, cut_params):
+def _cut_prune_state(
+    state: prune_lib.PruneState, cut_params: Callable[[Any], Any]
+) -> prune_lib.PruneState:
   """A ``PruneState`` with its masks and flip counts cut, and its sample of the last update
   (taken at the dense sizes) replaced by one that checks nothing at the next update."""
   masks, flips = cut_params(state.masks), cut_params(state.flips)
@@ -210,7 +245,7 @@ def _cut_prune_state(state, cut_params):
   return state._replace(masks=masks, flips=flips, last_update=sample)
 
 
-def _absorb(params, plan: analysis.Plan):
+def _absorb(params: Any, plan: analysis.Plan) -> Any:
   """Compact ``params`` with the absorbed constants added to their biases and means."""
   leaves, params_tree = jax.tree.flatten(params)
   for position, (leaf, sign) in plan.absorbed.items():
@@ -218,21 +253,38 @@ def _absorb(params, plan: analysis.Plan):
     leaves[leaf] = jnp.asarray(
         np.asarray(leaves[leaf], np.float64) + sign * shift, leaves[leaf].dtype
     )
-  return params_tree.unflatten(leaves)
+  return jax.tree.unflatten(params_tree, leaves)
 
 
-def _compact_once(apply_fn, params, args, batch_axis, constants):
+class _Round(NamedTuple):
+  """One analysis round: the program traced, its plan, and the functions it makes."""
+
+  program: Program
+  plan: analysis.Plan
+  shrink: Callable[[Any], Any]
+  apply: Callable[..., Any]
+  keeps: Sequence[Rows | None]
+
+
+def _compact_once(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    args: tuple[Any, ...],
+    batch_axis: int | None,
+    constants: str,
+) -> _Round:
   param_leaves, params_tree = jax.tree.flatten(params)
   arg_leaves = jax.tree.leaves(args)
   program = trace(apply_fn, params, *args)
-  values = jax.jit(lambda inputs: evaluate(program, inputs))([*param_leaves, *arg_leaves])
+  inputs = [*param_leaves, *arg_leaves]
+  values = evaluate_compiled(program, inputs, analysis.values_read(program))
   plan = analysis.analyse(program, values, len(param_leaves), batch_axis, constants)
   keeps = [plan.keep.get(index) for index in program.inputs[: len(param_leaves)]]
   shapes = [np.shape(leaf) for leaf in param_leaves]
   shrink = _cutter(params_tree, keeps, shapes)
   shapes_dtypes = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in param_leaves]
   apply = _make_apply(apply_fn, program, plan, params_tree, shapes_dtypes)
-  return program, plan, shrink, apply, keeps
+  return _Round(program, plan, shrink, apply, keeps)
 
 
 def compact(
@@ -306,16 +358,18 @@ def compact(
       raise TypeError(
           f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array"
       )
-  first_program = None
-  shrinks, apply, current, rounds = [], apply_fn, params, 0
+  programs: list[Program] = []  # each round's trace
+  shrinks: list[Callable[[Any], Any]] = []
+  apply, current, rounds = apply_fn, params, 0
   leaves, params_tree = jax.tree.flatten(params)
   kept = [tuple(np.arange(size) for size in np.shape(leaf)) for leaf in leaves]
   for _ in range(max_rounds):
     program, plan, shrink, next_apply, keeps = _compact_once(
         apply, current, example_args, batch_axis, constants
     )
-    first_program = first_program or program
-    if not plan.keep:  # removes nothing: the fixed point
+    programs.append(program)
+    if not plan.keep:  # removes nothing: the fixed point, and ``program`` is its trace
+      final_program = program
       break
     kept = [
         indices if rows is None else tuple(i if r is None else i[r] for i, r in zip(indices, rows))
@@ -323,14 +377,15 @@ def compact(
     ]
     shrinks.append(shrink)
     apply, current, rounds = next_apply, _absorb(shrink(current), plan), rounds + 1
+  else:
+    final_program = trace(apply, current, *example_args)
 
-  def shrink_all(tree):
+  def shrink_all(tree: Any) -> Any:
     for shrink in shrinks:
       tree = shrink(tree)
     return tree
 
-  final_program = trace(apply, current, *example_args)
   arg_leaves = jax.tree.leaves(example_args)
   examples = 1 if batch_axis is None or not arg_leaves else np.shape(arg_leaves[0])[batch_axis]
-  report = report_lib.build(first_program, final_program, params, current, plan, rounds, examples)
-  return Compacted(current, apply, shrink_all, report, params_tree.unflatten(kept))
+  report = report_lib.build(programs[0], final_program, params, current, plan, rounds, examples)
+  return Compacted(current, apply, shrink_all, report, jax.tree.unflatten(params_tree, kept))

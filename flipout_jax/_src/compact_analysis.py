@@ -17,15 +17,22 @@ graph (``scipy.sparse.csgraph``), with every pin joined to one extra node.
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 from scipy import sparse
 from scipy.sparse import csgraph
 
 from flipout_jax._src import compact_linear as linear
 from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Literal, Program
+from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, Values, concrete
+from flipout_jax._src.compact_program import value_id
+
+Mask = rules.Mask
+Where = rules.Where
+Ids: TypeAlias = npt.NDArray[np.intp]  # position numbers, or component labels
 
 
 class Plan(NamedTuple):
@@ -45,13 +52,13 @@ class Plan(NamedTuple):
     kept_by: per pin reason, how many positions it kept that were otherwise removable.
   """
 
-  keep: dict
-  folds: dict
-  gathers: dict
-  merges: dict
-  absorbed: dict
-  batched: frozenset
-  kept_by: dict
+  keep: dict[int, list[Mask | None]]
+  folds: dict[int, np.ndarray]
+  gathers: dict[int, tuple[int, npt.NDArray[np.int32]]]
+  merges: dict[int, dict[int, tuple[int, ...]]]
+  absorbed: dict[int, tuple[int, int]]
+  batched: frozenset[Where]
+  kept_by: dict[str, int]
 
 
 def _normalize(axes: rules.Axes) -> rules.Axes:
@@ -68,18 +75,33 @@ def _merge_axes(old: rules.Axes, new: rules.Axes) -> rules.Axes:
   return [a | b for a, b in zip(old, new)]
 
 
-def _flow(program: Program, values, num_params: int):
+def values_read(program: Program) -> set[int]:
+  """The ids of the values whose concrete contents the analysis reads: the operands of the
+  linear ops (which of their elements are nonzero, and the constants folded through them)."""
+  return {
+      x
+      for eqn in program.eqns
+      if eqn.primitive.name in rules.LINEAR
+      for x in eqn.inputs
+      if not isinstance(x, Literal)
+  }
+
+
+def _flow(
+    program: Program, values: Values, num_params: int
+) -> tuple[list[rules.Axes], list[rules.Axes], dict[int, list[rules.Axes]]]:
   """Forward variation and backward reads of every value, and each linear op's own reads."""
   avals = program.avals
-  varies: list = [None] * len(avals)
-  for position, index in enumerate(program.inputs):
-    if position >= num_params:
-      varies[index] = [np.ones(size, bool) for size in avals[index].shape]
-  operand_axes = lambda eqn, table: [
-      None if isinstance(x, Literal) else table[x] for x in eqn.inputs
-  ]
+  varies: list[rules.Axes] = [None] * len(avals)
+  for index in program.inputs[num_params:]:
+    varies[index] = [np.ones(size, bool) for size in avals[index].shape]
+
+  def operand_axes(eqn: Eqn, table: list[rules.Axes]) -> list[rules.Axes]:
+    return [None if isinstance(x, Literal) else table[x] for x in eqn.inputs]
+
   for eqn in program.eqns:
     axes_in = operand_axes(eqn, varies)
+    outs: list[rules.Axes]
     if all(axes is None for axes in axes_in):
       outs = [None for _ in eqn.outputs]  # a function of constants is a constant
     elif eqn.primitive.name in rules.LINEAR:
@@ -88,10 +110,10 @@ def _flow(program: Program, values, num_params: int):
       outs = rules.forward(eqn, avals, axes_in)
     for index, axes in zip(eqn.outputs, outs):
       varies[index] = _normalize(axes)
-  reads: list = [None] * len(avals)
-  for index in program.outputs:
-    if not isinstance(index, Literal):
-      reads[index] = [np.ones(size, bool) for size in avals[index].shape]
+  reads: list[rules.Axes] = [None] * len(avals)
+  for output in program.outputs:
+    if not isinstance(output, Literal):
+      reads[output] = [np.ones(size, bool) for size in avals[output].shape]
   linear_reads = {}
   for position in reversed(range(len(program.eqns))):
     eqn = program.eqns[position]
@@ -112,28 +134,35 @@ def _flow(program: Program, values, num_params: int):
 class _Positions:
   """Numbers every position of every (value, axis)."""
 
-  def __init__(self, avals):
-    self.base = {}
+  def __init__(self, avals: Sequence[Aval]):
+    self.base: dict[Where, int] = {}
     total = 0
     for index, aval in enumerate(avals):
       for axis, size in enumerate(aval.shape):
         self.base[(index, axis)] = total
         total += size
     self.size = total
-    self.shape = lambda where: avals[where[0]].shape[where[1]]
+    self._avals = avals
 
-  def of(self, where) -> np.ndarray:
+  def shape(self, where: Where) -> int:
+    """The size of the axis ``where``."""
+    return self._avals[where[0]].shape[where[1]]
+
+  def of(self, where: Where) -> Ids:
+    """The numbers of the positions of ``where``."""
     return self.base[where] + np.arange(self.shape(where))
 
 
-def _components(nodes: int, edges_from: list, edges_to: list) -> np.ndarray:
+def _components(nodes: int, edges_from: list[Ids], edges_to: list[Ids]) -> Ids:
   first = np.concatenate(edges_from) if edges_from else np.zeros(0, np.int64)
   second = np.concatenate(edges_to) if edges_to else np.zeros(0, np.int64)
   graph = sparse.coo_matrix((np.ones(first.size, bool), (first, second)), shape=(nodes, nodes))
   return csgraph.connected_components(graph, directed=False)[1]
 
 
-def _batched_axes(program: Program, facts, num_params: int, batch_axis) -> frozenset:
+def _batched_axes(
+    program: Program, facts: Sequence[rules.Fact], num_params: int, batch_axis: int | None
+) -> frozenset[Where]:
   """The (value, axis) pairs that ``Unify`` facts tie to an argument's ``batch_axis``."""
   if batch_axis is None:
     return frozenset()
@@ -155,7 +184,7 @@ def _batched_axes(program: Program, facts, num_params: int, batch_axis) -> froze
   return frozenset(where for where, node in nodes.items() if labels[node] in batch_labels)
 
 
-def _wheres(fact):
+def _wheres(fact: rules.Fact) -> tuple[Where, ...]:
   if isinstance(fact, rules.Unify):
     return (fact.first, fact.second)
   if isinstance(fact, rules.Pin):
@@ -163,18 +192,20 @@ def _wheres(fact):
   return ()
 
 
-def _row(table, index: int, axis: int, size: int) -> np.ndarray:
+def _row(table: Sequence[rules.Axes], index: int, axis: int, size: int) -> Mask:
   axes = table[index]
   return np.zeros(size, bool) if axes is None else axes[axis]
 
 
-def _facts(program: Program, num_params: int, batch_axis):
+def _facts(
+    program: Program, num_params: int, batch_axis: int | None
+) -> tuple[list[rules.Fact], frozenset[Where]]:
   """Every link of the program, the arguments and outputs pinned; and the batched axes."""
   avals = program.avals
   facts = [fact for i, eqn in enumerate(program.eqns) for fact in rules.links(i, eqn, avals)]
   reason = "an argument or output of the function"
   for index in [*program.inputs[num_params:], *program.outputs]:
-    if not isinstance(index, Literal):
+    if not isinstance(index, Literal):  # a literal output is a scalar: no axis to pin
       facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
   batched = _batched_axes(program, facts, num_params, batch_axis)
   for merge in [fact for fact in facts if isinstance(fact, rules.Merge)]:
@@ -183,11 +214,13 @@ def _facts(program: Program, num_params: int, batch_axis):
   return facts, batched
 
 
-def _groups(positions: _Positions, facts):
+def _groups(positions: _Positions, facts: Iterable[rules.Fact]) -> tuple[Ids, dict[str, list[Ids]]]:
   """Each position's group (graph component; pinned ones share the last node's) and, per pin
   reason, the positions it pinned."""
   pin_node = positions.size
-  edges_from, edges_to, pinned_by = [], [], {}
+  edges_from: list[Ids] = []
+  edges_to: list[Ids] = []
+  pinned_by: dict[str, list[Ids]] = {}
   for fact in facts:
     if isinstance(fact, rules.Unify):
       size = positions.shape(fact.first)
@@ -202,10 +235,16 @@ def _groups(positions: _Positions, facts):
   return _components(positions.size + 1, edges_from, edges_to), pinned_by
 
 
-def _summed(program: Program, values, varies, linear_reads, contracts, fact):
+def _summed(
+    program: Program,
+    varies: Sequence[rules.Axes],
+    linear_reads: dict[int, list[rules.Axes]],
+    contracts: Sequence[rules.Contract],
+    fact: rules.Contract,
+) -> tuple[Mask, Mask]:
   """For the positions a linear op sums over (``fact``: its lhs axis): whether each reaches a
   read output (not inert), and whether its contribution is an input-independent constant."""
-  lhs, rhs = program.eqns[fact.eqn].inputs
+  lhs, rhs = (value_id(x) for x in program.eqns[fact.eqn].inputs)
   rhs_axis = _partner(contracts, fact)
   size = program.avals[lhs].shape[fact.axis]
   # Nothing reaches a read output through a position the rhs reads none through, or where
@@ -216,7 +255,13 @@ def _summed(program: Program, values, varies, linear_reads, contracts, fact):
   return reaches, constant
 
 
-def _close_merges(program: Program, positions, component, bad, merges) -> None:
+def _close_merges(
+    program: Program,
+    positions: _Positions,
+    component: Ids,
+    bad: Mask,
+    merges: Sequence[rules.Merge],
+) -> None:
   """A flattened feature kept keeps each of its components (a channel goes whole or not)."""
   changed = True
   while changed:
@@ -225,14 +270,14 @@ def _close_merges(program: Program, positions, component, bad, merges) -> None:
       target = bad[component[positions.of((merge.target, merge.axis))]]
       grid = target.reshape([program.avals[merge.source].shape[d] for d in merge.axes])
       for k, d in enumerate(merge.axes):
-        blocked = grid.any(axis=tuple(j for j in range(grid.ndim) if j != k))
+        blocked = rules.any_over(grid, tuple(j for j in range(grid.ndim) if j != k))
         ids = component[positions.of((merge.source, d))][blocked]
         changed |= not bad[ids].all()
         bad[ids] = True
 
 
 def analyse(
-    program: Program, values, num_params: int, batch_axis: int | None, constants: str
+    program: Program, values: Values, num_params: int, batch_axis: int | None, constants: str
 ) -> Plan:
   """The plan removing every unit of ``program`` that cannot change its outputs.
 
@@ -254,12 +299,10 @@ def analyse(
     bad[component[base : base + size][live]] = True
   contracts = [fact for fact in facts if isinstance(fact, rules.Contract)]
   lhs_contracts = [fact for fact in contracts if fact.operand == 0]
-  summed = {
-      fact: _summed(program, values, varies, linear_reads, contracts, fact)
-      for fact in lhs_contracts
-  }
+  summed = {fact: _summed(program, varies, linear_reads, contracts, fact) for fact in lhs_contracts}
+  lhs_of = lambda fact: value_id(program.eqns[fact.eqn].inputs[0])
   for fact, (reaches, constant) in summed.items():
-    where = positions.of((program.eqns[fact.eqn].inputs[0], fact.axis))
+    where = positions.of((lhs_of(fact), fact.axis))
     bad[component[where][reaches & ~constant]] = True
   merges = [fact for fact in facts if isinstance(fact, rules.Merge)]
   kept_by = {
@@ -269,7 +312,7 @@ def analyse(
   while True:
     _close_merges(program, positions, component, bad, merges)
     removed = ~bad[component[:-1]]
-    keep = {}
+    keep: dict[int, list[Mask | None]] = {}
     for (index, axis), base in positions.base.items():
       row = ~removed[base : base + avals[index].shape[axis]]
       if not row.all():
@@ -285,7 +328,7 @@ def analyse(
     before = bad.copy()
     for fact, (reaches, _) in summed.items():
       if fact.eqn in refused:
-        bad[component[positions.of((program.eqns[fact.eqn].inputs[0], fact.axis))][reaches]] = True
+        bad[component[positions.of((lhs_of(fact), fact.axis))][reaches]] = True
     if (bad == before).all():
       raise AssertionError("compaction: a refused constant comes from no removed position")
 
@@ -293,11 +336,11 @@ def analyse(
 _OFFSET_PATH = frozenset(("reshape", "broadcast_in_dim", "convert_element_type"))
 
 
-def _absorptions(program: Program, plan: Plan, num_params: int) -> dict:
+def _absorptions(program: Program, plan: Plan, num_params: int) -> dict[int, tuple[int, int]]:
   """Folds a parameter can take: the op's output goes only into ``+ b`` or ``- b`` where
   ``b`` is a vector param (reshaped or broadcast) read nowhere else, and the constant varies
   along ``b``'s axis only. Maps each such fold to ``(param leaf number, sign)``."""
-  consumers: dict = {}
+  consumers: dict[int, list[int]] = {}
   producers = {out: eqn for eqn in program.eqns for out in eqn.outputs}
   for position, eqn in enumerate(program.eqns):
     for x in eqn.inputs:
@@ -330,7 +373,7 @@ def _absorptions(program: Program, plan: Plan, num_params: int) -> dict:
   return found
 
 
-def _contracted_rhs_axes(eqn, lhs_axes) -> list[int]:
+def _contracted_rhs_axes(eqn: Eqn, lhs_axes: Sequence[int]) -> list[int]:
   """The rhs axes summed with ``lhs_axes`` of a linear op."""
   if eqn.primitive.name == "dot_general":
     (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]
@@ -338,21 +381,21 @@ def _contracted_rhs_axes(eqn, lhs_axes) -> list[int]:
   return [eqn.params["dimension_numbers"][1][1]]  # a convolution's kernel input features
 
 
-def _partner(contracts, fact) -> int:
+def _partner(contracts: Sequence[rules.Contract], fact: rules.Contract) -> int:
   """The other operand's axis contracted with ``fact``'s axis (same order in the op)."""
   own = [c.axis for c in contracts if c.eqn == fact.eqn and c.operand == fact.operand]
   other = [c.axis for c in contracts if c.eqn == fact.eqn and c.operand != fact.operand]
   return other[own.index(fact.axis)]
 
 
-def kept_row(plan: Plan, index: int, axis: int, size: int) -> np.ndarray:
+def kept_row(plan: Plan, index: int, axis: int, size: int) -> Mask:
   """The kept positions of ``(index, axis)`` as a bool array of ``size``."""
   rows = plan.keep.get(index)
   row = None if rows is None else rows[axis]
   return np.ones(size, bool) if row is None else row
 
 
-def _fill_merges(program: Program, plan: Plan, merges) -> None:
+def _fill_merges(program: Program, plan: Plan, merges: Sequence[rules.Merge]) -> None:
   """Per flattening reshape: its merged axes, and a gather where single features go."""
   by_eqn = {eqn.outputs[0]: position for position, eqn in enumerate(program.eqns)}
   for merge in merges:
@@ -369,12 +412,14 @@ def _fill_merges(program: Program, plan: Plan, merges) -> None:
     plan.gathers[position] = (merge.axis, renumber[flat_kept].astype(np.int32))
 
 
-def _fill_folds(program: Program, values, plan: Plan, summed: dict) -> None:
+def _fill_folds(
+    program: Program, values: Values, plan: Plan, summed: dict[rules.Contract, tuple[Mask, Mask]]
+) -> None:
   """Per linear op that loses constant inputs, the constant they add to its read outputs
   (``summed``: per lhs contraction fact, which positions reach a read output)."""
-  by_eqn: dict = {}
+  by_eqn: dict[int, list[tuple[int, Mask]]] = {}
   for fact, (reaches, _) in summed.items():
-    lhs = program.eqns[fact.eqn].inputs[0]
+    lhs = value_id(program.eqns[fact.eqn].inputs[0])
     row = reaches & ~kept_row(plan, lhs, fact.axis, reaches.size)
     by_eqn.setdefault(fact.eqn, []).append((fact.axis, row))
   for position, rows in by_eqn.items():
@@ -385,13 +430,13 @@ def _fill_folds(program: Program, values, plan: Plan, summed: dict) -> None:
     axes = (lhs_axes, _contracted_rhs_axes(eqn, lhs_axes))
     operands = []
     for x, contracted in zip(eqn.inputs, axes):
-      shape = program.avals[x].shape
+      shape = rules.shape_of(program.avals, x)
       gone = np.zeros(shape, bool)
       for axis, (_, row) in zip(contracted, rows):
         every = [np.ones(size, bool) for size in shape]
         every[axis] = row
         gone |= rules.full_mask(shape, every)
-      operands.append(np.where(gone, np.asarray(values[x]), 0))
+      operands.append(np.where(gone, concrete(values, x), 0))
     constant = np.asarray(eqn.primitive.bind(*operands, **eqn.params))
     if not constant.any():
       continue

@@ -13,39 +13,45 @@ DenseNet121 to seconds.
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Eqn
+from flipout_jax._src.compact_program import Atom, Aval, Eqn, Values, concrete
+
+Indicator = npt.NDArray[np.float32]  # 0/1 per element, for einsum
 
 
-def _live(avals, values, x, axes) -> tuple[np.ndarray, np.ndarray]:
+def _live(
+    avals: Sequence[Aval], values: Values, x: Atom, axes: rules.Axes
+) -> tuple[Indicator, Indicator]:
   """(varying, nonzero-or-varying) indicators of operand ``x`` as float32 arrays."""
-  varying = rules.full_mask(avals[x].shape, axes)
-  return varying.astype(np.float32), ((np.asarray(values[x]) != 0) | varying).astype(np.float32)
+  varying = rules.full_mask(rules.shape_of(avals, x), axes)
+  return varying.astype(np.float32), ((concrete(values, x) != 0) | varying).astype(np.float32)
 
 
-def _dot_subscripts(eqn: Eqn, avals) -> tuple[str, str, str]:
+def _dot_subscripts(eqn: Eqn, avals: Sequence[Aval]) -> tuple[str, str, str]:
   (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
-  lhs, rhs = (len(avals[x].shape) for x in eqn.inputs)
+  lhs, rhs = (len(rules.shape_of(avals, x)) for x in eqn.inputs)
   letters = iter(string.ascii_letters)
   lhs_letters = [next(letters) for _ in range(lhs)]
-  rhs_letters = [None] * rhs
+  shared: list[str | None] = [None] * rhs
   for a, b in zip((*lhs_c, *lhs_b), (*rhs_c, *rhs_b)):
-    rhs_letters[b] = lhs_letters[a]
-  rhs_letters = [letter or next(letters) for letter in rhs_letters]
+    shared[b] = lhs_letters[a]
+  rhs_letters = [letter or next(letters) for letter in shared]
   lhs_free = [lhs_letters[d] for d in range(lhs) if d not in (*lhs_c, *lhs_b)]
   rhs_free = [rhs_letters[d] for d in range(rhs) if d not in (*rhs_c, *rhs_b)]
   out = [lhs_letters[d] for d in lhs_b] + lhs_free + rhs_free
   return "".join(lhs_letters), "".join(rhs_letters), "".join(out)
 
 
-def _taps_seen(eqn: Eqn, avals) -> list[np.ndarray]:
+def _taps_seen(eqn: Eqn, avals: Sequence[Aval]) -> list[rules.Mask]:
   """Per spatial axis of the kernel, the taps that read the image at some output position."""
   p = eqn.params
   lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-  lhs, rhs, out = (avals[x].shape for x in (*eqn.inputs, eqn.outputs[0]))
+  lhs, rhs, out = (rules.shape_of(avals, x) for x in (*eqn.inputs, eqn.outputs[0]))
   seen = []
   for k in range(len(rhs_spec) - 2):
     size, taps, outputs = lhs[lhs_spec[2 + k]], rhs[rhs_spec[2 + k]], out[out_spec[2 + k]]
@@ -55,27 +61,29 @@ def _taps_seen(eqn: Eqn, avals) -> list[np.ndarray]:
     )
     where = np.arange(outputs)[:, None] * stride - low + np.arange(taps)[None, :] * rhs_dilation
     real = (where >= 0) & (where <= (size - 1) * lhs_dilation) & (where % lhs_dilation == 0)
-    seen.append(real.any(axis=0))
+    seen.append(rules.any_over(real, 0))
   return seen
 
 
-def _conv_kernel(eqn: Eqn, avals, values) -> np.ndarray:
+def _conv_kernel(eqn: Eqn, avals: Sequence[Aval], values: Values) -> rules.Mask:
   """The kernel's live (in, out) pattern over the taps that read the image."""
   _, rhs_spec, _ = eqn.params["dimension_numbers"]
-  kernel = np.asarray(values[eqn.inputs[1]]) != 0
+  kernel = concrete(values, eqn.inputs[1]) != 0
   kernel = np.transpose(kernel, (rhs_spec[1], rhs_spec[0], *rhs_spec[2:]))
   seen = rules.full_mask(kernel.shape[2:], _taps_seen(eqn, avals))
   taps = int(np.prod(kernel.shape[2:]))
-  return (kernel & seen).reshape(*kernel.shape[:2], taps).any(axis=-1)
+  return rules.any_over((kernel & seen).reshape(*kernel.shape[:2], taps), -1)
 
 
-def _simple_conv(eqn: Eqn, axes_in) -> bool:
+def _simple_conv(eqn: Eqn, axes_in: Sequence[rules.Axes]) -> bool:
   """A convolution of an input by a constant, ungrouped kernel (what the fast path covers)."""
   p = eqn.params
   return axes_in[1] is None and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
 
 
-def forward(eqn: Eqn, avals, values, axes_in) -> rules.Axes:
+def forward(
+    eqn: Eqn, avals: Sequence[Aval], values: Values, axes_in: Sequence[rules.Axes]
+) -> rules.Axes:
   """Which output positions of a linear op vary (its operands' variation ``axes_in``)."""
   out_shape = avals[eqn.outputs[0]].shape
   if eqn.primitive.name == "dot_general":
@@ -88,21 +96,30 @@ def forward(eqn: Eqn, avals, values, axes_in) -> rules.Axes:
     return rules.project(reached > 0)
   if not _simple_conv(eqn, axes_in):
     return [np.ones(size, bool) for size in out_shape]
+  lhs_axes = axes_in[0]
+  if lhs_axes is None:  # and the kernel is constant
+    return None
   lhs_spec, _, out_spec = eqn.params["dimension_numbers"]
-  features = (axes_in[0][lhs_spec[1]][:, None] & _conv_kernel(eqn, avals, values)).any(axis=0)
+  features = rules.any_over(lhs_axes[lhs_spec[1]][:, None] & _conv_kernel(eqn, avals, values), 0)
   if not features.any():
     return None
   result = [np.ones(size, bool) for size in out_shape]
-  result[out_spec[0]], result[out_spec[1]] = axes_in[0][lhs_spec[0]], features
+  result[out_spec[0]], result[out_spec[1]] = lhs_axes[lhs_spec[0]], features
   return result
 
 
-def backward(eqn: Eqn, avals, values, axes_in, axes_out: rules.Axes) -> list[rules.Axes]:
+def backward(
+    eqn: Eqn,
+    avals: Sequence[Aval],
+    values: Values,
+    axes_in: Sequence[rules.Axes],
+    axes_out: rules.Axes,
+) -> list[rules.Axes]:
   """Which operand positions of a linear op its read outputs ``axes_out`` depend on."""
   if axes_out is None:
     return [None, None]
   out_shape = avals[eqn.outputs[0]].shape
-  shapes = [avals[x].shape for x in eqn.inputs]
+  shapes = [rules.shape_of(avals, x) for x in eqn.inputs]
   if eqn.primitive.name == "dot_general":
     read = rules.full_mask(out_shape, axes_out).astype(np.float32)
     (_, lhs_live), (_, rhs_live) = (
@@ -118,15 +135,15 @@ def backward(eqn: Eqn, avals, values, axes_in, axes_out: rules.Axes) -> list[rul
   used = axes_out[out_spec[1]]
   lhs_read = [np.ones(size, bool) for size in shapes[0]]
   lhs_read[lhs_spec[0]] = axes_out[out_spec[0]]
-  lhs_read[lhs_spec[1]] = (_conv_kernel(eqn, avals, values) & used[None, :]).any(axis=1)
+  lhs_read[lhs_spec[1]] = rules.any_over(_conv_kernel(eqn, avals, values) & used[None, :], 1)
   _, lhs_live = _live(avals, values, eqn.inputs[0], axes_in[0])
   others = tuple(d for d in range(len(shapes[0])) if d != lhs_spec[1])
   rhs_read = [np.ones(size, bool) for size in shapes[1]]
-  rhs_read[rhs_spec[0]], rhs_read[rhs_spec[1]] = used, lhs_live.any(axis=others) > 0
+  rhs_read[rhs_spec[0]], rhs_read[rhs_spec[1]] = used, rules.any_over(lhs_live, others)
   for k, seen in enumerate(_taps_seen(eqn, avals)):
     rhs_read[rhs_spec[2 + k]] = seen
   return [_normalize(lhs_read), _normalize(rhs_read)]
 
 
-def _normalize(axes: list) -> rules.Axes:
+def _normalize(axes: list[rules.Mask]) -> rules.Axes:
   return None if any(not row.any() for row in axes) else axes

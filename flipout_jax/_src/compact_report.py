@@ -7,8 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from flipout_jax._src import compact_analysis as analysis
 from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Literal, Program
+from flipout_jax._src.compact_program import Atom, Eqn, Literal, Program
 
 # Ops through which a linear op's operand is still "the parameter" (a kernel transposed,
 # reshaped or cast before use).
@@ -49,10 +50,10 @@ class CompactionReport(NamedTuple):
   layers: tuple[LayerCompaction, ...]
   parameters: tuple[int, int]
   rounds: int
-  kept_by: dict
+  kept_by: dict[str, int]
 
   def __str__(self) -> str:
-    rows = [("layer", "in", "out", "params", "FLOPs/example")]
+    rows: list[tuple[str, ...]] = [("layer", "in", "out", "params", "FLOPs/example")]
     for layer in self.layers:
       cells = (layer.in_features, layer.out_features, layer.parameters, layer.flops)
       rows.append((layer.name, *(f"{dense:,} -> {compact:,}" for dense, compact in cells)))
@@ -64,12 +65,12 @@ class CompactionReport(NamedTuple):
     return "\n".join(lines)
 
 
-def _param_names(program: Program, params) -> dict[int, str]:
+def _param_names(program: Program, params: Any) -> dict[int, str]:
   paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   return dict(zip(program.inputs, paths))
 
 
-def _source(program: Program, producers: dict, index) -> int | Literal:
+def _source(program: Program, producers: dict[int, Eqn], index: Atom) -> Atom:
   """The value ``index`` is a pass-through of (a parameter behind a transpose or cast)."""
   while not isinstance(index, Literal) and index in producers:
     eqn = producers[index]
@@ -79,7 +80,10 @@ def _source(program: Program, producers: dict, index) -> int | Literal:
   return index
 
 
-def _layers(program: Program, params, examples: int) -> list[tuple]:
+_Layer = tuple[str, str, int, int, int, int]  # name, kind, in, out, parameters, flops
+
+
+def _layers(program: Program, params: Any, examples: int) -> list[_Layer]:
   """(name, kind, in, out, parameters, flops) of each linear op of ``program``."""
   names = _param_names(program, params)
   producers = {out: eqn for eqn in program.eqns for out in eqn.outputs}
@@ -87,7 +91,7 @@ def _layers(program: Program, params, examples: int) -> list[tuple]:
   for position, eqn in enumerate(program.eqns):
     if eqn.primitive.name not in rules.LINEAR:
       continue
-    lhs, rhs = (program.avals[x].shape for x in eqn.inputs)
+    lhs, rhs = (rules.shape_of(program.avals, x) for x in eqn.inputs)
     sources = [_source(program, producers, x) for x in eqn.inputs]
     owner = next((k for k, s in enumerate(sources) if s in names), 1)
     out = program.avals[eqn.outputs[0]].shape
@@ -105,19 +109,29 @@ def _layers(program: Program, params, examples: int) -> list[tuple]:
       per_output = contracted * int(np.prod([rhs[d] for d in rhs_spec[2:]]))
       kind = "conv"
     source = sources[owner]
-    name = names.get(source, f"{eqn.primitive.name}@{position}")
-    size = int(np.prod(program.avals[source].shape)) if source in names else 0
+    if isinstance(source, Literal) or source not in names:
+      name, size = f"{eqn.primitive.name}@{position}", 0
+    else:
+      name, size = names[source], int(np.prod(program.avals[source].shape))
     flops = 2 * per_output * int(np.prod(out)) // max(examples, 1)
     found.append((name, kind, contracted, width, size, flops))
   return found
 
 
-def build(dense: Program, compact: Program, params, compact_params, plan, rounds, examples):
+def build(
+    dense: Program,
+    compact: Program,
+    params: Any,
+    compact_params: Any,
+    plan: analysis.Plan,
+    rounds: int,
+    examples: int,
+) -> CompactionReport:
   """The report comparing the ``dense`` and ``compact`` traces of the model (``examples``:
   the batch size they were traced with)."""
   before, after = _layers(dense, params, examples), _layers(compact, compact_params, examples)
   layers = tuple(
-      LayerCompaction(b[0], b[1], *((b[k], a[k]) for k in range(2, 6)))
+      LayerCompaction(b[0], b[1], (b[2], a[2]), (b[3], a[3]), (b[4], a[4]), (b[5], a[5]))
       for b, a in zip(before, after)
   )
   count = lambda tree: sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))

@@ -19,27 +19,32 @@ values. Primitives without a rule mix every axis: all their positions are pinned
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
-from flipout_jax._src.compact_program import Eqn, Literal
+from flipout_jax._src.compact_program import Atom, Aval, Eqn, Literal, value_id
 
-Axes = list | None  # per-axis bool masks, or None: nothing varies (forward) / is read (backward)
+Mask: TypeAlias = npt.NDArray[np.bool_]
+# Per-axis bool masks, or None: nothing varies (forward) / is read (backward).
+Axes: TypeAlias = list[Mask] | None
+Where: TypeAlias = tuple[int, int]  # (value id, axis)
 
 
 class Unify(NamedTuple):
   """Positions ``offset + i`` of ``(value, axis)`` ``second`` are the unit at ``i`` of ``first``."""
 
-  first: tuple[int, int]
-  second: tuple[int, int]
+  first: Where
+  second: Where
   offset: int = 0
 
 
 class Pin(NamedTuple):
   """Every position of ``(value, axis)`` is kept; ``reason`` names the op."""
 
-  where: tuple[int, int]
+  where: Where
   reason: str
 
 
@@ -60,6 +65,14 @@ class Contract(NamedTuple):
   axis: int
 
 
+Fact: TypeAlias = Unify | Pin | Merge | Contract
+
+
+def _where(atom: Atom, axis: int) -> Where:
+  """``(value id, axis)`` of an operand's axis (a literal, a scalar, has none)."""
+  return (value_id(atom), axis)
+
+
 ELEMENTWISE = frozenset("""
 abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
 copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag
@@ -74,11 +87,12 @@ _WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min red
 _CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
 
 
-def shape_of(avals, atom) -> tuple[int, ...]:
+def shape_of(avals: Sequence[Aval], atom: Atom) -> tuple[int, ...]:
+  """The shape of an operand (a literal's: a scalar's)."""
   return () if isinstance(atom, Literal) else tuple(avals[atom].shape)
 
 
-def full_mask(shape, axes: Axes) -> np.ndarray:
+def full_mask(shape: Sequence[int], axes: Axes) -> Mask:
   """The product mask of ``axes`` as a bool array of ``shape``."""
   if axes is None:
     return np.zeros(shape, bool)
@@ -88,19 +102,25 @@ def full_mask(shape, axes: Axes) -> np.ndarray:
   return mask
 
 
-def project(mask: np.ndarray) -> Axes:
+def any_over(array: npt.NDArray[Any], axis: int | tuple[int, ...]) -> Mask:
+  """``array.any(axis=axis)``: an array where ``axis`` leaves an axis (numpy's stubs type the
+  reduction as possibly a scalar)."""
+  return np.asarray(array.any(axis=axis))
+
+
+def project(mask: Mask) -> Axes:
   """The smallest product of per-axis masks containing ``mask``'s True elements."""
   if not mask.any():
     return None
   dims = range(mask.ndim)
-  return [mask.any(axis=tuple(d for d in dims if d != axis)) for axis in dims]
+  return [any_over(mask, tuple(d for d in dims if d != axis)) for axis in dims]
 
 
-def _everything(shape, axes_or_flag) -> Axes:
-  return None if axes_or_flag is None else [np.ones(size, bool) for size in shape]
+def _everything(shape: Sequence[int], flag: bool | None) -> Axes:
+  return None if flag is None else [np.ones(size, bool) for size in shape]
 
 
-def _union(shape, contributions) -> Axes:
+def _union(shape: Sequence[int], contributions: Iterable[Axes]) -> Axes:
   """The product hull of several ``Axes`` of one shape (None entries ignored)."""
   present = [axes for axes in contributions if axes is not None]
   if not present:
@@ -108,7 +128,7 @@ def _union(shape, contributions) -> Axes:
   return [np.logical_or.reduce([axes[d] for axes in present]) for d in range(len(shape))]
 
 
-def _fit(size: int, row: np.ndarray) -> np.ndarray:
+def _fit(size: int, row: Mask) -> Mask:
   """``row`` (a mask of one axis) stretched to ``size`` when it is a broadcast size-1 axis."""
   return row if row.size == size else np.full(size, row.any())
 
@@ -118,13 +138,17 @@ def _fit(size: int, row: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reshape_groups(source, target):
+ReshapeGroups: TypeAlias = list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _reshape_groups(source: Sequence[int], target: Sequence[int]) -> ReshapeGroups | None:
   """Pairs (source axes, target axes) whose sizes multiply to the same number, matched from
   the last axis (equal sizes pair first, so a bias ``(n,)`` reshaped to ``(1, n)`` keeps its
   axis); size-1 axes left unpaired are in no group. None when some size is 0."""
   if 0 in source or 0 in target:
     return None
-  groups, a, b = [], len(source) - 1, len(target) - 1
+  groups: ReshapeGroups = []
+  a, b = len(source) - 1, len(target) - 1
   while a >= 0 and b >= 0:
     if source[a] == target[b]:
       groups.append(((a,), (b,)))
@@ -148,13 +172,13 @@ def _reshape_groups(source, target):
   return groups
 
 
-def _pin_all(eqn: Eqn, avals, reason: str) -> list:
+def _pin_all(eqn: Eqn, avals: Sequence[Aval], reason: str) -> list[Fact]:
   atoms = [x for x in eqn.inputs if not isinstance(x, Literal)] + list(eqn.outputs)
   return [Pin((x, d), reason) for x in atoms for d in range(len(avals[x].shape))]
 
 
-def _elementwise_links(eqn: Eqn, avals, out: int) -> list:
-  links = []
+def _elementwise_links(eqn: Eqn, avals: Sequence[Aval], out: int) -> list[Fact]:
+  links: list[Fact] = []
   shape = avals[out].shape
   for x in eqn.inputs:
     if isinstance(x, Literal) or len(avals[x].shape) != len(shape):
@@ -190,7 +214,7 @@ def _axis_is_passed(eqn: Eqn, d: int, size: int) -> bool:
   return False
 
 
-def links(index: int, eqn: Eqn, avals) -> list:
+def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
   """The ``Unify``, ``Pin``, ``Merge`` and ``Contract`` facts of equation ``index``."""
   name = eqn.primitive.name
   p = eqn.params
@@ -199,67 +223,66 @@ def links(index: int, eqn: Eqn, avals) -> list:
   out_shape = avals[out].shape
   if name in ELEMENTWISE:
     return _elementwise_links(eqn, avals, out)
+  source_shape = shape_of(avals, ins[0]) if ins else ()
+  result: list[Fact] = []
   if name == "broadcast_in_dim":
-    result = []
     for d, target in enumerate(p["broadcast_dimensions"]):
-      if avals[ins[0]].shape[d] == out_shape[target]:
-        result.append(Unify((out, target), (ins[0], d)))
+      if source_shape[d] == out_shape[target]:
+        result.append(Unify((out, target), _where(ins[0], d)))
       else:
-        result.append(Pin((ins[0], d), "broadcast_in_dim of a size-1 axis"))
+        result.append(Pin(_where(ins[0], d), "broadcast_in_dim of a size-1 axis"))
     return result
   if name == "reshape":
-    groups = _reshape_groups(avals[ins[0]].shape, out_shape)
+    groups = _reshape_groups(source_shape, out_shape)
     if groups is None or p.get("dimensions") is not None:
       return _pin_all(eqn, avals, "reshape of an empty or reordered value")
     grouped_in = {d for group_in, _ in groups for d in group_in}
     grouped_out = {d for _, group_out in groups for d in group_out}
     reason = "reshape adding or removing a size-1 axis"
-    result = [
-        Pin((ins[0], d), reason) for d in range(len(avals[ins[0]].shape)) if d not in grouped_in
+    result += [
+        Pin(_where(ins[0], d), reason) for d in range(len(source_shape)) if d not in grouped_in
     ]
     result += [Pin((out, d), reason) for d in range(len(out_shape)) if d not in grouped_out]
     for group_in, group_out in groups:
       if len(group_in) == 1 and len(group_out) == 1:
-        result.append(Unify((out, group_out[0]), (ins[0], group_in[0])))
+        result.append(Unify((out, group_out[0]), _where(ins[0], group_in[0])))
       elif len(group_out) == 1:
-        result.append(Merge(ins[0], group_in, out, group_out[0]))
+        result.append(Merge(value_id(ins[0]), group_in, out, group_out[0]))
       else:
         reason = "reshape splitting an axis"
-        result += [Pin((ins[0], d), reason) for d in group_in]
+        result += [Pin(_where(ins[0], d), reason) for d in group_in]
         result += [Pin((out, d), reason) for d in group_out]
     return result
   if name == "transpose":
-    return [Unify((out, d), (ins[0], source)) for d, source in enumerate(p["permutation"])]
+    return [Unify((out, d), _where(ins[0], source)) for d, source in enumerate(p["permutation"])]
   if name == "squeeze":
-    kept = [d for d in range(len(avals[ins[0]].shape)) if d not in p["dimensions"]]
-    return [Unify((out, d), (ins[0], source)) for d, source in enumerate(kept)]
+    kept = [d for d in range(len(source_shape)) if d not in p["dimensions"]]
+    return [Unify((out, d), _where(ins[0], source)) for d, source in enumerate(kept)]
   if name == "concatenate":
-    result, offset, axis = [], 0, p["dimension"]
+    offset, axis = 0, p["dimension"]
     for x in ins:
       for d in range(len(out_shape)):
-        result.append(Unify((x, d), (out, d), offset if d == axis else 0))
-      offset += avals[x].shape[axis]
+        result.append(Unify(_where(x, d), (out, d), offset if d == axis else 0))
+      offset += shape_of(avals, x)[axis]
     return result
   if name in _REDUCTIONS:
-    kept = [d for d in range(len(avals[ins[0]].shape)) if d not in p["axes"]]
-    result = [Pin((ins[0], d), f"{name} over axis {d}") for d in p["axes"]]
-    return result + [Unify((out, d), (ins[0], source)) for d, source in enumerate(kept)]
+    kept = [d for d in range(len(source_shape)) if d not in p["axes"]]
+    result += [Pin(_where(ins[0], d), f"{name} over axis {d}") for d in p["axes"]]
+    return result + [Unify((out, d), _where(ins[0], source)) for d, source in enumerate(kept)]
   if name in _WINDOWED | _CUMULATIVE | {"pad", "slice"}:
-    result = []
-    for d, size in enumerate(avals[ins[0]].shape):
+    same_rank = [x for x in ins if len(shape_of(avals, x)) == len(out_shape)]
+    for d, size in enumerate(source_shape):
       if _axis_is_passed(eqn, d, size):
-        result += [
-            Unify((out, d), (x, d)) for x in ins if len(shape_of(avals, x)) == len(out_shape)
-        ]
+        result += [Unify((out, d), _where(x, d)) for x in same_rank]
       else:
         reason = f"{name} along axis {d}"
-        result += [Pin((x, d), reason) for x in ins if len(shape_of(avals, x)) == len(out_shape)]
+        result += [Pin(_where(x, d), reason) for x in same_rank]
         result.append(Pin((out, d), reason))
     return result
   if name == "dot_general":
     (lhs_c, rhs_c), (lhs_b, rhs_b) = p["dimension_numbers"]
-    lhs, rhs = ins
-    result = [Unify((lhs, a), (rhs, b)) for a, b in zip(lhs_c, rhs_c)]
+    lhs, rhs = (value_id(x) for x in ins)
+    result += [Unify((lhs, a), (rhs, b)) for a, b in zip(lhs_c, rhs_c)]
     result += [Contract(index, 0, a) for a in lhs_c] + [Contract(index, 1, b) for b in rhs_c]
     result += [Unify((out, k), (lhs, a)) for k, a in enumerate(lhs_b)]
     result += [Unify((out, k), (rhs, b)) for k, b in enumerate(rhs_b)]
@@ -269,8 +292,8 @@ def links(index: int, eqn: Eqn, avals) -> list:
     return result + [Unify((out, len(lhs_b) + k), where) for k, where in enumerate(free)]
   if name == "conv_general_dilated":
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    lhs, rhs = ins
-    result = [Unify((out, out_spec[0]), (lhs, lhs_spec[0]))]
+    lhs, rhs = (value_id(x) for x in ins)
+    result.append(Unify((out, out_spec[0]), (lhs, lhs_spec[0])))
     reason = "conv_general_dilated: spatial axis"
     for spec, x in ((lhs_spec, lhs), (rhs_spec, rhs), (out_spec, out)):
       result += [Pin((x, d), reason) for d in spec[2:]]
@@ -289,15 +312,15 @@ def links(index: int, eqn: Eqn, avals) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
+def _map_forward(eqn: Eqn, avals: Sequence[Aval], axes_in: Sequence[Axes]) -> Axes:
   """Output variation of the ops that move positions without summing them (None: not one)."""
   name = eqn.primitive.name
   p = eqn.params
   ins = eqn.inputs
   shape = avals[eqn.outputs[0]].shape
   if name in ELEMENTWISE:
-    contributions = []
-    for x, axes in zip(ins, axes_in):
+    contributions: list[Axes] = []
+    for axes in axes_in:
       if axes is None:
         continue
       if not axes:  # a varying scalar varies everything
@@ -305,8 +328,19 @@ def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
       else:
         contributions.append([_fit(shape[d], axes[d]) for d in range(len(shape))])
     return _union(shape, contributions)
+  if name == "concatenate":
+    axis = p["dimension"]
+    rows = [full if axes is None else axes for axes, full in zip(axes_in, _zeros(avals, ins))]
+    if all(axes is None for axes in axes_in):
+      return None
+    return [
+        np.concatenate([r[d] for r in rows])
+        if d == axis
+        else np.logical_or.reduce([r[d] for r in rows])
+        for d in range(len(shape))
+    ]
   first = axes_in[0]
-  if first is None and name not in ("concatenate",):
+  if first is None:
     return None
   if name == "broadcast_in_dim":
     result = [np.ones(size, bool) for size in shape]
@@ -314,23 +348,11 @@ def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
       result[target] = _fit(shape[target], first[d])
     return result
   if name == "reshape":
-    return _regroup(avals[ins[0]].shape, shape, first)
+    return _regroup(shape_of(avals, ins[0]), shape, first)
   if name == "transpose":
     return [first[source] for source in p["permutation"]]
   if name == "squeeze":
     return [row for d, row in enumerate(first) if d not in p["dimensions"]]
-  if name == "concatenate":
-    axis = p["dimension"]
-    rows = [full if axes is None else axes for axes, full in zip(axes_in, _zeros(avals, ins))]
-    if all(axes is None for axes in axes_in):
-      return None
-    result = [
-        np.concatenate([r[d] for r in rows])
-        if d == axis
-        else np.logical_or.reduce([r[d] for r in rows])
-        for d in range(len(shape))
-    ]
-    return result
   if name in _REDUCTIONS:
     return [row for d, row in enumerate(first) if d not in p["axes"]]
   if name == "slice":
@@ -340,17 +362,17 @@ def _map_forward(eqn: Eqn, avals, axes_in: list[Axes]) -> Axes:
         for row, start, limit, step in zip(first, p["start_indices"], p["limit_indices"], stride)
     ]
   if name in _WINDOWED | _CUMULATIVE | {"pad"}:
-    source = avals[ins[0]].shape
+    source = shape_of(avals, ins[0])
     passed = [_axis_is_passed(eqn, d, size) for d, size in enumerate(source)]
     return [first[d] if passed[d] else np.ones(size, bool) for d, size in enumerate(shape)]
   return _everything(shape, True)
 
 
-def _zeros(avals, ins) -> list:
+def _zeros(avals: Sequence[Aval], ins: Sequence[Atom]) -> list[list[Mask]]:
   return [[np.zeros(size, bool) for size in shape_of(avals, x)] for x in ins]
 
 
-def _regroup(source, target, axes: list) -> Axes:
+def _regroup(source: Sequence[int], target: Sequence[int], axes: list[Mask]) -> Axes:
   """Per-axis masks of ``source`` carried through a reshape to ``target`` (exact per group)."""
   groups = _reshape_groups(source, target)
   if groups is None:
@@ -366,7 +388,7 @@ def _regroup(source, target, axes: list) -> Axes:
   return result
 
 
-def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
+def _map_backward(eqn: Eqn, avals: Sequence[Aval], axes_out: Axes) -> list[Axes]:
   """Per operand, the positions the output reads (the ops of ``_map_forward``)."""
   name = eqn.primitive.name
   p = eqn.params
@@ -385,19 +407,22 @@ def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
     inverse = np.argsort(p["permutation"])
     return [[axes_out[k] for k in inverse]]
   if name == "squeeze":
-    rows = iter(axes_out)
-    return [[np.ones(1, bool) if d in p["dimensions"] else next(rows) for d in range(len(shape))]]
+    squeezed = iter(axes_out)
+    return [
+        [np.ones(1, bool) if d in p["dimensions"] else next(squeezed) for d in range(len(shape))]
+    ]
+  result: list[Axes] = []
   if name == "concatenate":
-    axis, result, offset = p["dimension"], [], 0
+    axis, offset = p["dimension"], 0
     for s in shapes:
-      rows = list(axes_out)
-      rows[axis] = axes_out[axis][offset : offset + s[axis]]
+      part = list(axes_out)
+      part[axis] = axes_out[axis][offset : offset + s[axis]]
       offset += s[axis]
-      result.append(None if not rows[axis].any() else rows)
+      result.append(None if not part[axis].any() else part)
     return result
   if name in _REDUCTIONS:
-    rows = iter(axes_out)
-    return [[np.ones(size, bool) if d in p["axes"] else next(rows) for d, size in enumerate(shape)]]
+    kept = iter(axes_out)
+    return [[np.ones(size, bool) if d in p["axes"] else next(kept) for d, size in enumerate(shape)]]
   if name == "slice":
     stride = p["strides"] or (1,) * len(shape)
     rows = []
@@ -405,10 +430,10 @@ def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
       row = np.zeros(size, bool)
       row[p["start_indices"][d] : p["limit_indices"][d] : stride[d]] = axes_out[d]
       rows.append(row)
-    return [project(full_mask(shape, rows))] + [[] for _ in ins[1:]]
+    result.append(project(full_mask(shape, rows)))
+    return result + [[] for _ in ins[1:]]  # the other operands: scalars, read
   if name in _WINDOWED | _CUMULATIVE | {"pad"}:
-    result = []
-    for x, s in zip(ins, shapes):
+    for s in shapes:
       if len(s) != len(shape):
         result.append([])  # a scalar operand (init value, padding value) is read
         continue
@@ -421,7 +446,7 @@ def _map_backward(eqn: Eqn, avals, axes_out: Axes) -> list[Axes]:
 LINEAR = frozenset(("dot_general", "conv_general_dilated"))
 
 
-def forward(eqn: Eqn, avals, axes_in: list[Axes]) -> list[Axes]:
+def forward(eqn: Eqn, avals: Sequence[Aval], axes_in: Sequence[Axes]) -> list[Axes]:
   """Which positions of each output vary with the model's input (not for ``LINEAR`` ops)."""
   name = eqn.primitive.name
   known = name in ELEMENTWISE or name in _MAPPING
@@ -430,7 +455,7 @@ def forward(eqn: Eqn, avals, axes_in: list[Axes]) -> list[Axes]:
   return [_map_forward(eqn, avals, axes_in)]
 
 
-def backward(eqn: Eqn, avals, axes_out: list[Axes]) -> list[Axes]:
+def backward(eqn: Eqn, avals: Sequence[Aval], axes_out: Sequence[Axes]) -> list[Axes]:
   """Which positions of each operand the outputs read (not for ``LINEAR`` ops)."""
   name = eqn.primitive.name
   known = name in ELEMENTWISE or name in _MAPPING
