@@ -518,3 +518,14 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument)
   apply_fn = kwargs.pop("apply_fn")
   with pytest.raises(error, match=argument):
     flipout.compact(apply_fn, mlp_params(), inputs(), **kwargs)
+
+
+def test_a_reshaped_literal_in_the_model_is_compacted():
+  # jnp.reshape(2.0, (1, 1)) traces to a reshape of a literal: it once crashed the analysis.
+  weights = {"w1": jnp.array([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]]), "w2": jnp.ones((3, 2))}
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"] * jnp.reshape(2.0, (1, 1))
+  x = jnp.array([[0.5, -1.0], [2.0, 1.0]])
+  compacted = flipout.compact(apply_fn, weights, x)
+  assert compacted.params["w1"].shape == (2, 2)
+  np.testing.assert_allclose(compacted.apply(compacted.params, x), apply_fn(weights, x), atol=1e-6)
+  assert [layer.out_features for layer in compacted.report.layers][0] == (3, 2)
