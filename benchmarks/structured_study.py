@@ -12,7 +12,7 @@ learning-rate shape), and on paired seeds (same initialisation and data order):
 
 The report gives each comparison as the mean of per-seed paired differences of test accuracy
 with a 95% t-interval (``benchmarks.fashion_study.paired_interval``), and the compacted
-speed-up and parameters of each pruned LeNet5 run. Runs finished are kept in
+speed-up and parameters of each pruned LeNet5 run and unit-pruned LeNet-300-100 run. Runs finished are kept in
 ``results-I.json`` (one per shard) under the work folder; the same command continues a study cut short, and
 ``--shard I/N`` splits the runs over processes.
 """
@@ -72,12 +72,15 @@ VARIANTS = {
 COMPARISONS = (
     ("lenet5", "unit", "weight"),
     ("lenet5", "unit_sum", "unit"),
+    ("lenet300", "unit_sum", "unit"),
     ("lenet300", "flipout_2:4", "global_magnitude_2:4"),
 )
 _SEEDS5, _SEEDS300 = MODELS["lenet5"]["seeds"], MODELS["lenet300"]["seeds"]
 STUDY = (
     *(Run("lenet5", v, s) for s in _SEEDS5 for v in ("unit", "weight")),
     *(Run("lenet300", v, s) for s in _SEEDS300 for v in ("flipout_2:4", "global_magnitude_2:4")),
+    # The group score on real data, where layers' fan-ins differ most (784, 300, 100).
+    *(Run("lenet300", v, s) for s in _SEEDS300 for v in ("unit", "unit_sum")),
     *(Run("lenet5", "unit_sum", s) for s in _SEEDS5),
     Run("lenet5", "dense", 0),
 )
@@ -115,7 +118,9 @@ def train_and_measure(run: Run, epochs: int | None = None) -> dict[str, Any]:
   run_dir = RUNS_DIR / run.name
   summary = json.loads((run_dir / "summary.json").read_text())
   record = {"test_accuracy": summary["test_accuracy"], "sparsity": summary.get("sparsity")}
-  if run.variant != "dense" and run.model == "lenet5":
+  if VARIANTS[run.variant].get("structure") == "unit" or (
+      run.model == "lenet5" and run.variant != "dense"
+  ):
     report = compact.compact_run(run_dir)
     keys = ("speedup", "dense_parameters", "compact_parameters", "widths", "compact_flops")
     record.update({key: report[key] for key in keys})
@@ -173,7 +178,7 @@ def report(results: dict[str, Any]) -> str:
     )
   lines += [
       "",
-      "| LeNet5 run | accuracy | sparsity | compact params | widths | compact FLOPs | speed-up vs dense |",
+      "| compacted run | accuracy | sparsity | compact params | widths | compact FLOPs | speed-up vs dense |",
       "| --- | --- | --- | --- | --- | --- | --- |",
   ]
   for name, record in sorted(results["runs"].items()):
@@ -197,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (smoke tests)")
   parser.add_argument("--shard", default="0/1", help="I/N: train runs I, I+N, ... only")
   parser.add_argument("--table_only", action="store_true", help="train nothing; print tables")
+  parser.add_argument("--only", default="", help="train only runs whose name contains this")
   args = parser.parse_args(argv)
   try:
     index, count = (int(x) for x in args.shard.split("/"))
@@ -208,11 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not args.table_only:
-    for run in STUDY[index::count]:
+    for run in [run for run in STUDY if args.only in run.name][index::count]:
       if run.name in _results(workdir)["runs"]:
         continue
       record = train_and_measure(run, args.epochs)
-      own = workdir / f"results-{index}.json"
+      label = "".join(c if c.isalnum() else "_" for c in args.only)
+      own = workdir / (f"results-{label}-{index}.json" if label else f"results-{index}.json")
       results = json.loads(own.read_text()) if own.exists() else {"runs": {}}
       results["runs"][run.name] = record
       own.write_text(json.dumps(results, indent=1) + "\n")
