@@ -122,3 +122,25 @@ def test_a_state_without_a_sample_checks_nothing():
   params = optax.apply_updates(params, updates)
   updates, state = tx.update(_loss_grads(2, params), state, params)
   assert state[0].last_update is None and int(state[0].count) == 2
+
+
+@pytest.mark.parametrize("ulps, stops", [(1, False), (-1, False), (64, True)])
+def test_a_fused_multiply_add_rounding_is_no_alarm_but_a_larger_change_is(ulps, stops):
+  # An accelerator may compute params + (-lr * m) as one fused multiply-add, rounding once:
+  # the params then differ from the sample's params + update by an ulp.
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=60))
+  params = _mlp_params()
+  state = tx.init(params)
+  updates, state = tx.update(_loss_grads(1, params), state, params)
+  params = optax.apply_updates(params, updates)
+  direction = np.inf if ulps > 0 else -np.inf
+
+  def nudge(p):
+    p = np.asarray(p)
+    for _ in range(abs(ulps)):
+      p = np.nextafter(p, np.float32(direction)).astype(p.dtype)
+    return jnp.asarray(p)
+
+  params = jax.tree.map(nudge, params)
+  updates, state = tx.update(_loss_grads(2, params), state, params)
+  assert _is_stopped(optax.apply_updates(params, updates)) == stops

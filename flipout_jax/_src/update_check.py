@@ -10,10 +10,14 @@ Each update keeps a small sample of the prunable weights, a fixed number of even
 entries over all prunable leaves (about :data:`SAMPLE_SIZE`, at least one per leaf): the
 params it saw, and those params plus the update it returned, computed as
 ``optax.apply_updates`` does (``p + u`` cast to ``p``'s dtype). The next update compares its
-params with both, bit for bit: they must all equal the second (the update was applied) or all
-equal the first (the update was skipped, as ``optax.apply_if_finite`` and ``optax.MultiSteps``
-do, so params did not move). Anything else stops the run the way a moved pruned weight does:
-NaN params, and reading the state raises. No host callback, and a state of a few KiB.
+params with both: they must all equal the second (the update was applied) or all equal the
+first (the update was skipped, as ``optax.apply_if_finite`` and ``optax.MultiSteps`` do, so
+params did not move). Equal means equal bits, or within 2 units in the last place of
+``|p| + |u|``: a compiler that fuses the optimizer's ``-lr * m`` and ``p + u`` into one fused
+multiply-add (XLA on GPUs may) rounds once where the sample rounded twice, and a correct run
+must not stop for that; a misplaced ``prune`` moves params by another update altogether.
+Anything else stops the run the way a moved pruned weight does: NaN params, and reading the
+state raises. No host callback, and a state of a few KiB.
 """
 
 from typing import Any, NamedTuple
@@ -96,10 +100,24 @@ def moved_otherwise(sample: UpdateSample, params_at_masks: list[Any]) -> jax.Arr
     A bool scalar, True when ``prune`` was not last or params were changed between updates.
   """
   count = len(params_at_masks)
-  now = [_bits(_sampled(p, count).astype(b.dtype)) for p, b in zip(params_at_masks, sample.before)]
-  applied = jnp.all(jnp.stack([jnp.all(n == _bits(a)) for n, a in zip(now, sample.after)]))
-  skipped = jnp.all(jnp.stack([jnp.all(n == _bits(b)) for n, b in zip(now, sample.before)]))
+  now = [_sampled(p, count).astype(b.dtype) for p, b in zip(params_at_masks, sample.before)]
+  applied = _all(_close(n, a, b) for n, a, b in zip(now, sample.after, sample.before))
+  skipped = _all(_close(n, b, b) for n, b in zip(now, sample.before))
   return sample.taken & ~(applied | skipped)
+
+
+def _all(checks) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(check) for check in checks]))
+
+
+def _close(now: jax.Array, expected: jax.Array, before: jax.Array) -> jax.Array:
+  """``now`` equals ``expected`` bit for bit, or within the rounding of one fused multiply-add
+  of ``before + u`` (``u = expected - before``): 2 ulp of ``|before| + |u|``."""
+  wide = jnp.promote_types(now.dtype, jnp.float32)
+  now_w, expected_w, before_w = (x.astype(wide) for x in (now, expected, before))
+  scale = jnp.abs(before_w) + jnp.abs(expected_w - before_w)
+  tolerance = 2 * jnp.finfo(now.dtype).eps * scale
+  return (_bits(now) == _bits(expected)) | (jnp.abs(now_w - expected_w) <= tolerance)
 
 
 def sample_bytes(sample: UpdateSample) -> int:
