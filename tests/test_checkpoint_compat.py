@@ -24,8 +24,9 @@ def test_a_checkpoint_without_the_update_sample_resumes_and_trains(tmp_path):
   params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}
   tx = optax.chain(optax.sgd(0.1), flipout.prune(0.5, total_steps=10))
   state = tx.init(params)
+  update = jax.jit(tx.update)  # one compilation for the 5 updates (eagerly: one per update)
   for _ in range(3):  # past the event at step 3
-    updates, state = tx.update(params, state, params)
+    updates, state = update(params, state, params)
     params = optax.apply_updates(params, updates)
   old = (state[0], _OldPruneState(*state[1][:3]))
   config = config_lib.Config(workdir=str(tmp_path), keep_checkpoints=1)
@@ -44,6 +45,6 @@ def test_a_checkpoint_without_the_update_sample_resumes_and_trains(tmp_path):
   assert not bool(prune_state.last_update.taken)  # the first resumed update checks nothing
   opt_state = restored["opt_state"]
   for _ in range(2):
-    updates, opt_state = tx.update(restored["params"], opt_state, restored["params"])
+    updates, opt_state = update(restored["params"], opt_state, restored["params"])
     restored["params"] = optax.apply_updates(restored["params"], updates)
   assert int(opt_state[1].count) == 5 and np.all(np.isfinite(restored["params"]["w"]))

@@ -51,10 +51,11 @@ def test_params_changed_between_updates_stop_the_run():
   tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=60))
   params = _mlp_params()
   state = tx.init(params)
-  updates, state = tx.update(_loss_grads(1, params), state, params)
+  update = jax.jit(tx.update)  # one compilation for both updates
+  updates, state = update(_loss_grads(1, params), state, params)
   params = optax.apply_updates(params, updates)
   params = jax.tree.map(lambda p: p * 0.5, params)  # e.g. a weight constraint applied by hand
-  updates, state = tx.update(_loss_grads(2, params), state, params)
+  updates, state = update(_loss_grads(2, params), state, params)
   assert _is_stopped(optax.apply_updates(params, updates))
   with pytest.raises(ValueError, match="do not change params between tx.update calls"):
     flipout.flip_counts(state)
@@ -118,9 +119,10 @@ def test_a_state_without_a_sample_checks_nothing():
   params = _mlp_params()
   state = tx.init(params)
   state = (state[0]._replace(last_update=None), *state[1:])
-  updates, state = tx.update(_loss_grads(1, params), state, params)
+  update = jax.jit(tx.update)  # one compilation for both updates
+  updates, state = update(_loss_grads(1, params), state, params)
   params = optax.apply_updates(params, updates)
-  updates, state = tx.update(_loss_grads(2, params), state, params)
+  updates, state = update(_loss_grads(2, params), state, params)
   assert state[0].last_update is None and int(state[0].count) == 2
 
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from experiments import checkpoints
+from experiments import checkpoints, cli, digits
 from tests import saved_runs
 
 # The digits demo's recipe through the shared command line, in a fresh interpreter.
@@ -36,6 +36,11 @@ def _command(workdir, *extra):
   return [sys.executable, "-c", _ENTRY, *_ARGS, f"--workdir={workdir}", *extra]
 
 
+def _main(workdir, *extra) -> int:
+  """The same command line as :func:`_command`, run in this interpreter."""
+  return cli.main([*_ARGS, f"--workdir={workdir}", *extra], digits.DEFAULTS, ("lenet300",))
+
+
 def _env():
   return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
@@ -57,37 +62,25 @@ def _kill_after_checkpoint(workdir, epoch):
   return process.returncode
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-  # The uninterrupted run goes alongside the killed one (two cores, two compiles).
-  uninterrupted = tmp_path / "uninterrupted"
-  complete = subprocess.Popen(
-      _command(uninterrupted),
-      env=_env(),
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, capsys):
+  # Only the killed run needs a process of its own (SIGKILL); the uninterrupted run and the
+  # resume run in this interpreter, which saves starting two more.
   killed = tmp_path / "killed"
   assert _kill_after_checkpoint(killed, _KILL_AFTER_EPOCH) == -signal.SIGKILL
   assert not (killed / "summary.json").exists(), "the run ended before it was killed"
   epochs_before_resume = len((killed / "metrics.jsonl").read_text().splitlines())
   assert _KILL_AFTER_EPOCH <= epochs_before_resume < 12
 
-  resumed = subprocess.run(
-      _command(killed, "--resume", "--progress"),
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert resumed.returncode == 0, resumed.stderr
-  resumed_from = int(resumed.stdout.split("resuming after epoch ")[1].split()[0])
+  capsys.readouterr()
+  assert _main(killed, "--resume", "--progress") == 0
+  resumed_out = capsys.readouterr().out
+  resumed_from = int(resumed_out.split("resuming after epoch ")[1].split()[0])
   assert _KILL_AFTER_EPOCH <= resumed_from <= epochs_before_resume
-  assert f"epoch {resumed_from}/12:" not in resumed.stdout  # no epoch is trained twice
-  assert f"epoch {resumed_from + 1}/12:" in resumed.stdout
+  assert f"epoch {resumed_from}/12:" not in resumed_out  # no epoch is trained twice
+  assert f"epoch {resumed_from + 1}/12:" in resumed_out
 
-  _, complete_errors = complete.communicate(timeout=600)
-  assert complete.returncode == 0, complete_errors
+  uninterrupted = tmp_path / "uninterrupted"
+  assert _main(uninterrupted) == 0
 
   expected, actual = saved_runs.final_arrays(uninterrupted), saved_runs.final_arrays(killed)
   for name in ("params", "masks", "flips"):

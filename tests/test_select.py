@@ -1,5 +1,7 @@
 """Exact selection with keys recomputed in every counting pass (select.py), and its memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +25,17 @@ def _want(scores, live, k):
   return want
 
 
+# Jitted once at module level, k traced: the calls of a test (and the tests of the same
+# shapes) reuse one compilation instead of compiling a fresh closure for every k.
+@jax.jit
+def _lazy_lowest_k_jitted(scores, live, k):
+  keys = lambda: [select.sortable_keys(s, m) for s, m in zip(scores, live)]
+  return select.lowest_k(keys, k)
+
+
 def _lazy_lowest_k(scores, live, k):
   """lowest_k with keys given as a function (recomputed in every pass), jitted."""
-
-  def run(scores, live, k):
-    keys = lambda: [select.sortable_keys(s, m) for s, m in zip(scores, live)]
-    return select.lowest_k(keys, k)
-
-  chosen = jax.jit(run)(scores, live, k)
+  chosen = _lazy_lowest_k_jitted(scores, live, k)
   return np.concatenate([np.asarray(c).ravel() for c in chosen])
 
 
@@ -112,9 +117,14 @@ def test_counts_pad_only_sizes_without_a_row_length_from_16_to_32(size, padded):
 _MAX32 = 2**32 - 1
 
 
+@jax.jit
+def _raw_lowest_k_jitted(keys, k):
+  return select.lowest_k(lambda: keys, k)
+
+
 def _raw_lowest_k(keys, k):
   """lowest_k on raw unsigned keys (any values, 0 and the maximum included), jitted."""
-  chosen = jax.jit(lambda keys, k: select.lowest_k(lambda: keys, k))(keys, k)
+  chosen = _raw_lowest_k_jitted(keys, k)
   return np.concatenate([np.asarray(c).ravel() for c in chosen])
 
 
@@ -123,6 +133,10 @@ def _raw_want(keys, k):
   want = np.zeros(flat.size, bool)
   want[np.argsort(flat, kind="stable")[:k]] = True
   return want
+
+
+# One compilation per key shapes, shared by the three fills of those shapes.
+_count_at_most_each_int32 = jax.jit(lambda keys, t: select._count_at_most_each(keys, t, jnp.int32))
 
 
 @pytest.mark.parametrize(
@@ -146,9 +160,7 @@ def test_packed_counts_match_numpy_for_each_threshold(fill, sizes):
   else:
     values = np.concatenate([thresholds, thresholds - 1, thresholds + 1]).astype(np.uint32)
   keys = [rng.choice(values, size) for size in sizes]
-  got = jax.jit(lambda keys, t: select._count_at_most_each(keys, t, jnp.int32))(
-      keys, jnp.asarray(thresholds)
-  )
+  got = _count_at_most_each_int32(keys, jnp.asarray(thresholds))
   flat = np.concatenate(keys)
   np.testing.assert_array_equal(got, [np.count_nonzero(flat <= t) for t in thresholds])
 
@@ -226,9 +238,10 @@ def test_the_key_search_takes_ceil_bits_over_log2_6_or_11_passes(dtype, passes):
   with jax.enable_x64(dtype == np.uint64):
     bits = np.iinfo(dtype).bits
     keys = np.asarray([0, 1, 2**bits // 3, 2**bits - 2, 2**bits - 1], dtype)
+    run_jitted = jax.jit(run)  # k is traced: one compilation for every k
     for k in range(1, keys.size + 1):
       calls.clear()
-      cut = jax.jit(run)(keys, k)
+      cut = run_jitted(keys, k)
       jax.effects_barrier()
       assert len(calls) <= passes, k
       assert int(cut.position) == keys.size
@@ -271,6 +284,12 @@ def _params():
   return {f"layer{i}": {"kernel": shape, "bias": bias} for i in range(4)}
 
 
+@functools.cache
+def _dense_peak_bytes() -> int:
+  """The peak of the step without prune, the same for every parametrisation: compiled once."""
+  return _peak_bytes(optax.sgd(0.1, momentum=0.9))
+
+
 def _peak_bytes(tx) -> int:
   def loss(params, x):
     for i in range(4):
@@ -310,7 +329,7 @@ def test_prune_adds_little_more_than_its_state_to_the_step_peak(
   # weight of their own.
   sgd = optax.sgd(0.1, momentum=0.9)
   weights = 4 * _WIDTH * _WIDTH
-  dense = _peak_bytes(sgd)
+  dense = _dense_peak_bytes()
   tx = flipout.prune(0.9, total_steps=100, criterion=criterion, flip_count_dtype=flip_count_dtype)
   pruned = _peak_bytes(optax.chain(sgd, tx))
   assert state <= (pruned - dense) / weights <= state + scratch
