@@ -100,10 +100,29 @@ def _accuracy(logits: np.ndarray, labels) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
 
 
+def _program_forward(model: nnx.Module, batch) -> tuple[Callable, int]:
+  """``images -> logits`` of ``flipout.compact(..., constants="program")`` of ``model`` (the
+  removed units' constants go into the compact program, so channels read through zero
+  padding go too), and its parameter count."""
+  graphdef, state = nnx.split(model)
+  compacted = flipout.compact(lambda s, images: nnx.merge(graphdef, s)(images), state, batch)
+  apply = jax.jit(compacted.apply)
+  size = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(compacted.params))
+  return (lambda images: apply(compacted.params, images)), size
+
+
 def compact_run(
-    workdir, *, repeats: int = 21, epoch: int | None = None, show: bool = False
+    workdir,
+    *,
+    repeats: int = 21,
+    epoch: int | None = None,
+    show: bool = False,
+    program: bool = False,
 ) -> dict[str, Any]:
   """Compacts the run in ``workdir``; returns the report (see the module docstring).
+
+  ``program``: also time ``flipout.compact`` with ``constants="program"`` (report keys
+  ``program_*``), whose result is a function rather than a model of the family.
 
   Raises:
     config_lib.ConfigError: no checkpoint in ``workdir``, or a run without pruning.
@@ -126,7 +145,12 @@ def compact_run(
   dense_logits, compact_logits = (
       batched_logits(f, images, batch_size, show=show) for f in forwards
   )
-  dense_times, compact_times = time_side_by_side(forwards, images[:batch_size], repeats, show=show)
+  program_size = None
+  if program:
+    program_forward, program_size = _program_forward(run.model, images[:batch_size])
+    forwards = (*forwards, program_forward)
+  times = time_side_by_side(forwards, images[:batch_size], repeats, show=show)
+  dense_times, compact_times = times[0], times[1]
   dense_flops, live_flops = models.inference_flops(run.model, input_shape)
   params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
   return {
@@ -152,6 +176,14 @@ def compact_run(
       "compact_ms_per_batch": 1e3 * statistics.median(compact_times),
       "speedup": statistics.median(d / c for d, c in zip(dense_times, compact_times)),
       "compact_kernels": kernel_usage(result.model),
+      **(
+          {}
+          if program_size is None
+          else {
+              "program_parameters": program_size,
+              "program_speedup": statistics.median(d / c for d, c in zip(dense_times, times[2])),
+          }
+      ),
   }
 
 
@@ -185,6 +217,14 @@ def format_report(report: dict[str, Any]) -> str:
       for name, value in report["widths"].items()
       if value  # None (every input read) or no layers of that kind
   )
+  program = (
+      [
+          f"flipout.compact(constants='program'): {report['program_parameters']:,} parameters, "
+          f"speedup {report['program_speedup']:.2f}x"
+      ]
+      if "program_speedup" in report
+      else []
+  )
   return "\n".join(
       [
           f"{report['model']} / {report['method']} (epoch {report['epoch']}, sparsity "
@@ -196,6 +236,7 @@ def format_report(report: dict[str, Any]) -> str:
           f"compact kernels: {usage['live_weights']:,} live of {usage['kernel_entries']:,} "
           f"({usage['live_weights'] / max(usage['kernel_entries'], 1):.2%}); "
           f"{usage['single_input_units']:,} of {usage['units']:,} units read one live weight",
+          *program,
       ]
   )
 
@@ -209,6 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       "--repeats", type=cli.positive_int, default=21, help="timed repetitions of each model"
   )
   parser.add_argument("--epoch", type=int, default=None, help="checkpoint (default: newest)")
+  parser.add_argument(
+      "--program",
+      action="store_true",
+      help="also time flipout.compact(constants='program'): constants folded into the program",
+  )
   try:
     args = parser.parse_args(argv)
   except SystemExit as exit_request:
@@ -217,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
     return cli.fail(_PROG, f"--json={args.json} is a folder or in a folder that does not exist")
   try:
-    report = compact_run(args.workdir, repeats=args.repeats, epoch=args.epoch, show=True)
+    report = compact_run(
+        args.workdir, repeats=args.repeats, epoch=args.epoch, show=True, program=args.program
+    )
     if args.json is not None:
       Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
   except (ValueError, OSError) as error:  # ConfigError, DatasetUnavailableError too

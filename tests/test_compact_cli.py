@@ -55,6 +55,15 @@ def test_compact_run_prints_and_writes_the_report(pruned_run, tmp_path, capsys):
   assert "units read one live weight" in printed
 
 
+def test_program_mode_is_timed_beside_and_removes_at_least_as_much(pruned_run, capsys):
+  report = compact.compact_run(pruned_run, repeats=3, program=True)
+  assert 0 < report["program_parameters"] <= report["compact_parameters"]
+  assert report["program_speedup"] > 0
+  print(compact.format_report(report))
+  assert "flipout.compact(constants='program')" in capsys.readouterr().out
+  assert "program_speedup" not in compact.compact_run(pruned_run, repeats=1)
+
+
 def test_kernel_usage_counts_live_weights_and_single_input_units():
   layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
   # Units 0 and 2 read one live weight, unit 1 reads three, unit 3 none.
