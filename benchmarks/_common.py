@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 import flipout_jax as flipout
-from experiments import cli, models, optimizers
+from experiments import cli, models, optimizers, run_state
 from experiments import config as config_lib
 
 MNIST_SHAPE = (28, 28, 1)
@@ -54,8 +54,16 @@ FLIPOUT = "flipout"  # gradient_noise -> ... -> flipout.prune (the paper's full 
 # ... -> flipout.fixed_masks(all live): prune's masking and flip counting without its event
 # (no conditional in the step), to tell the two costs apart.
 MASKS = "masks"
-VARIANTS = (DENSE, PRUNE, FLIPOUT, MASKS)
+# ... -> flipout.prune(0.999, structure="unit") with the model's unit groups, and
+# ... -> flipout.prune(structure="2:4") (sparsity 0.5) on the kernels whose input width is a
+# multiple of 4: the same steady step as `prune`, other events.
+PRUNE_UNIT = "prune_unit"
+PRUNE_2_4 = "prune_2:4"
+STRUCTURED_VARIANTS = (PRUNE_UNIT, PRUNE_2_4)
+VARIANTS = (DENSE, PRUNE, FLIPOUT, MASKS, *STRUCTURED_VARIANTS)
 DEFAULT_VARIANTS = (DENSE, PRUNE, FLIPOUT)
+# The trainer's --structure of each pruning variant.
+STRUCTURE_OF = {PRUNE: "weight", PRUNE_UNIT: "unit", PRUNE_2_4: "2:4"}
 
 LEARNING_RATE = 0.01  # small: synthetic labels, many steps; keeps the weights finite
 MOMENTUM = 0.9
@@ -153,6 +161,17 @@ def init_model(case: Case, seed: int = 0) -> PureModel:
   return PureModel(graphdef, fill(params), fill(batch_stats))
 
 
+@functools.lru_cache(maxsize=8)
+def unit_groups_of(case: Case) -> Any:
+  """``flipout.unit_groups`` of the model's inference function, as the trainer reads them."""
+  abstract = nnx.eval_shape(lambda: _create(case, 0))
+  abstract.eval()
+  graphdef_eval, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  return run_state.model_unit_groups(
+      graphdef_eval, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), case.input_shape
+  )
+
+
 def synthetic_batch(case: Case, seed: int = 0) -> tuple[jax.Array, jax.Array]:
   """Standard-normal float32 images (as if normalised) and uniform int32 labels (NumPy-drawn)."""
   rng = np.random.default_rng(seed)
@@ -181,28 +200,36 @@ def make_chain(
     learning_rate: float = LEARNING_RATE,
     seed: int = 0,
     params=None,
+    unit_groups=None,
 ) -> optax.GradientTransformation:
   """The chain of ``variant`` (one of :data:`VARIANTS`), built by the trainer's own builder.
 
   ``dense`` is the trainer's dense method; ``prune`` its flipout method without the noise;
   ``flipout`` the paper's full chain. One "epoch" of ``total_steps`` steps and no milestones:
   a constant learning rate. ``masks`` is the dense chain followed by ``fixed_masks`` with every
-  weight of the leaves of 2+ dimensions of ``params`` (arrays or shapes) live.
+  weight of the leaves of 2+ dimensions of ``params`` (arrays or shapes) live. ``prune_unit``
+  and ``prune_2:4`` are ``prune`` with the trainer's ``--structure=unit`` (``unit_groups``:
+  :func:`unit_groups_of` the model) and ``--structure=2:4 --sparsity=0.5``.
 
   Raises:
-    ValueError: unknown ``variant``, or ``masks`` without ``params``.
+    ValueError: unknown ``variant``, ``masks`` without ``params`` or ``prune_unit`` without
+      ``unit_groups``.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+  if variant == PRUNE_UNIT and unit_groups is None:
+    raise ValueError(f"variant {PRUNE_UNIT!r} needs unit_groups: the model's coupled units")
   if variant == MASKS:
     if params is None:
       raise ValueError(f"variant {MASKS!r} needs params: its masks are shaped like them")
     dense = make_chain(DENSE, total_steps=total_steps, learning_rate=learning_rate, seed=seed)
     all_live = lambda leaf: np.ones(leaf.shape, bool) if len(leaf.shape) >= 2 else None
     return optax.chain(dense, flipout.fixed_masks(jax.tree.map(all_live, params)))
+  structure = STRUCTURE_OF.get(variant, "weight")
   run_config = config_lib.Config(
       method="dense" if variant == DENSE else "flipout",
-      sparsity=TARGET_SPARSITY,
+      sparsity=0.5 if variant == PRUNE_2_4 else TARGET_SPARSITY,
+      structure=structure,
       epochs=1,
       lr=learning_rate,
       milestones=(),
@@ -211,7 +238,9 @@ def make_chain(
       noise_scale=1.0 if variant == FLIPOUT else 0.0,
       seed=seed,
   )
-  return optimizers.build_optimizer(run_config, steps_per_epoch=total_steps)
+  return optimizers.build_optimizer(
+      run_config, steps_per_epoch=total_steps, unit_groups=unit_groups
+  )
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, donate: bool = True) -> Callable:
@@ -250,12 +279,26 @@ def chain_and_step(
 
 
 def model_chain_and_step(
-    model: PureModel, variant: str, total_steps: int = STEADY_TOTAL_STEPS, seed: int = 0
+    model: PureModel,
+    variant: str,
+    total_steps: int = STEADY_TOTAL_STEPS,
+    seed: int = 0,
+    case: Case | None = None,
 ) -> tuple[optax.GradientTransformation, Callable]:
-  """:func:`chain_and_step` for ``model``; the ``masks`` chain (built from its params) uncached."""
-  if variant != MASKS:
+  """:func:`chain_and_step` for ``model``; the ``masks`` chain (built from its params) and the
+  ``prune_unit`` one (from the unit groups of ``case``, the model's case) uncached.
+
+  Raises:
+    ValueError: ``prune_unit`` without ``case``.
+  """
+  if variant == PRUNE_UNIT:
+    if case is None:
+      raise ValueError(f"variant {PRUNE_UNIT!r} needs the case: its groups come from the model")
+    tx = make_chain(variant, total_steps=total_steps, seed=seed, unit_groups=unit_groups_of(case))
+  elif variant == MASKS:
+    tx = make_chain(MASKS, total_steps=total_steps, seed=seed, params=model.params)
+  else:
     return chain_and_step(model.graphdef, variant, total_steps, seed)
-  tx = make_chain(MASKS, total_steps=total_steps, seed=seed, params=model.params)
   return tx, make_train_step(model.graphdef, tx)
 
 
@@ -284,7 +327,7 @@ class StepRunner:
       model: PureModel | None = None,
   ):
     model = init_model(case, seed) if model is None else model
-    self.tx, self.step = model_chain_and_step(model, variant, total_steps, seed)
+    self.tx, self.step = model_chain_and_step(model, variant, total_steps, seed, case)
     # Own copies (from the host): the state is donated, and runners may share one model.
     params, batch_stats = (
         jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
@@ -373,6 +416,17 @@ def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> tu
   ratios = np.asarray(numerator) / np.asarray(denominator)
   low, high = np.percentile(ratios, [25, 75])
   return float(low), float(high)
+
+
+def ratio_summary(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+  """``{"median", "p25", "p75"}`` of the per-repetition ratios ``numerator / denominator``."""
+  low, high = ratio_spread(numerator, denominator)
+  return {"median": median_ratio(numerator, denominator), "p25": low, "p75": high}
+
+
+def format_ratio(ratio: dict[str, float]) -> str:
+  """``1.013x [1.008-1.019]``: median and interquartile range of the per-repetition ratios."""
+  return f"{ratio['median']:.3f}x [{ratio['p25']:.3f}-{ratio['p75']:.3f}]"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def analyse_variant(
     case: Case, variant: str, model: _common.PureModel, total_steps: int
 ) -> dict[str, Any]:
   """Optimizer-state bytes and the compiled step's memory analysis for one chain."""
-  tx, step = _common.model_chain_and_step(model, variant, total_steps)
+  tx, step = _common.model_chain_and_step(model, variant, total_steps, case=case)
   opt_state = jax.eval_shape(tx.init, model.params)
   compiled = step.lower(
       (model.params, model.batch_stats, opt_state), *_common.abstract_batch(case)

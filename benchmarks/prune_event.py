@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import flipout_jax as flipout
 from benchmarks import _common
@@ -43,6 +44,8 @@ TINY_REFERENCE = _common.TINY_CASES[0]
 _TARGET, _TOTAL_STEPS = 0.5, 3
 _COLUMNS = 256  # default width of the synthetic 2-D leaves
 GOAL_AT_20M = 0.25  # issue 5: an event costs <= 0.25 of a VGG19 step at 20M weights
+# What step_overhead --structures compares one event of (prune's `structure`).
+STRUCTURES = ("weight", "unit", "2:4")
 
 
 class EventProblem(NamedTuple):
@@ -85,11 +88,40 @@ def make_problem(size: int, leaves: int, seed: int = 0, columns: int = _COLUMNS)
       n: jnp.asarray(scale * rng.standard_normal((rows, columns), np.float32)) for n in names
   }
   params, grads = draw(np.float32(1.0)), draw(np.float32(0.01))
-  flips = {n: jnp.asarray(rng.integers(0, 8, (rows, columns), np.int32)) for n in names}
   masks = {n: jnp.ones((rows, columns), bool) for n in names}
+  return _problem(params, grads, masks, rng)
+
+
+def _problem(params, grads, masks, rng: np.random.Generator) -> EventProblem:
+  """The states before the event and before a plain step, all live, with int32 flip counts
+  uniform in 0..7 (the widest counters; differing counts make FlipOut's scores differ)."""
+  flips = jax.tree.map(lambda m: jnp.asarray(rng.integers(0, 8, m.shape, np.int32)), masks)
   event_step = flipout.event_steps(_TARGET, _TOTAL_STEPS)[0]
   state = lambda count: flipout.PruneState(jnp.asarray(count, jnp.int32), masks, flips)
-  return EventProblem(params, grads, state(event_step - 1), state(0), leaves * rows * columns)
+  size = sum(int(np.size(m)) for m in jax.tree.leaves(masks))
+  return EventProblem(params, grads, state(event_step - 1), state(0), size)
+
+
+def structure_prune(structure: str, unit_groups=None) -> optax.GradientTransformation:
+  """``prune`` with one event, at step 2, pruning half of the prunable weights by ``structure``
+  (one of :data:`STRUCTURES`): ``unit`` with ``unit_groups``; ``2:4`` on the kernels whose
+  input width is a multiple of 4, as the trainer's ``--structure=2:4``."""
+  if structure == "weight":
+    return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS)
+  if structure == "unit":
+    return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS, structure="unit", groups=unit_groups)
+  divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % 4 == 0
+  return flipout.prune(None, total_steps=_TOTAL_STEPS, structure=structure, where=divisible)
+
+
+def model_problem(params, tx: optax.GradientTransformation, seed: int = 0) -> EventProblem:
+  """A model's ``params`` with 0.01x standard-normal gradients, pruned by ``tx``
+  (:func:`structure_prune`) at its prunable leaves."""
+  rng = np.random.default_rng(seed)
+  grads = jax.tree.map(
+      lambda p: jnp.asarray(np.float32(0.01) * rng.standard_normal(p.shape, np.float32)), params
+  )
+  return _problem(params, grads, tx.init(params).masks, rng)
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,8 +136,9 @@ def _pruned_count(state: flipout.PruneState) -> int:
   )
 
 
-def check_branches(update, problem: EventProblem) -> None:
-  """The event update prunes exactly ``round(0.5 N)`` weights, the steady one none.
+def check_branches(update, problem: EventProblem, *, whole_groups: bool = False) -> None:
+  """The event update prunes exactly ``round(0.5 N)`` weights (with ``whole_groups``: at least
+  that many, and not all), the steady one none.
 
   Raises:
     RuntimeError: otherwise (the timings would not measure what they claim).
@@ -113,10 +146,13 @@ def check_branches(update, problem: EventProblem) -> None:
   _, after_event = update(problem.grads, problem.event_state, problem.params)
   _, after_steady = update(problem.grads, problem.steady_state, problem.params)
   expected = round(_TARGET * problem.size)
-  if _pruned_count(after_event) != expected or _pruned_count(after_steady) != 0:
+  pruned = _pruned_count(after_event)
+  right = expected <= pruned < problem.size if whole_groups else pruned == expected
+  if not right or _pruned_count(after_steady) != 0:
+    expected_text = f"at least {expected}, not all," if whole_groups else str(expected)
     raise RuntimeError(
-        f"prune_event: expected the event to prune {expected} of {problem.size} weights and the "
-        f"steady update none; got {_pruned_count(after_event)} and {_pruned_count(after_steady)}"
+        f"prune_event: expected the event to prune {expected_text} of {problem.size} weights "
+        f"and the steady update none; got {pruned} and {_pruned_count(after_steady)}"
     )
 
 
@@ -184,6 +220,90 @@ def measure_size(
       "ns_per_weight": 1e9 * statistics.median(event_cost) / problem.size,
       "samples": seconds,
   }
+
+
+def measure_structure_events(
+    case: Case,
+    model: _common.PureModel,
+    *,
+    reference: _common.StepRunner,
+    repetitions: int,
+    window_s: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """Times one event of each of :data:`STRUCTURES` on ``model``'s params, side by side.
+
+  Each structure's event cost (event update minus steady update, per repetition) is given in
+  ``reference`` steps and against the ``weight`` structure's event cost of the same repetition.
+
+  Returns:
+    ``{"model", "batch_size", "reference_seconds", "structures": {structure: {"size",
+    "event_update_seconds", "steady_update_seconds", "event_cost_seconds",
+    "event_cost_in_steps", "event_cost_vs_weight"}}, "samples"}``, the ratios as
+    :func:`benchmarks._common.ratio_summary`.
+  """
+  runners: dict[str, Any] = {"reference": reference}
+  sizes = {}
+  for structure in STRUCTURES:
+    groups = _common.unit_groups_of(case) if structure == "unit" else None
+    tx = structure_prune(structure, groups)
+    problem = model_problem(model.params, tx, seed)
+    update = jax.jit(tx.update)
+    check_branches(update, problem, whole_groups=structure == "unit")
+    runners[f"{structure} event"] = _update_runner(update, problem, problem.event_state)
+    runners[f"{structure} steady"] = _update_runner(update, problem, problem.steady_state)
+    sizes[structure] = problem.size
+  seconds = _common.interleaved_timings(runners, repetitions=repetitions, window_s=window_s).seconds
+  costs = {s: _differences(seconds[f"{s} event"], seconds[f"{s} steady"]) for s in STRUCTURES}
+  return {
+      "model": case.model,
+      "batch_size": case.batch_size,
+      "reference_seconds": statistics.median(seconds["reference"]),
+      "structures": {
+          s: {
+              "size": sizes[s],
+              "event_update_seconds": statistics.median(seconds[f"{s} event"]),
+              "steady_update_seconds": statistics.median(seconds[f"{s} steady"]),
+              "event_cost_seconds": statistics.median(costs[s]),
+              "event_cost_in_steps": _common.ratio_summary(costs[s], seconds["reference"]),
+              "event_cost_vs_weight": _common.ratio_summary(costs[s], costs["weight"]),
+          }
+          for s in STRUCTURES
+      },
+      "samples": seconds,
+  }
+
+
+def structure_event_table(results: Sequence[dict[str, Any]]) -> str:
+  """One row per (case, structure) of :func:`measure_structure_events`: update times, the
+  event's cost and its ratios (median [25th-75th percentile])."""
+  headers = [
+      "model",
+      "batch",
+      "structure",
+      "prunable weights",
+      "event update ms",
+      "steady update ms",
+      "event cost ms",
+      "event / dense step",
+      "event / weight event",
+  ]
+  rows = [
+      [
+          result["model"],
+          result["batch_size"],
+          structure,
+          f"{row['size']:,}",
+          f"{1e3 * row['event_update_seconds']:.2f}",
+          f"{1e3 * row['steady_update_seconds']:.2f}",
+          f"{1e3 * row['event_cost_seconds']:.2f}",
+          _common.format_ratio(row["event_cost_in_steps"]),
+          _common.format_ratio(row["event_cost_vs_weight"]),
+      ]
+      for result in results
+      for structure, row in result["structures"].items()
+  ]
+  return cli.format_table(headers, rows)
 
 
 def measure_argsort(

@@ -8,13 +8,20 @@ three chains side by side in one process (see ``benchmarks/_common.py`` for the 
 * ``flipout``: gradient_noise(1.0) -> the same -> flipout.prune(0.999)  (the paper's chain)
 * ``masks`` (only with ``--variants``): the dense chain -> flipout.fixed_masks(all live), the
   masking and flip counting of ``prune`` without its event (no conditional in the step)
+* ``prune_unit`` and ``prune_2:4`` (added by ``--structures``, or named in ``--variants``):
+  ``prune`` with ``structure="unit"`` (the model's ``flipout.unit_groups``) and with
+  ``structure="2:4"`` (sparsity 0.5, on the kernels whose input width is a multiple of 4)
 
-and prints the median per-repetition ratio ``prune / dense`` and ``flipout / dense``. Steps
+and prints the median per-repetition ratio ``prune / dense`` and ``flipout / dense`` (and of
+each structured variant to ``prune``, when both are timed). ``--structures`` then also times
+one pruning event of each structure on the model's params against the weight structure's
+(``benchmarks.prune_event.measure_structure_events``). Steps
 are taken after the last pruning event of a run of ``--total_steps`` steps (default 10^8: int32
 flip counters; 60000: uint16 ones); the run checks afterwards that no weight was pruned.
 Cases: LeNet-300-100 at batch 128, ResNet18 and VGG19 at batch 32 on CPU; VGG19 and ResNet18
 at batch 128 on a GPU.
-Goals (issue 5): <= 1.10x LeNet-300-100 CPU, <= 1.02x VGG19 CPU, <= 1.03x GPU.
+Goals (issue 5): <= 1.10x LeNet-300-100 CPU, <= 1.02x VGG19 CPU, <= 1.03x GPU; (issue 21)
+a structured variant's overhead at most ``prune``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import _common
+from benchmarks import _common, prune_event
 from experiments import cli
 from benchmarks._common import Case
 
@@ -48,11 +55,13 @@ def measure_case(
 ) -> dict[str, Any]:
   """Times one training step of ``case`` with each chain of ``variants``, interleaved.
 
-  The first variant is the baseline of the ratios.
+  The first variant is the baseline of the ratios; the structured variants are also compared
+  with ``prune`` when it is timed.
 
   Returns:
     ``{"model", "batch_size", "seconds_per_step": {variant: median}, "steps_per_window",
-    "ratios": {variant: {"median", "p25", "p75"}}, "samples": {variant: [seconds...]}}``.
+    "ratios": {variant: {"median", "p25", "p75"}}, "samples": {variant: [seconds...]}}``,
+    and ``"ratios_to_prune"`` (same form) of the structured variants when ``prune`` is timed.
 
   Raises:
     RuntimeError: a pruning event happened inside the timed steps (``total_steps`` too small).
@@ -69,15 +78,8 @@ def measure_case(
         "run's last event"
     )
   baseline = timings.seconds[variants[0]]
-  ratios = {}
-  for variant in variants[1:]:
-    low, high = _common.ratio_spread(timings.seconds[variant], baseline)
-    ratios[variant] = {
-        "median": _common.median_ratio(timings.seconds[variant], baseline),
-        "p25": low,
-        "p75": high,
-    }
-  return {
+  ratios = {v: _common.ratio_summary(timings.seconds[v], baseline) for v in variants[1:]}
+  result = {
       "model": case.model,
       "batch_size": case.batch_size,
       "seconds_per_step": {v: statistics.median(s) for v, s in timings.seconds.items()},
@@ -85,20 +87,35 @@ def measure_case(
       "ratios": ratios,
       "samples": timings.seconds,
   }
+  structured = structured_against_prune(variants)
+  if structured:
+    unstructured = timings.seconds[_common.PRUNE]
+    result["ratios_to_prune"] = {
+        v: _common.ratio_summary(timings.seconds[v], unstructured) for v in structured
+    }
+  return result
 
 
-def format_ratio(ratio: dict[str, float]) -> str:
-  """``1.013x [1.008-1.019]``: median and interquartile range of the per-repetition ratios."""
-  return f"{ratio['median']:.3f}x [{ratio['p25']:.3f}-{ratio['p75']:.3f}]"
+def structured_against_prune(variants: Sequence[str]) -> list[str]:
+  """The structured variants among ``variants`` when ``prune`` (their comparison) is too."""
+  if _common.PRUNE not in variants:
+    return []
+  return [v for v in variants if v in _common.STRUCTURED_VARIANTS]
+
+
+format_ratio = _common.format_ratio
 
 
 def overhead_table(results: Sequence[dict[str, Any]], device: str, variants: Sequence[str]) -> str:
-  """The printed table: ms per step of each variant, ratios to the first, and the goal."""
+  """The printed table: ms per step of each variant, ratios to the first, and the goal; then the
+  structured variants' ratios to ``prune`` (goal: at most 1)."""
+  structured = structured_against_prune(variants)
   headers = (
       ["model", "batch"]
       + [f"{v} ms/step" for v in variants]
       + [f"{v} / {variants[0]}" for v in variants[1:]]
       + ["goal"]
+      + [f"{v} / {_common.PRUNE}" for v in structured]
   )
   rows = []
   for result in results:
@@ -108,6 +125,7 @@ def overhead_table(results: Sequence[dict[str, Any]], device: str, variants: Seq
         + [f"{1e3 * result['seconds_per_step'][v]:.2f}" for v in variants]
         + [format_ratio(result["ratios"][v]) for v in variants[1:]]
         + ["-" if goal is None else f"<= {goal:.2f}x"]
+        + [format_ratio(result["ratios_to_prune"][v]) for v in structured]
     )
   return cli.format_table(headers, rows)
 
@@ -120,6 +138,12 @@ def build_parser(
   _common.add_case_arguments(parser)
   _common.add_run_length_argument(parser)
   _common.add_timing_arguments(parser, repetitions=repetitions, window_s=window_s)
+  parser.add_argument(
+      "--structures",
+      action="store_true",
+      help=f"also time {','.join(_common.STRUCTURED_VARIANTS)} (prune by units, by 2:4) and one "
+      "pruning event of each structure against the weight structure's",
+  )
   return parser
 
 
@@ -187,6 +211,8 @@ def run_command(
     cases, variants = selected_cases(args, device), selected_variants(args)
   except ValueError as error:
     return cli.fail(prog, error)
+  if args.structures:
+    variants += tuple(v for v in _common.STRUCTURED_VARIANTS if v not in variants)
   repetitions, window_s = _common.timing_budget(args)
   info = _common.machine_info()
   print(
@@ -194,7 +220,7 @@ def run_command(
       "repetitions [25th-75th percentile]" + (" [TINY: not a result]" if args.tiny else ""),
       flush=True,
   )
-  results = []
+  results, events = [], []
   for case in cases:
     results.append(
         measure_case(
@@ -206,7 +232,13 @@ def run_command(
         )
     )
     print(f"  measured {case.label}", flush=True)
+    if args.structures:
+      events.append(measure_events(case, repetitions=repetitions, window_s=window_s))
+      print(f"  measured one event of each structure on {case.label}", flush=True)
   print(table(results, device, variants))
+  if args.structures:
+    print("one pruning event (half the prunable weights), its cost = event - steady update:")
+    print(prune_event.structure_event_table(events))
   if args.json:
     _common.write_json(
         args.json,
@@ -218,9 +250,23 @@ def run_command(
             "repetitions": repetitions,
             "total_steps": args.total_steps,
             "results": results,
+            **({"events": events} if args.structures else {}),
         },
     )
   return 0
+
+
+def measure_events(case: Case, *, repetitions: int, window_s: float) -> dict[str, Any]:
+  """One event of each structure on ``case``'s model, against its dense step (a fresh model
+  and runner: the step runners' donated states are gone)."""
+  model = _common.init_model(case)
+  return prune_event.measure_structure_events(
+      case,
+      model,
+      reference=_common.StepRunner(case, _common.DENSE, model=model),
+      repetitions=repetitions,
+      window_s=window_s,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

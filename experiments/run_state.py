@@ -68,7 +68,7 @@ def _model_initializer(
   return graphdef_train, graphdef_eval, initial_state
 
 
-def _unit_groups(graphdef_eval, params, batch_stats, input_shape):
+def model_unit_groups(graphdef_eval, params, batch_stats, input_shape):
   """``flipout.unit_groups`` of the model's inference function, for the params.
 
   The batch statistics are traced as params too (not as arguments, which would pin their
@@ -124,7 +124,7 @@ def build_setup(
       params = run_once(flipout.apply_masks, params, snip_masks)
   groups = None
   if config.structure == "unit":
-    groups = _unit_groups(graphdef_eval, params, batch_stats, input_shape)
+    groups = model_unit_groups(graphdef_eval, params, batch_stats, input_shape)
   tx = optimizers.build_optimizer(config, steps_per_epoch, snip_masks, groups)
   step = jax.ShapeDtypeStruct((), jnp.int32) if abstract else np.zeros((), np.int32)
   state = {

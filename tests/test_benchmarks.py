@@ -122,6 +122,45 @@ def test_step_overhead_tiny_masks_variant_counts_flips_without_events(tmp_path, 
   assert math.isfinite(result["ratios"]["masks"]["median"])
 
 
+def test_step_overhead_tiny_structures_adds_the_structured_chains_and_one_event_each(
+    tmp_path, capsys
+):
+  output = tmp_path / "overhead.json"
+  argv = ["--tiny", "--variants", "dense,prune", "--structures", "--json", str(output)]
+  assert step_overhead.main(argv) == 0
+  printed = capsys.readouterr().out
+  for header in ("prune_unit / dense", "prune_2:4 / dense", "prune_unit / prune"):
+    assert header in printed
+  for structure in prune_event.STRUCTURES:
+    assert f"| lenet300 | 16    | {structure} " in printed
+  payload = _read_json(output)
+  (result,) = payload["results"]
+  samples = result["samples"]
+  assert set(samples) == {"dense", "prune", "prune_unit", "prune_2:4"}
+  for variant in _common.STRUCTURED_VARIANTS:
+    per_repetition = [a / b for a, b in zip(samples[variant], samples["prune"])]
+    assert result["ratios_to_prune"][variant]["median"] == pytest.approx(np.median(per_repetition))
+  (events,) = payload["events"]
+  assert set(events["structures"]) == set(prune_event.STRUCTURES)
+  # LeNet-300-100's kernels all have input widths (784, 300, 100) that 4 divides.
+  assert {row["size"] for row in events["structures"].values()} == {LENET300_KERNEL_WEIGHTS}
+  assert events["structures"]["weight"]["event_cost_vs_weight"]["median"] == 1.0
+
+
+def test_structured_chains_need_their_groups():
+  with pytest.raises(ValueError, match="prune_unit.*unit_groups"):
+    _common.make_chain(_common.PRUNE_UNIT)
+  model = _common.init_model(_common.TINY_CASES[0])
+  with pytest.raises(ValueError, match="prune_unit.*case"):
+    _common.model_chain_and_step(model, _common.PRUNE_UNIT)
+
+
+def test_two_of_four_chain_leaves_a_three_channel_first_conv_dense():
+  params = {"conv0": jnp.ones((3, 3, 3, 8)), "conv1": jnp.ones((3, 3, 8, 4)), "b": jnp.ones(4)}
+  masks = flipout.masks(_common.make_chain(_common.PRUNE_2_4).init(params))
+  assert masks["conv0"] is None and masks["b"] is None and masks["conv1"].shape == (3, 3, 8, 4)
+
+
 def test_masks_chain_needs_params():
   with pytest.raises(ValueError, match="masks.*params"):
     _common.make_chain(_common.MASKS)
@@ -236,6 +275,42 @@ def test_prune_event_check_fails_when_no_event_happens():
   no_event = problem._replace(event_state=problem.steady_state)
   with pytest.raises(RuntimeError, match="expected the event to prune 2048"):
     prune_event.check_branches(prune_event.event_update(), no_event)
+
+
+def _event_masks(structure):
+  case = _common.TINY_CASES[0]
+  groups = _common.unit_groups_of(case) if structure == "unit" else None
+  tx = prune_event.structure_prune(structure, groups)
+  problem = prune_event.model_problem(_common.init_model(case).params, tx)
+  update = jax.jit(tx.update)
+  prune_event.check_branches(update, problem, whole_groups=structure == "unit")
+  _, state = update(problem.grads, problem.event_state, problem.params)
+  return [np.asarray(m) for m in jax.tree.leaves(state.masks)]
+
+
+def test_unit_event_prunes_whole_hidden_units_and_keeps_every_logit():
+  first, second, logits = _event_masks("unit")  # kernels (784, 300), (300, 100), (100, 10)
+  for kernel in (first, second):
+    live_units = kernel.all(axis=0)
+    assert np.array_equal(live_units, kernel.any(axis=0))
+  pruned = sum(m.size - m.sum() for m in (first, second))
+  assert round(0.5 * LENET300_KERNEL_WEIGHTS) <= pruned < round(0.5 * LENET300_KERNEL_WEIGHTS) + 784
+  assert logits.all()
+
+
+def test_two_of_four_event_prunes_two_of_every_four_inputs():
+  for kernel in _event_masks("2:4"):
+    fours = kernel.reshape(kernel.shape[0] // 4, 4, kernel.shape[1])
+    assert (fours.sum(axis=1) == 2).all()
+
+
+def test_structured_event_check_fails_when_no_event_happens():
+  case = _common.TINY_CASES[0]
+  tx = prune_event.structure_prune("unit", _common.unit_groups_of(case))
+  problem = prune_event.model_problem(_common.init_model(case).params, tx)
+  no_event = problem._replace(event_state=problem.steady_state)
+  with pytest.raises(RuntimeError, match="expected the event to prune at least 133100"):
+    prune_event.check_branches(jax.jit(tx.update), no_event, whole_groups=True)
 
 
 @pytest.mark.parametrize(

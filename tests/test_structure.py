@@ -288,3 +288,13 @@ def test_n_of_m_breaks_ties_by_position_and_prunes_the_dead_first(pruned_per_run
   want = reference._n_of_m_masks([scores], [live], [1], 4 - pruned_per_run, 4, 1, 1)[0]
   # The reference rounds wanted/size * m: 1/1 * 4 = 4 per run, capped at m - n.
   np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_n_of_m_steady_update_keeps_the_masks_in_their_layout():
+  # The event's masks come out of a lax.cond, whose result layout XLA picks from both
+  # branches: a transposed mask from the N:M event made every step copy each mask into a
+  # transposed layout and back (twice the steady update's time on CPU).
+  params = {"kernel": jnp.ones((16, 12)), "second": jnp.ones((12, 8))}
+  tx = flipout.prune(structure="2:4", total_steps=10)
+  compiled = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  assert "transpose(" not in compiled

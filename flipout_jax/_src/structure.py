@@ -182,22 +182,26 @@ def keep_n_of_m(
   ``pruned_per_group`` are pruned, counting those already pruned first.
 
   Ties are broken by position along ``axis``. No sort: each weight's rank in its group is
-  counted by comparing it with the ``m - 1`` others.
+  counted by comparing it with the ``m - 1`` others. The runs are split off ``axis`` in place
+  (a reshape, no transpose): a transposed result would make XLA give the event's ``lax.cond``
+  a transposed layout, and every step without an event would then copy the masks into it and
+  back.
   """
-  moved_scores = jnp.moveaxis(scores, axis, -1)
-  moved_live = jnp.moveaxis(live, axis, -1)
-  shape = moved_scores.shape
-  grouped = (*shape[:-1], shape[-1] // m, m)
-  keys = select.sortable_keys(moved_scores, True).reshape(grouped)
-  alive = moved_live.reshape(grouped)
+  axis = axis % scores.ndim
+  shape = scores.shape
+  grouped = (*shape[:axis], shape[axis] // m, m, *shape[axis + 1 :])
+  within = axis + 1  # the axis of the position in a run
+  keys = select.sortable_keys(scores, True).reshape(grouped)
+  alive = live.reshape(grouped)
+  positions = jnp.arange(m).reshape([m if d == within else 1 for d in range(len(grouped))])
   rank = jnp.zeros(grouped, jnp.int32)
   for j in range(m):
-    key_j, alive_j = keys[..., j : j + 1], alive[..., j : j + 1]
+    key_j = jax.lax.slice_in_dim(keys, j, j + 1, axis=within)
+    alive_j = jax.lax.slice_in_dim(alive, j, j + 1, axis=within)
     # j comes before i: dead before live, then lower key, then lower position.
-    earlier = jnp.arange(m) > j
+    earlier = positions > j
     before = (alive & ~alive_j) | (
         (alive == alive_j) & ((key_j < keys) | ((key_j == keys) & earlier))
     )
     rank = rank + before.astype(jnp.int32)
-  new_live = (alive & (rank >= pruned_per_group)).reshape(shape)
-  return jnp.moveaxis(new_live, -1, axis)
+  return (alive & (rank >= pruned_per_group)).reshape(shape)
