@@ -77,6 +77,22 @@ class Store(NamedTuple):
   preempted: ocp.CheckpointManager
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager that leaves JAX's preemption sync point to the training loop.
+
+  orbax's ``save`` asks ``multihost_utils.reached_preemption_sync_point(step)`` with its own
+  step numbers (here epochs), and JAX agrees on one sync point per preemption notice, in the
+  numbering of whoever asks first after it. A SIGTERM landing during an epoch checkpoint's
+  save then fixed the sync point in epochs, the loop (which asks with steps done) never
+  reached it, and a two-process job ran on to the end, exit 0. The loop saves a preempted
+  run's state itself (``train._save_preempted``), so orbax never needs to ask.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def open_store(workdir: Path, config: config_lib.Config) -> Store:
   """Opens (creating) ``checkpoints/`` and ``preempted_checkpoint/`` of ``workdir``."""
   options = ocp.CheckpointManagerOptions(
@@ -88,8 +104,8 @@ def open_store(workdir: Path, config: config_lib.Config) -> Store:
   )
   return Store(
       workdir,
-      ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options),
-      ocp.CheckpointManager((workdir / PREEMPTED_DIR).absolute(), options=preempted_options),
+      _Manager((workdir / CHECKPOINT_DIR).absolute(), options=options),
+      _Manager((workdir / PREEMPTED_DIR).absolute(), options=preempted_options),
   )
 
 

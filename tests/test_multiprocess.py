@@ -9,10 +9,13 @@ the test accuracy within one of the 360 test images.
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -109,3 +112,49 @@ def test_two_processes_train_one_job_like_one_process_and_resume(tmp_path):
   for resumed, uninterrupted in zip(weights_resumed + masks_resumed, weights_job + masks_job):
     np.testing.assert_array_equal(resumed, uninterrupted)
   assert json.loads((job / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def _start_job(workdir, *extra) -> list[subprocess.Popen]:
+  address = f"127.0.0.1:{_free_port()}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  args = [a for a in _ARGS if not a.startswith("--epochs")] + [f"--epochs={_LONG_EPOCHS}"]
+  return [
+      subprocess.Popen(
+          [sys.executable, "-c", _PROCESS, *args, f"--workdir={workdir}", *extra]
+          + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"],
+          env=env,
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for index in range(2)
+  ]
+
+
+# Long enough that a signal sent after the first epoch's log always lands before the end.
+_LONG_EPOCHS = 12
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_ends_like_no_signal(tmp_path):
+  job, plain = tmp_path / "job", tmp_path / "plain"
+  processes = _start_job(job)
+  metrics = job / "metrics.jsonl"
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+    time.sleep(0.05)
+  processes[0].send_signal(signal.SIGTERM)  # a preemptible VM's notice reaches one process
+  errors = [p.communicate(timeout=900)[1] for p in processes]
+  assert [p.returncode for p in processes] == [75, 75], errors[0][-3000:]
+  stopped = [re.search(r"stopped after step (\d+)", e) for e in errors]
+  assert stopped[0] and stopped[1] and stopped[0].group(1) == stopped[1].group(1), errors
+  assert int(stopped[0].group(1)) < _LONG_EPOCHS * 22  # stopped early: 22 steps an epoch
+
+  for workdir, extra in ((job, ["--resume"]), (plain, [])):
+    processes = _start_job(workdir, *extra)
+    errors = [p.communicate(timeout=900)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors[0][-3000:]
+  resumed, uninterrupted = saved_runs.final_arrays(job), saved_runs.final_arrays(plain)
+  for kind in ("params", "masks"):
+    for got, want in zip(resumed[kind], uninterrupted[kind], strict=True):
+      np.testing.assert_array_equal(got, want)
