@@ -1,5 +1,7 @@
 """gradient_noise draws exactly jax.random.normal's stream, leaf by leaf (noise.py)."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,16 @@ def test_other_key_implementations_fall_back_to_their_own_draw():
     want = 2.0 + 2.0 * np.asarray(jax.random.normal(key, (128,))).reshape(16, 8)
   np.testing.assert_allclose(np.asarray(rbg), want, rtol=1e-6)
   assert not np.allclose(np.asarray(rbg), np.asarray(threefry))
+
+
+def test_the_noise_is_drawn_from_the_documented_stream():
+  # key_t = fold_in(fold_in(key(seed), tag), t), the tag built here from its documented
+  # definition (docs/algorithm.md), not read back from noise.py.
+  tag = zlib.crc32(b"flipout_jax/gradient_noise") & 0x7FFFFFFF
+  seed, count = 5, 3
+  params = {"w": jnp.ones((8, 4))}
+  grads = {"w": jnp.full((8, 4), 2.0)}  # sigma = ||g|| / sqrt(n) = 2
+  noisy = _noise_of(flipout.gradient_noise(1.0, seed=seed), grads, params, count)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), tag), count)
+  want = 2.0 + 2.0 * np.asarray(jax.random.normal(key, (32,))).reshape(8, 4)
+  np.testing.assert_allclose(np.asarray(noisy["w"]), want, rtol=1e-6)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import flipout_jax as flipout
+from flipout_jax._src import update_check
 from tests.test_transform import _data, _loss, _mlp_params
 
 
@@ -45,6 +46,25 @@ def test_prune_before_the_optimizer_stops_at_the_second_update():
   assert _is_stopped(history[1]) and _is_stopped(history[2])
   with pytest.raises(ValueError, match=r"LAST in optax.chain.*not optax.chain\(flipout.prune"):
     flipout.masks(state)
+
+
+def test_a_stopped_run_stays_stopped_when_the_params_stop_moving():
+  # Stopped at update 2; then the same params twice: the second of those is a skipped step
+  # by the sample and moves no pruned weight (no event yet), but the stopped count keeps it
+  # NaN.
+  tx = optax.chain(flipout.prune(0.9, total_steps=60), optax.sgd(0.1))
+  params = _mlp_params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)  # one compilation for all four updates
+  grads = _loss_grads(1, params)
+  updates, state = update(grads, state, params)
+  moved = optax.apply_updates(params, updates)
+  updates, state = update(grads, state, moved)
+  assert _is_stopped(optax.apply_updates(moved, updates))
+  for step in (3, 4):
+    updates, state = update(grads, state, params)
+    assert _is_stopped(optax.apply_updates(params, updates)), step
+  assert int(state[0].count) < 0
 
 
 def test_params_changed_between_updates_stop_the_run():
@@ -111,6 +131,16 @@ def test_the_sample_is_a_few_kib_whatever_the_model_size():
   sample = tx.init(big).last_update
   nbytes = sum(x.nbytes for x in jax.tree.leaves(sample))
   assert nbytes <= 4096, nbytes
+
+
+def test_the_sample_holds_at_most_its_size_for_leaves_that_its_stride_does_not_divide():
+  # 1000 and 1073 entries: every 7th and 8th entry are more than the 128 each leaf may keep.
+  tx = flipout.prune(0.5, total_steps=10)
+  params = {"a": jnp.zeros((100, 10)), "b": jnp.zeros((37, 29))}
+  sample = tx.init(params).last_update
+  sizes = [x.size for x in sample.before]
+  assert sum(sizes) <= update_check.SAMPLE_SIZE and min(sizes) >= 1, sizes
+  assert [x.size for x in sample.after] == sizes
 
 
 def test_a_state_without_a_sample_checks_nothing():

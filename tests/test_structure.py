@@ -73,6 +73,31 @@ def test_units_match_the_reference(criterion, group_score):
     assert columns.any(axis=0).sum() >= 1
 
 
+@pytest.mark.parametrize("criterion", ["flipout", "magnitude"])
+def test_single_weights_match_the_reference_across_events(criterion):
+  # structure="weight", the default beside the structures: 0.75 takes 2 events (steps 2 and
+  # 4), and the second prunes only the difference to what the first left pruned.
+  masks = _compare(
+      flipout.prune(0.75, total_steps=6, criterion=criterion),
+      6,
+      target=0.75,
+      total_steps=6,
+      criterion=criterion,
+  )
+  pruned = sum(int((~mask).sum()) for mask in masks)
+  assert pruned == 0.75 * sum(mask.size for mask in masks)
+
+
+def test_unit_groups_of_a_dense_stack_in_the_default_layout():
+  # (in, out) kernels: each of the hidden layer's units is a group, the outputs are -1.
+  hidden, outputs = 5, 3
+  params = {"a": np.ones((4, hidden), np.float32), "b": np.ones((hidden, outputs), np.float32)}
+  apply_fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+  groups = flipout.unit_groups(apply_fn, params, jnp.ones((2, 4)))
+  np.testing.assert_array_equal(groups["a"], np.arange(hidden))
+  np.testing.assert_array_equal(groups["b"], np.full(outputs, -1))
+
+
 def test_units_reach_at_least_the_target_with_the_fewest_groups():
   masks = _compare(
       flipout.prune(0.5, total_steps=4, structure="unit", criterion="global_magnitude"),
@@ -167,6 +192,14 @@ def test_n_of_m_along_the_equinox_input_axis():
   )
   for mask in masks:
     np.testing.assert_array_equal(mask.reshape(mask.shape[0], -1, 4).sum(axis=2), 1)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8)])
+def test_n_of_m_takes_its_own_sparsity_as_the_target(n, m):
+  # 1 - N/M is the one target N:M allows (the refused ones are below); builds, and is kept.
+  flipout.prune(1 - n / m, total_steps=10, structure=f"{n}:{m}")
+  structure = structure_lib.parse(f"{n}:{m}")
+  assert structure_lib.check_n_of_m_target(structure, 1 - n / m) == 1 - n / m
 
 
 def _init(tx, shapes=SHAPES):

@@ -110,6 +110,18 @@ def test_prune_last_in_chain_never_trips_the_order_check():
   assert not np.any(np.isnan(np.asarray(params["out"]["kernel"])))
 
 
+@pytest.mark.parametrize(
+    "kwargs", [dict(target_sparsity=0.0, total_steps=10), dict(prune_every=10, total_steps=10)]
+)
+def test_schedules_without_events_train_dense(kwargs):
+  # A target of 0 has no events; nor has rate mode when no multiple of prune_every comes
+  # before the last step.
+  tx = optax.chain(optax.sgd(0.1), flipout.prune(**kwargs))
+  params, state, _ = _train(tx, steps=10)
+  assert all(bool(m.all()) for m in jax.tree.leaves(flipout.masks(state)))
+  assert flipout.sparsity(params) == 0.0 and int(state[-1].count) == 10
+
+
 def test_inside_multisteps():
   inner = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.8, total_steps=30))
   tx = optax.MultiSteps(inner, every_k_schedule=2)
@@ -252,6 +264,12 @@ def test_prune_below_once_at_step():
         ),
         (dict(target_sparsity=0.5, total_steps=10, criterion=3), TypeError, "criterion"),
         (dict(target_sparsity=0.5, total_steps=10, where=[1, 2]), TypeError, "where"),
+        # The default structure="weight" has no units to group.
+        (
+            dict(target_sparsity=0.5, total_steps=10, groups={}),
+            ValueError,
+            "only structure='unit' takes groups",
+        ),
     ],
 )
 def test_prune_refuses_bad_arguments(kwargs, error, match):
