@@ -316,6 +316,98 @@ def test_padded_conv_whose_removed_channel_is_a_nonzero_constant():
   check_outputs(conv_net, params, compacted, images())
 
 
+@pytest.mark.parametrize(
+    "move, primitive",
+    [
+        (lambda h: h[1:], "slice"),
+        (lambda h: jnp.pad(h, ((1, 0), (0, 0))), "pad"),
+        (lambda h: jnp.squeeze(jnp.expand_dims(h, 1), 1), "squeeze"),
+    ],
+)
+def test_units_pass_through_ops_that_move_only_the_batch_axis(move, primitive):
+  rng = np.random.default_rng(18)
+  params = {
+      "w1": rng.normal(size=(4, 6)).astype(np.float32),
+      "w2": rng.normal(size=(6, 3)).astype(np.float32),
+  }
+  params["w2"][2] = 0.0  # nothing reads hidden unit 2
+  apply_fn = lambda p, x: move(jnp.tanh(x @ p["w1"])) @ p["w2"]
+  x = inputs(features=4)
+  assert primitive in str(jax.make_jaxpr(apply_fn)(params, x))
+  compacted = flipout.compact(apply_fn, params, x)
+  assert shapes(compacted.params) == {"w1": (4, 5), "w2": (5, 3)}
+  check_outputs(apply_fn, params, compacted, x)
+
+
+def test_a_flattened_copy_of_kept_channels_that_nothing_reads_goes():
+  # The channels are read by the mean; their flattened copy only by zero weights.
+  rng = np.random.default_rng(23)
+  params = {
+      "k": rng.normal(size=(3, 3, 2, 5)).astype(np.float32),
+      "w": rng.normal(size=(5, 3)).astype(np.float32),
+      "v": np.zeros((4 * 4 * 5, 3), np.float32),
+  }
+
+  def apply_fn(p, x):
+    h = jnp.tanh(
+        jax.lax.conv_general_dilated(
+            x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
+    return h.mean(axis=(1, 2)) @ p["w"] + h.reshape(h.shape[0], -1) @ p["v"]
+
+  compacted = flipout.compact(apply_fn, params, images())
+  assert shapes(compacted.params) == {"k": (3, 3, 2, 5), "w": (5, 3), "v": (0, 3)}
+  check_outputs(apply_fn, params, compacted, images())
+
+
+@pytest.mark.parametrize(
+    "image, layout, centre",
+    [
+        ((1, 1, 2), ("NHWC", "HWIO", "NHWC"), (1, 1)),  # the centre tap only
+        ((3, 3, 1, 2), ("NDHWC", "DHWIO", "NDHWC"), (slice(None), slice(None), 1)),  # 3-D
+    ],
+    ids=["2d", "3d"],
+)
+def test_a_channel_whose_only_live_taps_read_padding_goes(image, layout, centre):
+  # A size-1 spatial axis: a 3-tap "SAME" conv reads the image through its middle tap only.
+  rng = np.random.default_rng(25)
+  kernel = rng.normal(size=(3,) * (len(image) - 1) + (2, 3)).astype(np.float32)
+  kernel[(*centre, Ellipsis, 0)] = 0.0  # channel 0 is tanh(0) everywhere: it sees zeros only
+  positions = math.prod(image[:-1])
+  params = {"k": kernel, "w": rng.normal(size=(positions * 3, 2)).astype(np.float32)}
+
+  def apply_fn(p, x):
+    strides = (1,) * (x.ndim - 2)
+    h = jax.lax.conv_general_dilated(x, p["k"], strides, "SAME", dimension_numbers=layout)
+    return jnp.tanh(h).reshape(h.shape[0], -1) @ p["w"]
+
+  x = jax.random.normal(jax.random.key(5), (2, *image))
+  compacted = flipout.compact(apply_fn, params, x)
+  assert shapes(compacted.params) == {"k": kernel.shape[:-1] + (2,), "w": (positions * 2, 2)}
+  check_outputs(apply_fn, params, compacted, x)
+
+
+def test_channels_pass_through_a_reshape_merging_the_spatial_axes():
+  # (batch, height, width, channels) -> (batch, positions, channels), as for tokens.
+  rng = np.random.default_rng(26)
+  params = {
+      "k": rng.normal(size=(3, 3, 2, 5)).astype(np.float32),
+      "w": rng.normal(size=(5, 3)).astype(np.float32),
+  }
+  params["w"][1] = 0.0  # nothing reads channel 1
+
+  def apply_fn(p, x):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return (jnp.tanh(h).reshape(h.shape[0], -1, h.shape[-1]) @ p["w"]).sum(axis=1)
+
+  compacted = flipout.compact(apply_fn, params, images())
+  assert shapes(compacted.params) == {"k": (3, 3, 2, 4), "w": (4, 3)}
+  check_outputs(apply_fn, params, compacted, images())
+
+
 # ---------------------------------------------------------------------------------------------
 # What the analysis cannot see through is kept.
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +451,67 @@ def test_units_of_an_axis_an_op_mixes_are_kept(mix, reason):
   check_outputs(apply_fn, params, compacted, x)
 
 
+def test_output_rows_that_do_not_depend_on_the_input_are_reported_as_kept():
+  # The batch is padded with as many zero images before the conv: the 2 output rows they
+  # give are constants, kept because they are outputs.
+  rng = np.random.default_rng(16)
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  params = {"k": rng.normal(size=(3, 3, 2, 3)).astype(np.float32)}
+  apply_fn = lambda p, x: conv(jnp.concatenate([x, jnp.zeros_like(x)]), p["k"])
+  compacted = flipout.compact(apply_fn, params, images())
+  assert compacted.report.kept_by["an argument or output of the function"] == 2
+
+
+def test_constants_params_puts_every_folded_constant_into_the_params():
+  params = mlp_params(seed=17)
+  params["w1"][:, 2] = 0.0  # hidden 1, unit 2: the constant tanh(b1[2]), taken by b2
+  params["b1"][2] = 0.9
+  compacted = flipout.compact(mlp, params, inputs(), constants="params")
+  assert compacted.params["w1"].shape == (6, 6)
+  # The compact params alone, in the model's own code, give the outputs.
+  assert_same_outputs(mlp(params, inputs()), mlp(compacted.params, inputs()))
+  check_outputs(mlp, params, compacted, inputs())
+
+
+def test_units_a_reshape_splits_into_two_axes_are_kept():
+  rng = np.random.default_rng(19)
+  params = {
+      "w1": rng.normal(size=(4, 6)).astype(np.float32),
+      "w2": rng.normal(size=(3, 2)).astype(np.float32),
+  }
+  params["w1"][:, 1] = 0.0  # hidden unit 1 is the constant tanh(0), but the reshape splits it
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]).reshape(-1, 2, 3) @ p["w2"]
+  x = inputs(features=4)
+  compacted = flipout.compact(apply_fn, params, x)
+  assert shapes(compacted.params) == shapes(params)
+  assert "reshape splitting an axis" in compacted.report.kept_by
+  check_outputs(apply_fn, params, compacted, x)
+
+
+def test_units_feeding_a_grouped_convolution_are_kept():
+  rng = np.random.default_rng(20)
+  conv = lambda x, k, groups: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+  )
+  params = {
+      "k1": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+      "k2": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),  # 2 groups of 2 channels
+      "w": rng.normal(size=(4, 3)).astype(np.float32),
+  }
+  params["k1"][..., 1] = 0.0  # channel 1 is the constant tanh(0), but the groups mix it
+
+  def apply_fn(p, x):
+    h = jnp.tanh(conv(jnp.tanh(conv(x, p["k1"], 1)), p["k2"], 2))
+    return h.mean(axis=(1, 2)) @ p["w"]
+
+  compacted = flipout.compact(apply_fn, params, images())
+  assert shapes(compacted.params) == shapes(params)
+  assert "grouped convolution" in compacted.report.kept_by
+  check_outputs(apply_fn, params, compacted, images())
+
+
 # ---------------------------------------------------------------------------------------------
 # The compact model as a JAX function: jit, grad, batch sizes, export.
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +532,41 @@ def test_compact_apply_jits_and_takes_other_batch_sizes():
     x = inputs(count=count, seed=count)
     assert_same_outputs(mlp(params, x), compacted.apply(compacted.params, x))
     assert_same_outputs(mlp(params, x), jax.jit(compacted.apply)(compacted.params, x))
+
+
+def test_compact_apply_refuses_arguments_that_add_an_axis():
+  # Square weights: x of shape (2, 3, 3) traces to the same ops as (2, 3), on values whose
+  # shapes extend the analysed ones by one axis. Only the batch axis's size may change.
+  rng = np.random.default_rng(15)
+  params = {"w1": rng.normal(size=(3, 3)).astype(np.float32), "w2": np.eye(3, dtype=np.float32)}
+  params["w1"][:, 1] = 0.0
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="another program"):
+    compacted.apply(compacted.params, jnp.ones((2, 3, 3)))
+
+
+def test_compact_apply_refuses_a_narrower_feature_axis():
+  # The summed features of x may be any number for apply_fn; only the batch axis may change.
+  rng = np.random.default_rng(21)
+  params = {"w1": rng.normal(size=(1, 3)).astype(np.float32), "w2": np.eye(3, dtype=np.float32)}
+  params["w1"][:, 1] = 0.0
+  apply_fn = lambda p, x: jnp.tanh(jnp.sum(x, axis=1, keepdims=True) @ p["w1"]) @ p["w2"]
+  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 5)))
+  assert compacted.params["w1"].shape == (1, 2)
+  with pytest.raises(ValueError, match="another program"):
+    compacted.apply(compacted.params, jnp.ones((2, 3)))
+
+
+def test_compact_apply_refuses_a_batch_size_that_reads_other_params():
+  # Same ops at every batch size, but the second product reads w3 instead of w2 at size 4.
+  rng = np.random.default_rng(22)
+  params = {name: rng.normal(size=(3, 3)).astype(np.float32) for name in ("w1", "w2", "w3")}
+  params["w1"][:, 1] = 0.0
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ (p["w2"] if x.shape[0] == 2 else p["w3"])
+  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="another program"):
+    compacted.apply(compacted.params, jnp.ones((4, 3)))
 
 
 def test_sgd_on_the_compact_params_lowers_the_loss():
@@ -518,6 +706,33 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument)
   apply_fn = kwargs.pop("apply_fn")
   with pytest.raises(error, match=argument):
     flipout.compact(apply_fn, mlp_params(), inputs(), **kwargs)
+
+
+def test_report_names_a_linear_op_without_a_param_operand_by_its_position():
+  # The second product multiplies by 2 * w2, computed in the model: no param is its operand.
+  params = mlp_params(seed=24, widths=(4, 5, 3))
+  params["w1"][:, 1] = 0.0
+  params["b1"][1] = 0.0
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ (2.0 * p["w2"])
+  compacted = flipout.compact(apply_fn, params, inputs(count=2, features=4))
+  first, second = compacted.report.layers
+  assert first.name == "['w1']" and first.parameters == (20, 16)
+  assert second.name.startswith("dot_general@") and second.parameters == (0, 0)
+  # Widths are those of the computed operand, the weights (5 -> 4 inputs, 3 outputs).
+  assert second.in_features == (5, 4) and second.out_features == (3, 3)
+
+
+def test_report_counts_a_conv_nets_widths_parameters_and_flops():
+  params = conv_params(seed=27)
+  params["k1"][..., 0] = 0.0
+  params["c1"][0] = -1.0  # channel 0 of conv 1 is relu(-1) = 0: removed
+  compacted = flipout.compact(conv_net, params, images(count=2))
+  k1, k2, dense = compacted.report.layers
+  # A 3x3 conv on a 4x4 image: 2 FLOPs per input channel, tap, output position and channel.
+  conv_flops = lambda channels_in, channels_out: 2 * channels_in * 9 * 16 * channels_out
+  assert k1 == ("['k1']", "conv", (2, 2), (3, 2), (54, 36), (conv_flops(2, 3), conv_flops(2, 2)))
+  assert k2 == ("['k2']", "conv", (3, 2), (4, 4), (108, 72), (conv_flops(3, 4), conv_flops(2, 4)))
+  assert dense == ("['w']", "dense", (64, 64), (3, 3), (192, 192), (2 * 64 * 3, 2 * 64 * 3))
 
 
 def test_a_reshaped_literal_in_the_model_is_compacted():
