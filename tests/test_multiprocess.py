@@ -46,14 +46,14 @@ def _free_port() -> int:
     return listener.getsockname()[1]
 
 
-def _run_job(workdir, *extra) -> None:
-  """Runs the two processes of one job to the end; fails with their stderr otherwise."""
+def _start_job(workdir, *extra, args=_ARGS) -> list[subprocess.Popen]:
+  """Starts the two processes of one job, their stderr piped."""
   address = f"127.0.0.1:{_free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # one CPU device per process
-  processes = [
+  return [
       subprocess.Popen(
-          [sys.executable, "-c", _PROCESS, *_ARGS, f"--workdir={workdir}", *extra]
+          [sys.executable, "-c", _PROCESS, *args, f"--workdir={workdir}", *extra]
           + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"],
           env=env,
           stdout=subprocess.DEVNULL,
@@ -62,6 +62,11 @@ def _run_job(workdir, *extra) -> None:
       )
       for index in range(2)
   ]
+
+
+def _run_job(workdir, *extra, args=_ARGS) -> None:
+  """Runs the two processes of one job to the end; fails with their stderr otherwise."""
+  processes = _start_job(workdir, *extra, args=args)
   errors = [process.communicate(timeout=900)[1] for process in processes]
   for process, error in zip(processes, errors):
     assert process.returncode == 0, error
@@ -114,31 +119,14 @@ def test_two_processes_train_one_job_like_one_process_and_resume(tmp_path):
   assert json.loads((job / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
 
 
-def _start_job(workdir, *extra) -> list[subprocess.Popen]:
-  address = f"127.0.0.1:{_free_port()}"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  args = [a for a in _ARGS if not a.startswith("--epochs")] + [f"--epochs={_LONG_EPOCHS}"]
-  return [
-      subprocess.Popen(
-          [sys.executable, "-c", _PROCESS, *args, f"--workdir={workdir}", *extra]
-          + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"],
-          env=env,
-          stdout=subprocess.DEVNULL,
-          stderr=subprocess.PIPE,
-          text=True,
-      )
-      for index in range(2)
-  ]
-
-
 # Long enough that a signal sent after the first epoch's log always lands before the end.
 _LONG_EPOCHS = 12
+_LONG_ARGS = [a for a in _ARGS if not a.startswith("--epochs")] + [f"--epochs={_LONG_EPOCHS}"]
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_ends_like_no_signal(tmp_path):
   job, plain = tmp_path / "job", tmp_path / "plain"
-  processes = _start_job(job)
+  processes = _start_job(job, args=_LONG_ARGS)
   metrics = job / "metrics.jsonl"
   while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
     assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
@@ -151,9 +139,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_ends_like_no_s
   assert int(stopped[0].group(1)) < _LONG_EPOCHS * 22  # stopped early: 22 steps an epoch
 
   for workdir, extra in ((job, ["--resume"]), (plain, [])):
-    processes = _start_job(workdir, *extra)
-    errors = [p.communicate(timeout=900)[1] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], errors[0][-3000:]
+    _run_job(workdir, *extra, args=_LONG_ARGS)
   resumed, uninterrupted = saved_runs.final_arrays(job), saved_runs.final_arrays(plain)
   for kind in ("params", "masks"):
     for got, want in zip(resumed[kind], uninterrupted[kind], strict=True):
