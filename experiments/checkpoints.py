@@ -16,10 +16,15 @@ bit-flipped, unreadable) is named in a warning and moved, never deleted, to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
 import json
+import logging
 import os
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -128,6 +133,59 @@ def close_store(store: Store) -> None:
   finally:
     store.epochs.close()
     store.preempted.close()
+
+
+class _HeldOrbaxErrors(logging.Filter):
+  """Holds back the error records orbax's write threads log (each with a traceback)."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+      self.held.append(record)
+      return False
+    return True
+
+
+def _drop_closed_loop_callbacks(unraisablehook, unraisable) -> None:
+  """tensorstore reports (as unraisable) each write that completes after orbax's failed save
+  closed its event loop; the save's own error is raised, and reported once."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    unraisablehook(unraisable)
+
+
+@contextlib.contextmanager
+def held_write_errors():
+  """While training: orbax's logged write errors wait for the run's end.
+
+  A failed write makes orbax's background threads log the same error several times with long
+  tracebacks before :func:`finish_saving` re-raises it. If the run ends in
+  :class:`CheckpointSaveError`, whose one line names that error, the held records are dropped
+  with the reports of the write's abandoned coroutines and callbacks, now and until the process
+  ends; otherwise they are logged when the run ends, so nothing orbax reports is lost.
+  """
+  logger = logging.getLogger("absl")
+  held = _HeldOrbaxErrors()
+  logger.addFilter(held)
+  unraisablehook = sys.unraisablehook
+  sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, unraisablehook)
+  try:
+    yield
+  except CheckpointSaveError:
+    unraisablehook = sys.unraisablehook  # tensorstore's late reports may follow: keep the filter
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+    gc.collect()  # the abandoned write tasks report now, quietly, not after the run's line
+    held.held.clear()
+    raise
+  finally:
+    sys.unraisablehook = unraisablehook
+    logger.removeFilter(held)
+    for record in held.held:
+      logger.handle(record)
 
 
 def _save_error(store: Store, error: BaseException) -> CheckpointSaveError:

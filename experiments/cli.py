@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,17 +34,6 @@ class OneLineParser(argparse.ArgumentParser):
 
   def error(self, message: str):
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _silence_unretrieved_write_errors() -> None:
-  """Keeps the failed save's one line the last one on stderr.
-
-  orbax's failed write leaves asyncio tasks whose exception nobody retrieves; asyncio logs each
-  with a traceback when the task is collected, which happened after our line, or not, with
-  the garbage collector's timing. Collected now, with asyncio's logger quiet.
-  """
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  gc.collect()
 
 
 def fail(prog: str, message) -> int:
@@ -281,14 +268,14 @@ def main(
     if config.init is None:
       config = dataclasses.replace(config, init=_unflagged_init(config, defaults.init))
     config_lib.validate_config(config, allowed_models)
-    train.train(config)
+    with checkpoints.held_write_errors():
+      train.train(config)
   except (config_lib.ConfigError, input_pipeline.DatasetUnavailableError) as error:
     return fail(parser.prog, error)
   except divergence.TrainingDiverged as error:
     fail(parser.prog, error)
     return EXIT_DIVERGED
   except checkpoints.CheckpointSaveError as error:
-    _silence_unretrieved_write_errors()
     fail(parser.prog, error)
     return EXIT_SAVE_FAILED
   except preemption.Preempted as stop:
