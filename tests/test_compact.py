@@ -546,8 +546,10 @@ def test_compact_apply_refuses_arguments_that_add_an_axis():
     compacted.apply(compacted.params, jnp.ones((2, 3, 3)))
 
 
-def test_compact_apply_refuses_a_narrower_feature_axis():
-  # The summed features of x may be any number for apply_fn; only the batch axis may change.
+@pytest.mark.parametrize("width", [3, 7])
+def test_compact_apply_refuses_another_feature_width(width):
+  # The summed features of x may be any number for apply_fn (here 5, then narrower or wider);
+  # only the batch axis may change.
   rng = np.random.default_rng(21)
   params = {"w1": rng.normal(size=(1, 3)).astype(np.float32), "w2": np.eye(3, dtype=np.float32)}
   params["w1"][:, 1] = 0.0
@@ -555,7 +557,7 @@ def test_compact_apply_refuses_a_narrower_feature_axis():
   compacted = flipout.compact(apply_fn, params, jnp.ones((2, 5)))
   assert compacted.params["w1"].shape == (1, 2)
   with pytest.raises(ValueError, match="another program"):
-    compacted.apply(compacted.params, jnp.ones((2, 3)))
+    compacted.apply(compacted.params, jnp.ones((2, width)))
 
 
 def test_compact_apply_refuses_a_batch_size_that_reads_other_params():

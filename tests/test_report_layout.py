@@ -1,5 +1,7 @@
 """summary() names the dead units of kernels stored (in, out) and (out, in)."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -59,3 +61,16 @@ def test_conv_kernels_of_both_layouts_agree():
 def test_bad_layouts_are_refused(layout, error, match):
   with pytest.raises(error, match=match):
     flipout.summary({"w": np.ones((2, 2), np.float32)}, kernel_layout=layout)
+
+
+def test_a_summary_is_an_immutable_value():
+  params = eqx.filter(_mlp_with_dead_hidden_unit(), eqx.is_inexact_array)
+  report = flipout.summary(params, kernel_layout="out_in")
+  again = flipout.summary(params, kernel_layout="out_in")
+  # Equal params give equal, hashable summaries: usable as dict keys and compared by value.
+  assert report == again and hash(report) == hash(again)
+  assert {report.layers[0]: "first"}[again.layers[0]] == "first"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    report.layers[0].live = 0
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    report.live = 0

@@ -275,6 +275,17 @@ def test_group_sums_do_not_depend_on_the_order_of_the_weights():
   assert not np.asarray(bad).any()
 
 
+@pytest.mark.parametrize("group_size", [1, 7, 100, 5000])
+def test_group_sums_of_groups_at_their_largest_score_do_not_overflow(group_size):
+  # Every weight at the group's largest score puts every limb digit at its maximum, 2**bits:
+  # limb_bits must leave the group's digit sums inside an int32.
+  scores = jnp.full((group_size, 2), 0.75, jnp.float32)
+  bits = structure_lib.limb_bits(group_size)
+  sums, bad = structure_lib.exact_group_sums([scores], [np.array([0, 1])], 2, bits)
+  np.testing.assert_array_equal(np.asarray(sums), [0.75 * group_size] * 2)
+  assert not np.asarray(bad).any()
+
+
 def test_group_sums_join_units_of_several_leaves_and_flag_non_finite_scores():
   first = jnp.array([[1.0, 2.0], [3.0, jnp.nan]])
   second = jnp.array([[0.5, 0.25, 7.0]])
