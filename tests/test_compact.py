@@ -746,3 +746,31 @@ def test_a_reshaped_literal_in_the_model_is_compacted():
   assert compacted.params["w1"].shape == (2, 2)
   np.testing.assert_allclose(compacted.apply(compacted.params, x), apply_fn(weights, x), atol=1e-6)
   assert [layer.out_features for layer in compacted.report.layers][0] == (3, 2)
+
+
+def test_a_constant_channel_whose_flattened_features_are_outputs_is_kept():
+  # Channel 1 is the constant tanh(c[1]), so on its own it could go; but its flattened
+  # features are the function's outputs (pinned), and a channel goes whole or not at all.
+  rng = np.random.default_rng(27)
+  params = {
+      "k": rng.normal(size=(3, 3, 2, 3)).astype(np.float32),
+      "c": rng.normal(size=3).astype(np.float32),
+  }
+  params["k"][..., 1] = 0.0
+
+  def apply_fn(p, x):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.tanh(h + p["c"]).reshape(h.shape[0], -1)
+
+  compacted = flipout.compact(apply_fn, params, images())
+  assert shapes(compacted.params) == {"k": (3, 3, 2, 3), "c": (3,)}
+  check_outputs(apply_fn, params, compacted, images())
+
+
+def test_the_report_of_a_program_without_linear_ops_prints():
+  # No dot_general or convolution: the report has no layer rows, and one parameter, kept.
+  compacted = flipout.compact(lambda p, x: x * p["scale"], {"scale": jnp.ones(1)}, jnp.ones((2, 1)))
+  assert compacted.report.layers == ()
+  assert str(compacted.report).splitlines()[1] == "parameters: 1 -> 1 (100.00%)"

@@ -92,3 +92,13 @@ def test_counts_over_2_31_weights_are_int64():
     assert counts and all(e.outvars[0].aval.dtype == jnp.int64 for e in counts), {
         e.primitive.name: e.outvars[0].aval.dtype for e in counts
     }
+
+
+@pytest.mark.parametrize(
+    "target, rate, events",
+    [(0.0, 0.5, 0), (0.5, 0.5, 1), (0.75, 0.5, 2), (0.76, 0.5, 3), (0.999, 0.5, 10)],
+)
+def test_num_events_for_is_the_fewest_events_that_reach_the_target(target, rate, events):
+  # 1 - (1 - rate)**k >= target: no event for a dense target, one event for a target one
+  # event reaches exactly, one more for anything beyond.
+  assert flipout.num_events_for(target, rate) == events
