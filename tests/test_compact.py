@@ -260,13 +260,17 @@ def test_a_dense_layer_left_with_no_unit():
   check_outputs(mlp, params, compacted, inputs())
 
 
+def same_conv(x, kernel, **options):
+  """A stride-1 NHWC convolution with zero ("SAME") padding."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), **options
+  )
+
+
 def conv_net(params, x):
   """conv3x3 (zero padding) -> relu -> conv3x3 (zero padding) -> relu -> flatten -> dense."""
-  conv = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
-  h = jax.nn.relu(conv(x, params["k1"]) + params["c1"])
-  h = jax.nn.relu(conv(h, params["k2"]) + params["c2"])
+  h = jax.nn.relu(same_conv(x, params["k1"]) + params["c1"])
+  h = jax.nn.relu(same_conv(h, params["k2"]) + params["c2"])
   return h.reshape(h.shape[0], -1) @ params["w"] + params["b"]
 
 
@@ -349,11 +353,7 @@ def test_a_flattened_copy_of_kept_channels_that_nothing_reads_goes():
   }
 
   def apply_fn(p, x):
-    h = jnp.tanh(
-        jax.lax.conv_general_dilated(
-            x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-    )
+    h = jnp.tanh(same_conv(x, p["k"]))
     return h.mean(axis=(1, 2)) @ p["w"] + h.reshape(h.shape[0], -1) @ p["v"]
 
   compacted = flipout.compact(apply_fn, params, images())
@@ -398,9 +398,7 @@ def test_channels_pass_through_a_reshape_merging_the_spatial_axes():
   params["w"][1] = 0.0  # nothing reads channel 1
 
   def apply_fn(p, x):
-    h = jax.lax.conv_general_dilated(
-        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    h = same_conv(x, p["k"])
     return (jnp.tanh(h).reshape(h.shape[0], -1, h.shape[-1]) @ p["w"]).sum(axis=1)
 
   compacted = flipout.compact(apply_fn, params, images())
@@ -455,11 +453,8 @@ def test_output_rows_that_do_not_depend_on_the_input_are_reported_as_kept():
   # The batch is padded with as many zero images before the conv: the 2 output rows they
   # give are constants, kept because they are outputs.
   rng = np.random.default_rng(16)
-  conv = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
   params = {"k": rng.normal(size=(3, 3, 2, 3)).astype(np.float32)}
-  apply_fn = lambda p, x: conv(jnp.concatenate([x, jnp.zeros_like(x)]), p["k"])
+  apply_fn = lambda p, x: same_conv(jnp.concatenate([x, jnp.zeros_like(x)]), p["k"])
   compacted = flipout.compact(apply_fn, params, images())
   assert compacted.report.kept_by["an argument or output of the function"] == 2
 
@@ -492,9 +487,6 @@ def test_units_a_reshape_splits_into_two_axes_are_kept():
 
 def test_units_feeding_a_grouped_convolution_are_kept():
   rng = np.random.default_rng(20)
-  conv = lambda x, k, groups: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
-  )
   params = {
       "k1": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
       "k2": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),  # 2 groups of 2 channels
@@ -503,7 +495,7 @@ def test_units_feeding_a_grouped_convolution_are_kept():
   params["k1"][..., 1] = 0.0  # channel 1 is the constant tanh(0), but the groups mix it
 
   def apply_fn(p, x):
-    h = jnp.tanh(conv(jnp.tanh(conv(x, p["k1"], 1)), p["k2"], 2))
+    h = jnp.tanh(same_conv(jnp.tanh(same_conv(x, p["k1"])), p["k2"], feature_group_count=2))
     return h.mean(axis=(1, 2)) @ p["w"]
 
   compacted = flipout.compact(apply_fn, params, images())
@@ -759,9 +751,7 @@ def test_a_constant_channel_whose_flattened_features_are_outputs_is_kept():
   params["k"][..., 1] = 0.0
 
   def apply_fn(p, x):
-    h = jax.lax.conv_general_dilated(
-        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    h = same_conv(x, p["k"])
     return jnp.tanh(h + p["c"]).reshape(h.shape[0], -1)
 
   compacted = flipout.compact(apply_fn, params, images())
