@@ -125,6 +125,22 @@ def test_multisteps_is_no_alarm():
   assert not _is_stopped(history[-1]) and int(state.inner_opt_state[-1].count) == 5
 
 
+def test_a_diverged_run_is_not_called_a_misplaced_prune():
+  # NaN gradients from step 4 on, through events, with no apply_if_finite: the params go NaN,
+  # pruned ones too (-NaN is the update that keeps them at zero). That is divergence, which
+  # the loop's finiteness check reports; telling the user to move prune would mislead.
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=10))
+
+  def grads(step, params):
+    g = _loss_grads(step, params)
+    return jax.tree.map(lambda x: x * jnp.nan, g) if step >= 4 else g
+
+  history, state = _run(tx, grads, steps=12)
+  assert np.isnan(np.asarray(history[-1]["hidden"]["kernel"])).any()
+  assert int(state[-1].count) == 12
+  flipout.masks(state)  # readable: no "put prune last" error
+
+
 def test_the_sample_is_a_few_kib_whatever_the_model_size():
   tx = flipout.prune(0.5, total_steps=10)
   big = {"a": jnp.zeros((1024, 1024)), "b": jnp.zeros((512, 256))}
@@ -176,3 +192,38 @@ def test_a_fused_multiply_add_rounding_is_no_alarm_but_a_larger_change_is(ulps, 
   params = jax.tree.map(nudge, params)
   updates, state = tx.update(_loss_grads(2, params), state, params)
   assert _is_stopped(optax.apply_updates(params, updates)) == stops
+
+
+_OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+    # eps 1e-8 is 0 in float16, where g**2 underflows too: adam's own update is then inf/NaN
+    # at step 1, with or without prune. 1e-4 is the usual float16 choice.
+    "adam": lambda: optax.adam(3e-3, eps=1e-4),
+    "adamw": lambda: optax.adamw(3e-3, eps=1e-4, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("optimizer", list(_OPTIMIZERS))
+def test_a_whole_training_step_compiled_as_one_program_never_stops(optimizer, dtype):
+  # The gradient, the optimizer, prune and apply_updates in one jitted scan: the compiler may
+  # fuse the optimizer's scaling into params + update (an FMA on GPUs), and reorder the
+  # arithmetic the sample repeats. A correct chain must train on through its events.
+  tx = optax.chain(_OPTIMIZERS[optimizer](), flipout.prune(0.9, total_steps=150))
+  x, y = _data()
+  params = jax.tree.map(lambda p: p.astype(dtype), _mlp_params())
+
+  def step(carry, _):
+    params, state = carry
+    grads = jax.grad(lambda p: _loss(jax.tree.map(lambda w: w.astype(jnp.float32), p), x, y))(
+        params
+    )
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=200))(
+      (params, tx.init(params))
+  )
+  assert int(state[-1].count) == 200 and not _is_stopped(params)
+  assert flipout.sparsity(params) == pytest.approx(0.9, abs=0.01)

@@ -99,13 +99,16 @@ def _pruned_weights_moved(step, masks, params) -> jax.Array:
   misplaced ``prune`` moves nearly every pruned weight, so about 1024 evenly
   spaced weights per leaf suffice. No host callback: one would slow down
   every step's dispatch; the state and the params carry the failure instead.
+  A non-finite pruned weight is divergence (a NaN update, kept at zero by
+  adding ``-param``, is NaN), not a misplaced ``prune``: the loop's own
+  finiteness check reports that, and "put prune last" would mislead.
   """
 
   def spaced(x):
     return x.ravel()[:: max(1, x.size // _CHECKED_PER_LEAF)]
 
   moved = [
-      jnp.any(~spaced(m) & (spaced(p) != 0))
+      jnp.any(~spaced(m) & (spaced(p) != 0) & jnp.isfinite(spaced(p)))
       for m, p in zip(jax.tree.leaves(masks), prunable_lib.leaves_at(masks, params))
   ]
   return ((step > 1) & jnp.any(jnp.stack(moved))) | (step <= _NOT_LAST + 1)
