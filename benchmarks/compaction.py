@@ -1,6 +1,6 @@
 """``flipout.compact`` against the per-family compaction it replaced, and how long it takes.
 
-    python -m benchmarks.compaction --workdir RUN [--repeats 21]      # a trained pruned run
+    python -m benchmarks.compaction --workdir RUN [--repeats 21] [--json OUT]  # a trained run
     python -m benchmarks.compaction --families [--sparsity 0.999] [--family vgg19 ...]
 
 ``--workdir``: loads the run's newest checkpoint and its test set, then compacts the model
@@ -10,7 +10,9 @@ result is a model of the same family) and the per-family graphs the experiments 
 (``tests/family_compaction.py``, kept as the tests' oracle). Prints parameters, the largest
 logit difference against the pruned model, and inference time at the run's evaluation batch
 size side by side (compiled, warmed up, interleaved repetitions; speedups are medians of the
-per-repetition ratios to the pruned model).
+per-repetition ratios to the pruned model), then the report of the ``constants="program"``
+compaction: each linear op's widths before and after, and what kept units that carry nothing.
+``--json`` appends all of it, with the device, as one JSON line to a file.
 
 ``--families``: every experiments family (or each ``--family``) with random weights pruned
 at ``--sparsity`` (``tests/test_compaction.random_model``: random masks, whole units cut,
@@ -21,6 +23,7 @@ seconds ``flipout.compact`` takes.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -45,7 +48,7 @@ def _size(tree) -> int:
   return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-def run_report(workdir: str, repeats: int) -> None:
+def run_report(workdir: str, repeats: int, json_path: str | None = None) -> None:
   run = checkpoints.load_run(workdir, None)
   run.model.eval()
   dataset = train.load_dataset(run.config)
@@ -54,10 +57,13 @@ def run_report(workdir: str, repeats: int) -> None:
   input_shape = tuple(images.shape[1:])
   apply, params = _apply_of(run.model)
   forwards, sizes = {"pruned": (jax.jit(apply), params)}, {"pruned": _size(params)}
+  seconds, reports = {}, {}
   for constants in ("program", "params"):
     start = time.perf_counter()
     compacted = flipout.compact(apply, params, batch[:2], constants=constants)
-    print(f"flipout.compact(constants={constants!r}): {time.perf_counter() - start:.2f} s")
+    seconds[f"library/{constants}"] = time.perf_counter() - start
+    reports[constants] = compacted.report
+    print(f"flipout.compact(constants={constants!r}): {seconds[f'library/{constants}']:.2f} s")
     forwards[f"library/{constants}"] = (jax.jit(compacted.apply), compacted.params)
     sizes[f"library/{constants}"] = _size(compacted.params)
   family = family_compaction.compact(run.model, input_shape).model
@@ -68,14 +74,44 @@ def run_report(workdir: str, repeats: int) -> None:
   reference = np.asarray(forwards["pruned"][0](params, batch))
   calls = [lambda x, f=f, p=p: f(p, x) for f, p in forwards.values()]
   times = compact_cli.time_side_by_side(calls, batch, repeats)
-  print(f"{run.config.model} / {run.config.method}, batch {len(batch)}, {repeats} repetitions")
+  device = jax.devices()[0].device_kind
+  print(
+      f"{run.config.model} / {run.config.method}, batch {len(batch)}, {repeats} repetitions, "
+      f"{device}"
+  )
+  rows = []
   for (name, (fn, p)), timing in zip(forwards.items(), times):
-    difference = float(np.abs(np.asarray(fn(p, batch)) - reference).max())
-    speedup = statistics.median(d / t for d, t in zip(times[0], timing))
-    print(
-        f"  {name:18s} params {sizes[name]:>10,}  ms {1e3 * statistics.median(timing):8.3f}  "
-        f"speedup {speedup:6.2f}x  max|logit diff| {difference:.2g}"
+    rows.append(
+        dict(
+            name=name,
+            parameters=sizes[name],
+            ms=1e3 * statistics.median(timing),
+            speedup=statistics.median(d / t for d, t in zip(times[0], timing)),
+            max_logit_difference=float(np.abs(np.asarray(fn(p, batch)) - reference).max()),
+            compact_seconds=seconds.get(name),
+        )
     )
+    print(
+        f"  {name:18s} params {sizes[name]:>10,}  ms {rows[-1]['ms']:8.3f}  "
+        f"speedup {rows[-1]['speedup']:6.2f}x  max|logit diff| "
+        f"{rows[-1]['max_logit_difference']:.2g}"
+    )
+  print(reports["program"])
+  if json_path:
+    record = dict(
+        workdir=workdir,
+        model=run.config.model,
+        method=run.config.method,
+        sparsity=float(flipout.sparsity(params)),
+        batch=len(batch),
+        repeats=repeats,
+        device=device,
+        rows=rows,
+        layers=[layer._asdict() for layer in reports["program"].layers],
+        kept_by=reports["program"].kept_by,
+    )
+    with open(json_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 # Each family at the input size of its experiments.
@@ -113,6 +149,7 @@ def main(argv=None) -> int:
   parser.add_argument("--families", action="store_true")
   parser.add_argument("--sparsity", type=float, default=0.999)
   parser.add_argument("--repeats", type=int, default=21)
+  parser.add_argument("--json", help="with --workdir: append the results as a JSON line here")
   parser.add_argument(
       "--family",
       action="append",
@@ -121,7 +158,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   if args.workdir:
-    run_report(args.workdir, args.repeats)
+    run_report(args.workdir, args.repeats, args.json)
   if args.families:
     families_report(args.sparsity, args.family)
   return 0
