@@ -516,53 +516,6 @@ def pruned_mlp():
   return params
 
 
-def test_compact_apply_jits_and_takes_other_batch_sizes():
-  params = pruned_mlp()
-  compacted = flipout.compact(mlp, params, inputs(count=3))
-  assert size(compacted.params) < size(params)
-  for count in (1, 7):
-    x = inputs(count=count, seed=count)
-    assert_same_outputs(mlp(params, x), compacted.apply(compacted.params, x))
-    assert_same_outputs(mlp(params, x), jax.jit(compacted.apply)(compacted.params, x))
-
-
-def test_compact_apply_refuses_arguments_that_add_an_axis():
-  # Square weights: x of shape (2, 3, 3) traces to the same ops as (2, 3), on values whose
-  # shapes extend the analysed ones by one axis. Only the batch axis's size may change.
-  rng = np.random.default_rng(15)
-  params = {"w1": rng.normal(size=(3, 3)).astype(np.float32), "w2": np.eye(3, dtype=np.float32)}
-  params["w1"][:, 1] = 0.0
-  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 3)))
-  with pytest.raises(ValueError, match="another program"):
-    compacted.apply(compacted.params, jnp.ones((2, 3, 3)))
-
-
-@pytest.mark.parametrize("width", [3, 7])
-def test_compact_apply_refuses_another_feature_width(width):
-  # The summed features of x may be any number for apply_fn (here 5, then narrower or wider);
-  # only the batch axis may change.
-  rng = np.random.default_rng(21)
-  params = {"w1": rng.normal(size=(1, 3)).astype(np.float32), "w2": np.eye(3, dtype=np.float32)}
-  params["w1"][:, 1] = 0.0
-  apply_fn = lambda p, x: jnp.tanh(jnp.sum(x, axis=1, keepdims=True) @ p["w1"]) @ p["w2"]
-  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 5)))
-  assert compacted.params["w1"].shape == (1, 2)
-  with pytest.raises(ValueError, match="another program"):
-    compacted.apply(compacted.params, jnp.ones((2, width)))
-
-
-def test_compact_apply_refuses_a_batch_size_that_reads_other_params():
-  # Same ops at every batch size, but the second product reads w3 instead of w2 at size 4.
-  rng = np.random.default_rng(22)
-  params = {name: rng.normal(size=(3, 3)).astype(np.float32) for name in ("w1", "w2", "w3")}
-  params["w1"][:, 1] = 0.0
-  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ (p["w2"] if x.shape[0] == 2 else p["w3"])
-  compacted = flipout.compact(apply_fn, params, jnp.ones((2, 3)))
-  with pytest.raises(ValueError, match="another program"):
-    compacted.apply(compacted.params, jnp.ones((4, 3)))
-
-
 def test_sgd_on_the_compact_params_lowers_the_loss():
   params = pruned_mlp()
   x = inputs(count=8)

@@ -172,6 +172,26 @@ def _reshape_groups(source: Sequence[int], target: Sequence[int]) -> ReshapeGrou
   return groups
 
 
+def _empty_reshape_links(
+    eqn: Eqn, avals: Sequence[Aval], out: int, source: Sequence[int], target: Sequence[int]
+) -> list[Fact]:
+  """An empty or reordered reshape pins its axes, except a leading run of equal non-zero
+  sizes, the same axes on both sides in row-major order: flattening a layer left with no
+  channel, ``(batch, h, w, 0) -> (batch, 0)``, still carries the batch axis (without it a
+  compact model whose outputs are reached only that way took no other batch size)."""
+  if eqn.params.get("dimensions") is not None or isinstance(eqn.inputs[0], Literal):
+    return _pin_all(eqn, avals, "reshape of an empty or reordered value")
+  prefix = 0
+  while prefix < min(len(source), len(target)) and source[prefix] == target[prefix] != 0:
+    prefix += 1
+  reason = "reshape of an empty or reordered value"
+  return [
+      *(Unify((out, d), _where(eqn.inputs[0], d)) for d in range(prefix)),
+      *(Pin(_where(eqn.inputs[0], d), reason) for d in range(prefix, len(source))),
+      *(Pin((out, d), reason) for d in range(prefix, len(target))),
+  ]
+
+
 def _pin_all(eqn: Eqn, avals: Sequence[Aval], reason: str) -> list[Fact]:
   atoms = [x for x in eqn.inputs if not isinstance(x, Literal)] + list(eqn.outputs)
   return [Pin((x, d), reason) for x in atoms for d in range(len(avals[x].shape))]
@@ -235,7 +255,7 @@ def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
   if name == "reshape":
     groups = _reshape_groups(source_shape, out_shape)
     if groups is None or p.get("dimensions") is not None:
-      return _pin_all(eqn, avals, "reshape of an empty or reordered value")
+      return _empty_reshape_links(eqn, avals, out, source_shape, out_shape)
     grouped_in = {d for group_in, _ in groups for d in group_in}
     grouped_out = {d for _, group_out in groups for d in group_out}
     reason = "reshape adding or removing a size-1 axis"
