@@ -18,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_event
+from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_cost_split
+from benchmarks import prune_event
 from benchmarks import step_overhead
 from experiments import cli, input_pipeline
 import flipout_jax as flipout
@@ -197,6 +198,13 @@ def test_gpu_throughput_tiny_with_the_full_chain(tmp_path, capsys):
   # 50,000 // 16 = 3,125 steps per epoch, 350 epochs.
   assert rows[1][4] == f"{16 / seconds:,.0f}"
   assert rows[1][6] == f"{350 * 3125 * seconds / 3600:.2f}"
+
+
+def test_prune_cost_split_tiny_times_the_chain_without_its_update_check(capsys):
+  assert prune_cost_split.main(["--tiny", "--repetitions", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  names = [line.split()[2] for line in lines[:4]]
+  assert names == ["dense", "masks", "prune", "prune_no_check"], lines
 
 
 def test_prune_event_tiny(tmp_path, capsys):
