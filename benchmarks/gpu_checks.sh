@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one call of a lent machine (about 9 minutes on one H200):
+# The checks that need a GPU, as one call of a lent machine (about 9-10 minutes on one H200):
 #
 #   OUT=runs/gpu_checks bash benchmarks/gpu_checks.sh        # TINY=1: a CPU smoke test
 #
@@ -13,11 +13,14 @@
 #    the runs side by side on the GPU, then each compacted with benchmarks.compaction (the
 #    library both ways and the per-family oracle, inference timed side by side, one at a time).
 # 3. benchmarks.gpu_throughput (BENCHMARKS section 4) with the time left.
+# First (part 0, about a minute): where prune's GPU step overhead goes (BENCHMARKS section 4):
+#    benchmarks.prune_cost_split, and the compiled VGG19 prune step's optimized HLO, tarred
+#    into $OUT/prune_step_hlo.tgz (the device tool brings back at most 8 files).
 # Each part has a deadline inside the call's limit; results land in $OUT as they come.
 set -u
 OUT=${OUT:-runs/gpu_checks}
 RUNS=${RUNS:-runs/gpu}
-BUDGET_S=${BUDGET_S:-530}
+BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 start=$(date +%s)
@@ -34,6 +37,16 @@ fi
 COMMON=(--synthetic --method=flipout --seed=0 --checkpoint_every_epochs=0 --no-progress --no-tensorboard)
 
 log "$(python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())' 2>&1)"
+
+# Part 0: timed, so alone on the GPU.
+if [ "${TINY:-0}" = 1 ]; then split=(--tiny --repetitions 1); else split=(--repetitions 9); fi
+timeout 120 python -m benchmarks.prune_cost_split "${split[@]}" > "$OUT/prune_cost_split.log" 2>&1
+log "prune_cost_split exit $?: $(grep -c ms "$OUT/prune_cost_split.log") chains timed"
+dump=$(mktemp -d)
+XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
+  timeout 120 python -m benchmarks.prune_cost_split "${split[@]}" --repetitions 1 > /dev/null 2>&1
+(cd "$dump" && find . -name '*after_optimizations*' -print0 | tar -czf "$OUT/prune_step_hlo.tgz" --null -T -) \
+  && log "HLO dump: $(tar -tzf "$OUT/prune_step_hlo.tgz" | wc -l) files kept of $(ls "$dump" | wc -l)"
 
 # Part 1, beside the trainings (neither is timed).
 (
@@ -54,13 +67,13 @@ tests_pid=$!
 
 # Part 2: the trainings, side by side.
 declare -A ENTRY=([lenet300]=mnist [lenet5]=mnist [conv6]=mnist [vgg19]=cifar [resnet18]=cifar [densenet121]=imagenette)
-declare -A EXTRA=([lenet300]="" [lenet5]="--lr=0.01" [conv6]="--lr=0.01" [vgg19]="" [resnet18]="" [densenet121]="--synthetic_train=1024 --batch_size=64 --eval_batch_size=250")
+declare -A EXTRA=([lenet300]="" [lenet5]="--lr=0.01" [conv6]="--lr=0.01" [vgg19]="--lr=0.01" [resnet18]="" [densenet121]="--synthetic_train=512 --batch_size=64 --eval_batch_size=250")
 [ "${TINY:-0}" = 1 ] && EXTRA[densenet121]=""
 FAMILIES=(conv6 vgg19 resnet18 densenet121 lenet5 lenet300)
 for family in "${FAMILIES[@]}"; do
   rm -rf "${RUNS:?}/$family"
   # shellcheck disable=SC2086
-  timeout $(($(left) - 240)) python -m "experiments.${ENTRY[$family]}" --model="$family" "${COMMON[@]}" \
+  timeout $(($(left) - 170)) python -m "experiments.${ENTRY[$family]}" --model="$family" "${COMMON[@]}" \
     "${SIZES[@]}" ${EXTRA[$family]} --workdir="$RUNS/$family" > "$RUNS/$family.log" 2>&1 &
 done
 wait $(jobs -p | grep -v "^$tests_pid$")
