@@ -227,3 +227,39 @@ def test_a_whole_training_step_compiled_as_one_program_never_stops(optimizer, dt
   )
   assert int(state[-1].count) == 200 and not _is_stopped(params)
   assert flipout.sparsity(params) == pytest.approx(0.9, abs=0.01)
+
+
+def _conv_loss(params, x, y):
+  conv = lambda h, kernel: jax.lax.conv_general_dilated(
+      h, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  h = jax.nn.relu(conv(jax.nn.relu(conv(x, params["c1"])), params["c2"]))
+  logits = h.reshape(x.shape[0], -1) @ params["d"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_a_donated_training_step_copies_no_params_for_the_update_check():
+  # The sample's reads of the params must come before the step overwrites them in place;
+  # when nothing ordered them, XLA copied every prunable param whole, every step (VGG19 on
+  # CPU: 1.024x of a dense step instead of 1.004x; BENCHMARKS section 4).
+  rng = np.random.default_rng(0)
+  params = {
+      "c1": jnp.asarray(rng.normal(size=(3, 3, 3, 16)) * 0.2, jnp.float32),
+      "c2": jnp.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jnp.float32),
+      "d": jnp.asarray(rng.normal(size=(16 * 64, 10)) * 0.05, jnp.float32),
+  }
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), flipout.prune(0.9, total_steps=100))
+  x, y = jnp.ones((4, 8, 8, 3)), jnp.zeros(4, jnp.int32)
+
+  def step(state):
+    params, opt_state = state
+    updates, opt_state = tx.update(jax.grad(_conv_loss)(params, x, y), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  compiled = jax.jit(step, donate_argnums=0).lower((params, tx.init(params))).compile()
+  entry = compiled.as_text().split("ENTRY", 1)[1]
+  shapes = {f"f32[{','.join(map(str, p.shape))}]{{" for p in params.values()}
+  copies = [
+      line for line in entry.splitlines() if " copy(" in line and any(s in line for s in shapes)
+  ]
+  assert not copies, copies

@@ -233,10 +233,22 @@ def _masking_transform(
     # `(f | 1) != 0` is always True: it only makes the updates depend on the
     # flip counts. The counts read the old params, which the training step
     # then overwrites in place with w + update; without this dependency XLA
-    # cannot order the read before the write and copies every param first.
+    # cannot order the read before the write and copies every param first. The
+    # update check's sample reads the params too: `read_first` orders it likewise.
+    def stopped_or_masked(pieces, param):
+      mask, update = pieces
+      return jnp.where(not_last, jnp.nan, _masked_update(mask, param, update))
+
+    sample = None
+    read_first = [jnp.bool_(True)] * len(masks)
+    if state.last_update is not None:
+      sample = update_check.take(
+          params_at_masks, stopped_or_masked, [[m, u] for m, u in zip(masks, updates_at_masks)]
+      )
+      read_first = update_check.read_first(sample)
     masked_updates = [
-        jnp.where(not_last, jnp.nan, _masked_update(m & ((f | 1) != 0), p, u))
-        for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
+        stopped_or_masked([m & ((f | 1) != 0) & first, u], p)
+        for m, f, p, u, first in zip(masks, flips, params_at_masks, updates_at_masks, read_first)
     ]
     updates = prunable_lib.replace_at(updates, state.masks, masked_updates)
     stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
@@ -244,11 +256,7 @@ def _masking_transform(
         count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
         masks=mask_structure.unflatten(masks),
         flips=mask_structure.unflatten(flips),
-        last_update=(
-            None
-            if state.last_update is None
-            else update_check.take(params_at_masks, masked_updates)
-        ),
+        last_update=sample,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -264,6 +272,12 @@ def _masked_update(mask, param, update):
   :math:`w + (-w) = 0` exactly, and the update of a live weight is unchanged.
   """
   wide = jnp.result_type(param, update)
+  if jnp.dtype(update.dtype) != jnp.dtype(wide):
+    # Round to the update's own dtype explicitly: XLA may otherwise skip that rounding where
+    # it fuses the optimizer's arithmetic into this op ("excess precision"), and do so in one
+    # fusion and not another, so that the update check's sample and the applied update differ.
+    info = jnp.finfo(update.dtype)
+    update = jax.lax.reduce_precision(update, exponent_bits=info.nexp, mantissa_bits=info.nmant)
   return jnp.where(mask, update.astype(wide), -param.astype(wide))
 
 

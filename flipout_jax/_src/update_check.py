@@ -20,6 +20,7 @@ Anything else stops the run the way a moved pruned weight does: NaN params, and 
 state raises. No host callback, and a state of a few KiB.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -64,9 +65,17 @@ def _stride(size: int, leaves: int) -> int:
 
 
 def _sampled(leaf: jax.Array, leaves: int) -> jax.Array:
-  flat = jnp.ravel(leaf)
+  """Every ``_stride``-th entry of ``leaf`` in row-major order, at most its share of the
+  sample (the entries ``ravel(leaf)[::stride]`` gives, so samples in old checkpoints still
+  match). A gather rather than a slice: XLA copies a cheap slice into each fusion that uses
+  it, so the params were read again where :func:`read_first` could not order the reads; a
+  gather is computed once."""
+  leaf = jnp.asarray(leaf)
   per_leaf = max(1, SAMPLE_SIZE // max(leaves, 1))
-  return flat[:: _stride(flat.size, leaves)][:per_leaf]
+  positions = np.arange(0, leaf.size, _stride(leaf.size, leaves))[:per_leaf]
+  if leaf.ndim == 0:
+    return jnp.ravel(leaf)[positions]
+  return leaf[np.unravel_index(positions, leaf.shape)]
 
 
 def empty(params_at_masks: list[Any]) -> UpdateSample:
@@ -76,12 +85,41 @@ def empty(params_at_masks: list[Any]) -> UpdateSample:
   return UpdateSample(taken=jnp.zeros([], bool), before=zeros, after=list(zeros))
 
 
-def take(params_at_masks: list[Any], updates_at_masks: list[Any]) -> UpdateSample:
-  """The sample of this update: its params and ``params + updates`` in the params' dtype."""
+def take(
+    params_at_masks: list[Any],
+    masked_update: Callable[[list[jax.Array], jax.Array], jax.Array],
+    pieces: list[list[Any]],
+) -> UpdateSample:
+  """The sample of this update: its params and ``params + updates`` in the params' dtype.
+
+  The update's sampled entries are computed from the sampled entries of what it is made of,
+  not sampled from the update: so no fusion reads the params after :func:`read_first` (a
+  sample of the update fused the update's ``-param`` term, a read of the params that nothing
+  ordered before the step overwrites them in place, and XLA copied every param each step).
+
+  Args:
+    params_at_masks: this update's params at the prunable leaves.
+    masked_update: ``(sampled pieces, sampled params) -> sampled update`` of one leaf, the
+      elementwise function ``prune``'s update is, so that it gives the same entries.
+    pieces: per leaf, the arrays shaped like it that the update is computed from.
+  """
   count = len(params_at_masks)
   before = [_sampled(p, count) for p in params_at_masks]
-  after = [(b + _sampled(u, count)).astype(b.dtype) for b, u in zip(before, updates_at_masks)]
+  after = [
+      (b + masked_update([_sampled(x, count) for x in leaf_pieces], b)).astype(b.dtype)
+      for b, leaf_pieces in zip(before, pieces)
+  ]
   return UpdateSample(taken=jnp.ones([], bool), before=before, after=after)
+
+
+def read_first(sample: UpdateSample) -> list[jax.Array]:
+  """Per leaf, a bool scalar, always True but not provably so to XLA, read from every entry
+  of the leaf's sample. ``prune``'s update of the leaf depends on it, which orders the
+  sample's reads of the params before the training step overwrites them in place."""
+  return [
+      (jnp.bitwise_or.reduce(jnp.concatenate([_bits(b), _bits(a)])) | 1) != 0
+      for b, a in zip(sample.before, sample.after)
+  ]
 
 
 def _bits(x: jax.Array) -> jax.Array:
