@@ -23,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -201,10 +202,20 @@ def _save_error(store: Store, error: BaseException) -> CheckpointSaveError:
   )
 
 
+# The operating system's reason in tensorstore's messages: "...: File too large
+# [os_error_code='27']", followed at times by a long spec of the store.
+_OS_ERROR = re.compile(r"[^:]*: [^:\[\]]*\[os_error_code='?\d+'?\]")
+
+
 def _shortened(error: BaseException, limit: int = 400) -> str:
-  """The error's message on one line; the middle of a long one (paths) cut, not its end."""
+  """The error's message on one line; the middle of a long one (paths) cut, never the
+  operating system's reason when it names one, else not the end."""
   text = config_lib.one_line(error)
-  return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-2 * limit // 3 :]}"
+  if len(text) <= limit:
+    return text
+  reason = _OS_ERROR.search(text)
+  tail = reason.group(0).strip() if reason else text[-2 * limit // 3 :]
+  return f"{text[: limit // 3]} ... {tail}"
 
 
 def checksum(state, metadata: dict, totals=None) -> int:

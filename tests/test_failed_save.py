@@ -72,3 +72,16 @@ def test_orbax_errors_are_held_until_a_run_that_saved_ends_and_dropped_when_a_sa
   assert caplog.records == []
   logger.handle(_orbax_error_record(logger))  # the filter is gone once the run has ended
   assert [record.getMessage() for record in caplog.records] == ["write failed"]
+
+
+def test_a_shortened_save_error_keeps_the_operating_system_reason():
+  # tensorstore's message can end with a long spec of the store: cutting the middle of it
+  # dropped "File too large" from the line once (CI).
+  middle = "Failed to write 885987 bytes to file 11: File too large [os_error_code='27']"
+  spec = "; spec=" + '{"driver":"ocdbt","base":"file:///tmp/run/checkpoints/2"}' * 20
+  message = "OUT_OF_RANGE: Error writing " + "x" * 300 + ": " + middle + spec
+  shortened = checkpoints._shortened(ValueError(message))
+  assert "File too large [os_error_code='27']" in shortened and len(shortened) < 600
+  assert shortened.startswith("OUT_OF_RANGE: Error writing")
+  short = "OUT_OF_RANGE: disk full"
+  assert checkpoints._shortened(ValueError(short)) == short
