@@ -16,7 +16,8 @@
 # First (part 0, about a minute): where prune's GPU step overhead goes (BENCHMARKS section 4):
 #    benchmarks.prune_cost_split, and the compiled VGG19 prune step's optimized HLO, tarred
 #    into $OUT/prune_step_hlo.tgz (the device tool brings back at most 8 files).
-# Each part has a deadline inside the call's limit; results land in $OUT as they come.
+# Each part has a deadline inside the call's limit; results land in $OUT as they come, in
+# 8 files at most (the device tool brings back no more).
 set -u
 OUT=${OUT:-runs/gpu_checks}
 RUNS=${RUNS:-runs/gpu}
@@ -98,7 +99,7 @@ if [ "$(left)" -gt 120 ]; then
   log "gpu_throughput with $(left) s left"
   if [ "${TINY:-0}" = 1 ]; then tiny=(--tiny); else tiny=(--repetitions 7 --window_s 0.5); fi
   timeout $(($(left) - 5)) python -m benchmarks.gpu_throughput "${tiny[@]}" \
-    --json "$OUT/gpu_throughput.json" > "$OUT/gpu_throughput.log" 2>&1
+    --json "$OUT/gpu_throughput.json" >> "$OUT/gpu_checks.log" 2>&1
   log "gpu_throughput exit $?"
 fi
 log "done"
