@@ -179,12 +179,12 @@ def _empty_reshape_links(
   sizes, the same axes on both sides in row-major order: flattening a layer left with no
   channel, ``(batch, h, w, 0) -> (batch, 0)``, still carries the batch axis (without it a
   compact model whose outputs are reached only that way took no other batch size)."""
+  reason = "reshape of an empty or reordered value"
   if eqn.params.get("dimensions") is not None or isinstance(eqn.inputs[0], Literal):
-    return _pin_all(eqn, avals, "reshape of an empty or reordered value")
+    return _pin_all(eqn, avals, reason)
   prefix = 0
   while prefix < min(len(source), len(target)) and source[prefix] == target[prefix] != 0:
     prefix += 1
-  reason = "reshape of an empty or reordered value"
   return [
       *(Unify((out, d), _where(eqn.inputs[0], d)) for d in range(prefix)),
       *(Pin(_where(eqn.inputs[0], d), reason) for d in range(prefix, len(source))),

@@ -235,19 +235,16 @@ def _masking_transform(
     # then overwrites in place with w + update; without this dependency XLA
     # cannot order the read before the write and copies every param first. The
     # update check's sample reads the params too: `read_first` orders it likewise.
-    def stopped_or_masked(pieces, param):
-      mask, update = pieces
+    def stopped_or_masked(mask, param, update):
       return jnp.where(not_last, jnp.nan, _masked_update(mask, param, update))
 
     sample = None
     read_first = [jnp.bool_(True)] * len(masks)
     if state.last_update is not None:
-      sample = update_check.take(
-          params_at_masks, stopped_or_masked, [[m, u] for m, u in zip(masks, updates_at_masks)]
-      )
+      sample = update_check.take(params_at_masks, masks, updates_at_masks, stopped_or_masked)
       read_first = update_check.read_first(sample)
     masked_updates = [
-        stopped_or_masked([m & ((f | 1) != 0) & first, u], p)
+        stopped_or_masked(m & ((f | 1) != 0) & first, p, u)
         for m, f, p, u, first in zip(masks, flips, params_at_masks, updates_at_masks, read_first)
     ]
     updates = prunable_lib.replace_at(updates, state.masks, masked_updates)

@@ -87,27 +87,30 @@ def empty(params_at_masks: list[Any]) -> UpdateSample:
 
 def take(
     params_at_masks: list[Any],
-    masked_update: Callable[[list[jax.Array], jax.Array], jax.Array],
-    pieces: list[list[Any]],
+    masks: list[Any],
+    updates_at_masks: list[Any],
+    masked_update: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
 ) -> UpdateSample:
   """The sample of this update: its params and ``params + updates`` in the params' dtype.
 
-  The update's sampled entries are computed from the sampled entries of what it is made of,
-  not sampled from the update: so no fusion reads the params after :func:`read_first` (a
-  sample of the update fused the update's ``-param`` term, a read of the params that nothing
-  ordered before the step overwrites them in place, and XLA copied every param each step).
+  The update's sampled entries are computed from the sampled masks, params and incoming
+  updates, not sampled from the update: so no fusion reads the params after
+  :func:`read_first` (a sample of the update fused the update's ``-param`` term, a read of
+  the params that nothing ordered before the step overwrites them in place, and XLA copied
+  every param each step).
 
   Args:
     params_at_masks: this update's params at the prunable leaves.
-    masked_update: ``(sampled pieces, sampled params) -> sampled update`` of one leaf, the
-      elementwise function ``prune``'s update is, so that it gives the same entries.
-    pieces: per leaf, the arrays shaped like it that the update is computed from.
+    masks: the masks ``prune`` applies, per leaf.
+    updates_at_masks: the updates ``prune`` receives, per leaf.
+    masked_update: ``(mask, params, updates) -> update``, the elementwise function that
+      ``prune``'s update is, so that on the sampled entries it gives the same entries.
   """
   count = len(params_at_masks)
   before = [_sampled(p, count) for p in params_at_masks]
   after = [
-      (b + masked_update([_sampled(x, count) for x in leaf_pieces], b)).astype(b.dtype)
-      for b, leaf_pieces in zip(before, pieces)
+      (b + masked_update(_sampled(m, count), b, _sampled(u, count))).astype(b.dtype)
+      for b, m, u in zip(before, masks, updates_at_masks)
   ]
   return UpdateSample(taken=jnp.ones([], bool), before=before, after=after)
 
