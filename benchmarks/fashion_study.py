@@ -12,7 +12,10 @@ epochs with the paper's learning-rate shape; seeds 0-4 (initialisation, data ord
 
 The report compares each method with global magnitude run on the same seed (same
 initialisation and data order): the mean of the per-seed differences of test accuracy with a
-95% t-interval, and a method is called ahead or behind only where the interval excludes zero.
+95% t-interval, and a method is called ahead or behind only where the interval excludes zero;
+beside it the paired t-test's p-value and its Holm adjustment over the comparisons of the same
+model and budget, for the question the intervals alone leave open (which results survive
+the number of comparisons made).
 Runs are trained in the priority order of :data:`STUDY` with ``benchmarks.regime_study``'s
 machinery (lean compiled loop, ``results*.json`` saved after every run, ``--shard I/N`` over
 processes, ``--table_only``); the same command continues a study cut short.
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -152,6 +157,11 @@ class Comparison(NamedTuple):
   mean: float
   low: float
   high: float
+  # Two-sided paired t-test of the differences, and its Holm adjustment over the comparisons
+  # of the same model and budget (:func:`holm`): the table's intervals are each 95% on their
+  # own, and a grid of 17 of them holds about one "ahead" or "behind" by chance.
+  p_value: float = float("nan")
+  holm_p: float = float("nan")
 
   @property
   def verdict(self) -> str:
@@ -181,8 +191,50 @@ def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
   return mean, float(mean - half), float(mean + half)
 
 
+def paired_p_value(differences: Sequence[float]) -> float:
+  """Two-sided p-value of the paired t-test (NaN for fewer than 2 differences)."""
+  from scipy import stats
+
+  if len(differences) < 2:
+    return float("nan")
+  with warnings.catch_warnings():
+    # Equal differences (accuracies move in steps of 0.01 points, so two seeds can tie) make
+    # scipy warn of precision loss; the zero-width interval beside the p-value says as much.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's step-down adjustment of ``p_values``, in their order; NaNs stay NaN, uncounted.
+
+  With the m finite p-values sorted ascending, the i-th (from 0) becomes
+  ``min(1, max_{j <= i} (m - j) p_(j))``: rejecting where the adjusted value is below alpha
+  keeps the chance of any false "ahead" or "behind" in the family below alpha.
+  """
+  order = sorted((p, index) for index, p in enumerate(p_values) if not math.isnan(p))
+  adjusted = [float("nan")] * len(p_values)
+  running = 0.0
+  for rank, (p, index) in enumerate(order):
+    running = max(running, min(1.0, (len(order) - rank) * p))
+    adjusted[index] = running
+  return adjusted
+
+
+def _with_holm(found: Sequence[Comparison]) -> list[Comparison]:
+  """``found`` with ``holm_p`` set, each family being one model at one budget."""
+  families: dict[tuple[str, int], list[int]] = {}
+  for index, c in enumerate(found):
+    families.setdefault((c.model, c.epochs), []).append(index)
+  adjusted = list(found)
+  for members in families.values():
+    for index, holm_p in zip(members, holm([found[i].p_value for i in members])):
+      adjusted[index] = found[index]._replace(holm_p=holm_p)
+  return adjusted
+
+
 def comparisons(results: dict[str, Any], study: Sequence[Block]) -> list[Comparison]:
-  """Every finished variant of ``study`` against its :data:`BASELINES` entry, paired by seed."""
+  """Every finished variant of ``study`` against its :data:`BASELINES` entry, paired by seed,
+  with its paired t-test's p-value and Holm's adjustment of it (per model and budget)."""
   accuracy = {}
   for block in study:
     for run in block.runs():
@@ -215,11 +267,18 @@ def comparisons(results: dict[str, Any], study: Sequence[Block]) -> list[Compari
     ]
     found.append(
         Comparison(
-            model, sparsity, epochs, variant, baseline, len(seeds), *paired_interval(differences)
+            model,
+            sparsity,
+            epochs,
+            variant,
+            baseline,
+            len(seeds),
+            *paired_interval(differences),
+            p_value=paired_p_value(differences),
         )
     )
-  return sorted(
-      found, key=lambda c: (c.model, c.epochs, c.sparsity, list(VARIANTS).index(c.variant))
+  return _with_holm(
+      sorted(found, key=lambda c: (c.model, c.epochs, c.sparsity, list(VARIANTS).index(c.variant)))
   )
 
 
@@ -236,11 +295,19 @@ def comparison_table(found: Sequence[Comparison]) -> str:
           f"{c.mean:+.2f}",
           "" if c.seeds < 2 else f"[{c.low:+.2f}, {c.high:+.2f}]",
           c.verdict,
+          _p_text(c.p_value),
+          _p_text(c.holm_p),
       ]
       for c in found
   ]
   headers = ["model", "sparsity", "epochs", "method", "vs", "seeds", "mean diff (points)"]
-  return cli.format_table(headers + ["95% interval", "verdict"], rows)
+  return cli.format_table(headers + ["95% interval", "verdict", "p", "Holm p"], rows)
+
+
+def _p_text(p: float) -> str:
+  if math.isnan(p):
+    return ""
+  return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
 
 def note(found: Sequence[Comparison]) -> list[str]:
@@ -254,6 +321,8 @@ def note(found: Sequence[Comparison]) -> list[str]:
   lines = []
   for c in found:
     interval = "" if c.seeds < 2 else f", 95% interval [{c.low:+.2f}, {c.high:+.2f}]"
+    if not math.isnan(c.holm_p):
+      interval += f" (p {_p_text(c.p_value)}, Holm {_p_text(c.holm_p)})"
     lines.append(
         f"{c.model} at {100 * c.sparsity:.2f}%, {c.epochs} epochs: {c.variant} - {c.baseline} = "
         f"{c.mean:+.2f} points over {c.seeds} paired seeds{interval}: {sayings[c.verdict]}."

@@ -52,6 +52,22 @@ def test_paired_interval_is_the_one_sample_t_interval():
   assert np.isnan(fashion_study.paired_interval([1.0])[1])
 
 
+def test_holm_steps_down_keeps_order_and_skips_nan():
+  # Sorted: 0.005 x4, 0.01 x3, 0.03 x2, 0.04 x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06.
+  adjusted = fashion_study.holm([0.01, 0.04, float("nan"), 0.03, 0.005])
+  np.testing.assert_allclose(adjusted, [0.03, 0.06, np.nan, 0.06, 0.02])
+  assert fashion_study.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+  assert fashion_study.holm([]) == []
+
+
+def test_paired_p_value_is_the_one_sample_t_test():
+  differences = [0.3, -0.1, 0.8, 0.4, 0.2]
+  assert fashion_study.paired_p_value(differences) == pytest.approx(
+      stats.ttest_rel(np.add(differences, 1.0), np.ones(5)).pvalue
+  )
+  assert np.isnan(fashion_study.paired_p_value([1.0]))
+
+
 def results_of(accuracies):
   """``{variant: [accuracy per seed]}`` at 99.9%, 40 epochs, as stored results."""
   runs = {}
@@ -72,7 +88,7 @@ def test_comparisons_pair_by_seed_and_call_ahead_only_outside_zero():
           "global_magnitude": base,
           "flipout": [b + d for b, d in zip(base, (0.005, 0.007, 0.006, 0.005))] + [None],
           "flipout_no_noise": [b + d for b, d in zip(base, (0.01, -0.01, 0.02, -0.015, 0.0))],
-          "global_magnitude_noise": [b - 0.03 for b in base],
+          "global_magnitude_noise": [b - d for b, d in zip(base, (0.03, 0.02, 0.04, 0.03, 0.02))],
       }
   )
   found = {c.variant: c for c in fashion_study.comparisons(results, fashion_study.STUDY)}
@@ -82,8 +98,28 @@ def test_comparisons_pair_by_seed_and_call_ahead_only_outside_zero():
   assert found["flipout_no_noise"].verdict == "level"
   assert found["global_magnitude_noise"].verdict == "behind"
   assert "global_magnitude" not in found  # the baseline itself
+  # Holm over this family (lenet300, 40 epochs: these three comparisons).
+  p_values = [found[v].p_value for v in ("flipout", "flipout_no_noise", "global_magnitude_noise")]
+  np.testing.assert_allclose(
+      [found[v].holm_p for v in ("flipout", "flipout_no_noise", "global_magnitude_noise")],
+      fashion_study.holm(p_values),
+  )
+  assert found["flipout"].holm_p > found["flipout"].p_value
   table = fashion_study.comparison_table(list(found.values()))
   assert "| flipout " in table and "ahead" in table and "[" in table
+  assert "Holm p" in table.splitlines()[0]
+
+
+def test_holm_families_are_one_model_at_one_budget():
+  p = {("a", 40): 0.01, ("a", 120): 0.02, ("b", 40): 0.03}
+  found = [
+      fashion_study.Comparison(
+          model, 0.999, epochs, "flipout", "global_magnitude", 5, 1, 0, 2, p_value
+      )
+      for (model, epochs), p_value in p.items()
+  ] + [fashion_study.Comparison("a", 0.99, 40, "snip", "global_magnitude", 5, 1, 0, 2, 0.04)]
+  adjusted = [c.holm_p for c in fashion_study._with_holm(found)]
+  np.testing.assert_allclose(adjusted, [0.02, 0.02, 0.03, 0.04])
 
 
 def test_bad_flags_and_absent_data_exit_2_with_one_line(tmp_path, capsys):
@@ -110,13 +146,11 @@ def test_tiny_study_trains_resumes_and_reports(tmp_path, capsys):
   assert stored["settings"] == fashion_study._SETTINGS and len(stored["runs"]) == 4
   row = next(line for line in out.splitlines() if line.startswith("| lenet300 | 90.00%   | 1 "))
   cells = [cell.strip() for cell in row.strip("|").split("|")]
-  assert cells[3:6] == ["flipout", "global_magnitude", "2"] and cells[-1] in (
-      "level",
-      "ahead",
-      "behind",
-  )
+  assert cells[3:6] == ["flipout", "global_magnitude", "2"]
+  verdict, p_value, holm_p = cells[8:]
+  assert verdict in ("level", "ahead", "behind")
+  assert holm_p == p_value  # a family of one comparison: Holm changes nothing
   assert (tmp_path / "study" / "fashion_study.png").stat().st_size > 0
-  verdict = cells[-1]
   assert f"flipout - global_magnitude = {cells[6]} points over 2 paired seeds" in out
   assert ("not distinguishable" if verdict == "level" else verdict) in out
 
