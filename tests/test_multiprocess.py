@@ -30,30 +30,13 @@ _ARGS = [
     "--no-tensorboard",
 ]
 # Process 0 may signal itself (SIGTERM, as a preemptible VM's notice reaching one process)
-# right after its SIGNAL_AFTER_STEPS-th train step (as tests/test_preemption.py). JAX's SIGTERM
-# notifier polls once a second, so the process then waits until the notice is in the
-# coordination service (the key JAX's preemption sync manager sets): without that wait, a short
-# run could end before the notice is seen, and the stop step would depend on machine load.
+# right after its SIGNAL_AFTER_STEPS-th train step (tests/self_signalling.py).
 _PROCESS = """
-import os, signal, sys
-from experiments import cli, digits, train
-after = int(os.environ.get("SIGNAL_AFTER_STEPS", "0"))
-if after and "--process_id=0" in sys.argv:
-  from jax._src import distributed
-  make_train_step = train._make_train_step
-  def self_signalling(*args, **kwargs):
-    step, calls = make_train_step(*args, **kwargs), [0]
-    def counted(*step_args):
-      result = step(*step_args)
-      calls[0] += 1
-      if calls[0] == after:
-        os.kill(os.getpid(), signal.SIGTERM)
-        distributed.global_state.client.blocking_key_value_get(
-            "RECEIVED_PREEMPTION_NOTICE", 300_000
-        )
-      return result
-    return counted
-  train._make_train_step = self_signalling
+import sys
+from experiments import cli, digits
+if "--process_id=0" in sys.argv:
+  from tests import self_signalling
+  self_signalling.install()
 sys.exit(cli.main(sys.argv[1:], digits.DEFAULTS, ("lenet300",)))
 """
 _STEPS_PER_EPOCH = 22  # 1,437 digits in the train split, batch 64

@@ -2,8 +2,8 @@
 ``--resume`` ends bit-identical to an tiny_flipout_run run, metrics included.
 
 The child process signals itself from inside its training loop, right after a chosen step
-(a test-only wrapper of the train step, installed by the child's entry code below), so the
-step the signal lands on is exact: no sleeps, no races.
+(``tests/self_signalling.py``, installed by the child's entry code below), so the step the
+signal lands on is exact: no sleeps, no races.
 """
 
 import json
@@ -20,22 +20,12 @@ from tests import saved_runs
 _STEPS_PER_EPOCH = saved_runs.TINY_FLIPOUT_STEPS_PER_EPOCH
 _RUN = saved_runs.TINY_FLIPOUT_RUN
 # Runs the MNIST command line with a train step that sends SIGNAL to its own process once
-# it has been called SIGNAL_AFTER_STEPS times.
+# it has been called SIGNAL_AFTER_STEPS times (tests/self_signalling.py).
 _SELF_SIGNALLING_ENTRY = """
-import os, signal, sys
-from experiments import mnist, train
-after, signum = int(os.environ["SIGNAL_AFTER_STEPS"]), signal.Signals[os.environ["SIGNAL"]]
-make_train_step = train._make_train_step
-def self_signalling(*args, **kwargs):
-  step, calls = make_train_step(*args, **kwargs), [0]
-  def counted(*step_args):
-    result = step(*step_args)
-    calls[0] += 1
-    if calls[0] == after:
-      os.kill(os.getpid(), signum)
-    return result
-  return counted
-train._make_train_step = self_signalling
+import sys
+from experiments import mnist
+from tests import self_signalling
+self_signalling.install()
 sys.exit(mnist.main(sys.argv[1:]))
 """
 
