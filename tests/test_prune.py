@@ -17,7 +17,7 @@ import pytest
 
 import flipout_jax as flipout
 from flipout_jax._src import select
-from tests import reference
+from tests import jaxpr_equations, reference
 
 SHAPES = {"conv": (3, 3, 2, 4), "dense": (12, 5), "head": (5, 3)}
 
@@ -293,21 +293,8 @@ def test_event_uses_no_sort():
   params = {"w": jnp.ones((50, 40)), "v": jnp.ones((40, 3))}
   tx = flipout.prune(0.9, total_steps=20)
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-  names = _primitive_names(jaxpr.jaxpr)
+  names = {eqn.primitive.name for eqn in jaxpr_equations.equations(jaxpr.jaxpr)}
   assert "cond" in names and "sort" not in names and "top_k" not in names, names
-
-
-def _primitive_names(jaxpr) -> set[str]:
-  """Primitives of ``jaxpr`` and of every jaxpr nested in its equations' params."""
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          names |= _primitive_names(inner)
-  return names
 
 
 def test_custom_criterion_prunes_lowest_scores():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import flipout_jax as flipout
+from tests import jaxpr_equations
 
 _LIMIT = 2**31 - 1  # a Mersenne prime: (_LIMIT, 1) is the largest leaf int32 counts allow
 
@@ -69,17 +70,6 @@ def test_more_than_2_31_weights_trace_with_x64(make, flips_dtype):
     assert state.masks["w0"].dtype == jnp.bool_ and state.flips["w1"].dtype == flips_dtype
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, including those of cond branches and loops."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-
-
 def test_counts_over_2_31_weights_are_int64():
   # Two leaves of 2**30 + 1 weights: each leaf's count fits int32, their sum
   # does not, so every count (sums and cumulative sums) must be int64.
@@ -88,7 +78,9 @@ def test_counts_over_2_31_weights_are_int64():
     tx = flipout.prune(0.9, total_steps=100)
     state = jax.eval_shape(tx.init, params)
     jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
-    counts = [e for e in _equations(jaxpr) if e.primitive.name in ("reduce_sum", "cumsum")]
+    counts = [
+        e for e in jaxpr_equations.equations(jaxpr) if e.primitive.name in ("reduce_sum", "cumsum")
+    ]
     assert counts and all(e.outvars[0].aval.dtype == jnp.int64 for e in counts), {
         e.primitive.name: e.outvars[0].aval.dtype for e in counts
     }
