@@ -98,6 +98,9 @@ def test_comparisons_pair_by_seed_and_call_ahead_only_outside_zero():
   assert found["flipout_no_noise"].verdict == "level"
   assert found["global_magnitude_noise"].verdict == "behind"
   assert "global_magnitude" not in found  # the baseline itself
+  assert found["flipout"].p_value == pytest.approx(
+      stats.ttest_1samp([0.5, 0.7, 0.6, 0.5], 0.0).pvalue
+  )
   # Holm over this family (lenet300, 40 epochs: these three comparisons).
   p_values = [found[v].p_value for v in ("flipout", "flipout_no_noise", "global_magnitude_noise")]
   np.testing.assert_allclose(
