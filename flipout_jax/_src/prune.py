@@ -90,18 +90,20 @@ _NOT_LAST_MESSAGE = (
     "optax.chain, after the optimizer, so it sees the final update; and do not "
     "modify params between tx.update calls."
 )
+# Besides step 1 and every event, the update sample is taken every this many steps, and the
+# checks run at the update after each sample (docs/algorithm.md, "Checking the chain").
+CHECK_EVERY = 1000
 
 
-def _pruned_weights_moved(step, masks, params) -> jax.Array:
+def _pruned_weights_moved(masks, params) -> jax.Array:
   """Whether a pruned weight is no longer zero: ``prune`` was not last.
 
-  Skipped on the first update so ``fixed_masks`` can zero dense params. A
-  misplaced ``prune`` moves nearly every pruned weight, so about 1024 evenly
-  spaced weights per leaf suffice. No host callback: one would slow down
-  every step's dispatch; the state and the params carry the failure instead.
-  A non-finite pruned weight is divergence (a NaN update, kept at zero by
-  adding ``-param``, is NaN), not a misplaced ``prune``: the loop's own
-  finiteness check reports that, and "put prune last" would mislead.
+  A misplaced ``prune`` moves nearly every pruned weight, so about 1024
+  evenly spaced weights per leaf suffice. No host callback: one would slow
+  down every step's dispatch; the state and the params carry the failure
+  instead. A non-finite pruned weight is divergence (a NaN update, kept at
+  zero by adding ``-param``, is NaN), not a misplaced ``prune``: the loop's
+  own finiteness check reports that, and "put prune last" would mislead.
   """
 
   def spaced(x):
@@ -111,7 +113,40 @@ def _pruned_weights_moved(step, masks, params) -> jax.Array:
       jnp.any(~spaced(m) & (spaced(p) != 0) & jnp.isfinite(spaced(p)))
       for m, p in zip(jax.tree.leaves(masks), prunable_lib.leaves_at(masks, params))
   ]
-  return ((step > 1) & jnp.any(jnp.stack(moved))) | (step <= _NOT_LAST + 1)
+  return jnp.any(jnp.stack(moved))
+
+
+def _check_step(step) -> jax.Array:
+  """Steps that check the chain whatever the sample: the second, and one after each
+  :data:`CHECK_EVERY` (``fixed_masks``, which takes no sample, checks only there)."""
+  return (step == 2) | (step % CHECK_EVERY == 1)
+
+
+def _sample_step(step) -> jax.Array:
+  """Non-event steps that take the update sample: the first, and every :data:`CHECK_EVERY`."""
+  return (step == 1) | (step % CHECK_EVERY == 0)
+
+
+def _chain_checks(step, state, params, params_at_masks) -> tuple[jax.Array, jax.Array]:
+  """``(pruned weights moved, params moved otherwise)``, both bool scalars.
+
+  Under a ``lax.cond`` that runs at the update after a sample and at :func:`_check_step`:
+  its operands (params, masks, the sample) are buffers the step holds anyway, so the steps
+  in between pay one scalar predicate, not a pass or a kernel per leaf.
+  """
+  sample = state.last_update
+  run = _check_step(step) & (step > 1)
+  if sample is not None:
+    run = run | sample.taken
+
+  def check():
+    moved = _pruned_weights_moved(state.masks, params)
+    if sample is None:
+      return moved, jnp.bool_(False)
+    return moved, update_check.moved_otherwise(sample, params_at_masks)
+
+  no_alarm = lambda: (jnp.bool_(False), jnp.bool_(False))
+  return jax.lax.cond(run, check, no_alarm)
 
 
 def _masking_transform(
@@ -120,6 +155,7 @@ def _masking_transform(
     make_event: events.MakeEvent | None,
     check_leaves: Callable[[Any, Any], Any] = lambda masks, params: None,
     flip_dtype=np.int32,
+    takes_samples: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transform: masking, flip counting and optional events.
 
@@ -131,6 +167,9 @@ def _masking_transform(
     check_leaves: called at init with the masks and params, to refuse params
       that ``make_event`` could not trace.
     flip_dtype: storage of the flip counts (``counters.flip_count_dtype``).
+    takes_samples: whether updates take the sample that finds a misplaced link
+      at the second update (``update_check.py``); without it, the chain is
+      checked by its pruned weights alone.
   """
   prunable_lib.check_where(where)
 
@@ -171,10 +210,9 @@ def _masking_transform(
             f"{np.shape(param)} but its mask has shape {mask.shape}"
         )
     step = state.count + 1
-    moved_otherwise = jnp.bool_(False)
-    if state.last_update is not None:
-      moved_otherwise = update_check.moved_otherwise(state.last_update, params_at_masks)
-    not_last = _pruned_weights_moved(step, state.masks, params) | moved_otherwise
+    pruned_moved, moved_otherwise = _chain_checks(step, state, params, params_at_masks)
+    # A stopped run (count -1 or -2, so step 0 or -1) stays stopped.
+    not_last = pruned_moved | moved_otherwise | (step <= _NOT_LAST + 1)
 
     flips_before = jax.tree.leaves(state.flips)
 
@@ -199,14 +237,22 @@ def _masking_transform(
           for f, m, new, p in zip(flips_before, mask_leaves, new_params(), params_at_masks)
       ]
 
-    # The cond decides only the masks: the event branch returns new masks,
-    # the other its operands unchanged (no per-weight work). Flip counts and
-    # updates are computed after it, once, where XLA fuses each leaf's flip
-    # count and masked update with the rest of the step.
-    if make_event is None:
-      masks = mask_leaves
-    else:
-      is_event, event = make_event(state.masks, params)
+    # A misplaced prune must never train a dense model silently: it stops the
+    # run with NaN params, and masks() / flip_counts() then say why.
+    def stopped_or_masked(mask, param, update):
+      return jnp.where(not_last, jnp.nan, _masked_update(mask, param, update))
+
+    # One conditional decides the masks and takes the update sample, at events and at
+    # sample steps only; between them it passes its operands through (no work per weight).
+    # Flip counts and updates are computed after it, once, where XLA fuses each leaf's
+    # flip count and masked update with the rest of the step.
+    sample = state.last_update
+    is_event, event = make_event(state.masks, params) if make_event else (None, None)
+    sampling = takes_samples and sample is not None
+
+    def event_masks():
+      if event is None:
+        return mask_leaves
 
       def with_event():
         return jax.tree.leaves(
@@ -218,8 +264,27 @@ def _masking_transform(
             )
         )
 
-      # A stopped run (count -1, so step 0) must not look like an event step.
-      masks = jax.lax.cond(is_event(step) & ~not_last, with_event, lambda: mask_leaves)
+      return jax.lax.cond(is_event(step) & ~not_last, with_event, lambda: mask_leaves)
+
+    def special_step():
+      masks = event_masks()
+      if not sampling:
+        return masks, sample
+      taken = update_check.take(params_at_masks, masks, updates_at_masks, stopped_or_masked)
+      return masks, taken
+
+    def steady_step():
+      return mask_leaves, sample._replace(taken=jnp.bool_(False)) if sampling else sample
+
+    special = jnp.bool_(False)
+    if event is not None:
+      special = is_event(step) & ~not_last
+    if sampling:
+      special = special | _sample_step(step)
+    if event is None and not sampling:
+      masks = mask_leaves
+    else:
+      masks, sample = jax.lax.cond(special, special_step, steady_step)
     # Masks only lose weights (new mask => old mask), so where the new mask is
     # live the old one was too and w + u is the new weight. Reading only the
     # new mask lets XLA write it over the old one in place.
@@ -227,25 +292,15 @@ def _masking_transform(
         jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
         for m, f, p, u in zip(masks, flips_before, params_at_masks, updates_at_masks)
     ]
-
-    # A misplaced prune must never train a dense model silently: it stops the
-    # run with NaN params, and masks() / flip_counts() then say why.
     # `(f | 1) != 0` is always True: it only makes the updates depend on the
     # flip counts. The counts read the old params, which the training step
     # then overwrites in place with w + update; without this dependency XLA
-    # cannot order the read before the write and copies every param first. The
-    # update check's sample reads the params too: `read_first` orders it likewise.
-    def stopped_or_masked(mask, param, update):
-      return jnp.where(not_last, jnp.nan, _masked_update(mask, param, update))
-
-    sample = None
-    read_first = [jnp.bool_(True)] * len(masks)
-    if state.last_update is not None:
-      sample = update_check.take(params_at_masks, masks, updates_at_masks, stopped_or_masked)
-      read_first = update_check.read_first(sample)
+    # cannot order the read before the write and copies every param first.
+    # The checks and the sample read the params inside conditionals whose
+    # results the updates depend on, which orders those reads likewise.
     masked_updates = [
-        stopped_or_masked(m & ((f | 1) != 0) & first, p, u)
-        for m, f, p, u, first in zip(masks, flips, params_at_masks, updates_at_masks, read_first)
+        stopped_or_masked(m & ((f | 1) != 0), p, u)
+        for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
     ]
     updates = prunable_lib.replace_at(updates, state.masks, masked_updates)
     stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
@@ -502,7 +557,9 @@ def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
     return jax.tree.map(jnp.asarray, masks)
 
   where = lambda path, leaf: True  # every leaf the masks name; checked at init
-  return _masking_transform(where, initial, None)
+  # No update sample: its reads of the params would need an ordering (or a copy) that no
+  # event's conditional provides here; the fixed pruned weights check the chain instead.
+  return _masking_transform(where, initial, None, takes_samples=False)
 
 
 def prune_below(
