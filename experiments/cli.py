@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from experiments import config as config_lib
@@ -48,6 +48,20 @@ def positive_int(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
   return value
+
+
+def comma_separated(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+  """argparse type: a comma-separated list of distinct names among ``allowed``, at least one."""
+
+  def parse(text: str) -> tuple[str, ...]:
+    values = tuple(part for part in text.split(",") if part)
+    if not values or len(set(values)) != len(values) or set(values) - set(allowed):
+      raise argparse.ArgumentTypeError(
+          f"must be distinct names among {','.join(allowed)}, comma-separated; got {text!r}"
+      )
+    return values
+
+  return parse
 
 
 def positive_float(text: str) -> float:

@@ -216,26 +216,22 @@ def _masking_transform(
 
     flips_before = jax.tree.leaves(state.flips)
 
-    # The weights after this step and their flip counts, as functions: each
-    # use recomputes them from params and updates inside its own fused loop,
-    # so neither is ever written out per weight.
+    # The weights after this step, as a function: each use recomputes them from params and
+    # updates inside its own fused loop, so they are never written out per weight.
     def new_params():
       return [
           jnp.where(m, (p + u).astype(p.dtype), jnp.zeros_like(p))
           for m, p, u in zip(mask_leaves, params_at_masks, updates_at_masks)
       ]
 
-    def counted_flips():
-      # `& m`: zeroing a masked weight of dense params (fixed_masks' first
-      # step) is not a flip; pruned weights keep a count of 0. Criteria get
-      # int32 counts, so `flips + 1` cannot wrap. The sum cannot wrap in the
-      # stored dtype (an event at step t reads counts <= t), and converting
-      # after it lets XLA fuse the conversion into every counting pass;
-      # converting the stored counts first made XLA keep an int32 copy.
-      return [
-          counters.as_int32(f + ((jnp.sign(new) != jnp.sign(p)) & m).astype(f.dtype))
-          for f, m, new, p in zip(flips_before, mask_leaves, new_params(), params_at_masks)
-      ]
+    # The flip counts of this step, under the masks before any event: `& m` (through the
+    # `where`) because zeroing a masked weight of dense params (fixed_masks' first step) is
+    # not a flip, and pruned weights keep a count of 0. One pass per leaf, which an event
+    # reads (as int32, so `flips + 1` cannot wrap) and resets where it prunes.
+    flips = [
+        jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
+        for m, f, p, u in zip(mask_leaves, flips_before, params_at_masks, updates_at_masks)
+    ]
 
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
@@ -244,69 +240,59 @@ def _masking_transform(
 
     # One conditional decides the masks and takes the update sample, at events and at
     # sample steps only; between them it passes its operands through (no work per weight).
-    # Flip counts and updates are computed after it, once, where XLA fuses each leaf's
-    # flip count and masked update with the rest of the step.
     sample = state.last_update
     is_event, event = make_event(state.masks, params) if make_event else (None, None)
     sampling = takes_samples and sample is not None
 
-    def event_masks():
+    def event_masks_and_flips():
       if event is None:
-        return mask_leaves
+        return mask_leaves, flips
 
       def with_event():
-        return jax.tree.leaves(
+        masks = jax.tree.leaves(
             event(
                 step,
                 lambda: mask_structure.unflatten(new_params()),
                 state.masks,
-                lambda: mask_structure.unflatten(counted_flips()),
+                lambda: mask_structure.unflatten([counters.as_int32(f) for f in flips]),
             )
         )
+        return masks, [jnp.where(m, f, 0) for m, f in zip(masks, flips)]
 
-      return jax.lax.cond(is_event(step) & ~not_last, with_event, lambda: mask_leaves)
+      return jax.lax.cond(is_event(step) & ~not_last, with_event, lambda: (mask_leaves, flips))
 
     def special_step():
-      masks = event_masks()
+      masks, new_flips = event_masks_and_flips()
       if not sampling:
-        return masks, sample
+        return masks, new_flips, sample
       taken = update_check.take(params_at_masks, masks, updates_at_masks, stopped_or_masked)
-      return masks, taken
+      return masks, new_flips, taken
 
     def steady_step():
-      return mask_leaves, sample._replace(taken=jnp.bool_(False)) if sampling else sample
+      return mask_leaves, flips, sample._replace(taken=jnp.bool_(False)) if sampling else sample
 
-    special = jnp.bool_(False)
-    if event is not None:
-      special = is_event(step) & ~not_last
-    if sampling:
-      special = special | _sample_step(step)
     if event is None and not sampling:
-      masks = mask_leaves
+      # `(f | 1) != 0` is always True: it only makes the updates depend on the
+      # flip counts. The counts read the old params, which the training step
+      # then overwrites in place with w + update; without this dependency XLA
+      # cannot order the read before the write and copies every param first.
+      masks = [m & ((f | 1) != 0) for m, f in zip(mask_leaves, flips)]
     else:
-      masks, sample = jax.lax.cond(special, special_step, steady_step)
-    # Masks only lose weights (new mask => old mask), so where the new mask is
-    # live the old one was too and w + u is the new weight. Reading only the
-    # new mask lets XLA write it over the old one in place.
-    flips = [
-        jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
-        for m, f, p, u in zip(masks, flips_before, params_at_masks, updates_at_masks)
-    ]
-    # `(f | 1) != 0` is always True: it only makes the updates depend on the
-    # flip counts. The counts read the old params, which the training step
-    # then overwrites in place with w + update; without this dependency XLA
-    # cannot order the read before the write and copies every param first.
-    # The checks and the sample read the params inside conditionals whose
-    # results the updates depend on, which orders those reads likewise.
+      special = _sample_step(step) if sampling else jnp.bool_(False)
+      if event is not None:
+        special = special | (is_event(step) & ~not_last)
+      # The updates depend on the masks this conditional returns, and it reads the flip
+      # counts and (at its rare steps) the params: so every read of the old params is
+      # ordered before the training step overwrites them in place, with no copy.
+      masks, flips, sample = jax.lax.cond(special, special_step, steady_step)
     masked_updates = [
-        stopped_or_masked(m & ((f | 1) != 0), p, u)
-        for m, f, p, u in zip(masks, flips, params_at_masks, updates_at_masks)
+        stopped_or_masked(m, p, u) for m, p, u in zip(masks, params_at_masks, updates_at_masks)
     ]
     updates = prunable_lib.replace_at(updates, state.masks, masked_updates)
     stopped_code = jnp.where(moved_otherwise, update_check.STOPPED_COUNT, _NOT_LAST)
     return updates, PruneState(
         count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
-        masks=mask_structure.unflatten(masks),
+        masks=mask_structure.unflatten(masks if event or sampling else mask_leaves),
         flips=mask_structure.unflatten(flips),
         last_update=sample,
     )
