@@ -13,6 +13,8 @@ events, each conditional at its cheapest branch, beside XLA's figure:
   conditionals);
 * ``kernels``: top-level instructions of the entry computation that run a kernel (everything
   but parameters, constants, tuples, ``get-tuple-element`` and bitcasts);
+* ``kernel_outputs``: the byte size of each of those kernels' results, in program order (so
+  that a caller can tell the kernels that write a buffer per weight from scalar ones);
 * ``copies``: the ``copy`` instructions of the entry computation, with their byte sizes.
 
 Deterministic for one jax version: the figures may be asserted as ceilings in tests.
@@ -45,6 +47,7 @@ _ITEMSIZE = {
     "c128": 16,
 }
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_POINTER_BYTES = 8
 _FREE = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"})
 # Instructions of a fused computation that read only part of an operand, when they read a fused
 # parameter directly (as XLA's HloCostAnalysis: a slice of a bitcast of it reads it all).
@@ -170,6 +173,9 @@ class _Walk:
 
   def instruction(self, instruction: Instruction) -> int:
     opcode = instruction.opcode
+    if opcode == "tuple":
+      # XLA counts a tuple's index table, a pointer per element (not a pass over data).
+      return _POINTER_BYTES * len(instruction.operands)
     if opcode in _FREE:
       return 0
     if opcode == "fusion":
@@ -196,6 +202,7 @@ class ProgramCost(NamedTuple):
   bytes: int
   steady_bytes: int
   kernels: int
+  kernel_outputs: tuple[int, ...]
   copies: tuple[int, ...]
 
 
@@ -204,9 +211,11 @@ def program_cost(hlo_text: str) -> ProgramCost:
   entry computation of an optimized HLO module's text (``compiled.as_text()``)."""
   computations, entry = parse_module(hlo_text)
   body = computations[entry]
+  kernels = [instruction for instruction in body if instruction.opcode not in _FREE]
   return ProgramCost(
       bytes=_Walk(computations, max).computation(entry),
       steady_bytes=_Walk(computations, min).computation(entry),
-      kernels=sum(1 for instruction in body if instruction.opcode not in _FREE),
+      kernels=len(kernels),
+      kernel_outputs=tuple(shape_bytes(instruction.shape) for instruction in kernels),
       copies=tuple(shape_bytes(i.shape) for i in body if i.opcode == "copy"),
   )

@@ -7,14 +7,17 @@ params, with params and state donated as in a training loop, and reads the optim
 (``benchmarks/hlo_cost.py``): bytes accessed per weight, at the step between pruning events
 (``steady``: each conditional at its cheapest branch) and as XLA's cost analysis counts them
 (``xla``: each conditional at its dearest branch, so the pruning event as if it ran every
-step); top-level kernels, and the ``copy`` ops of a param-sized buffer. A second or so per row
+step); top-level kernels added per prunable leaf, all of them and those that write a buffer
+per weight (the rest are scalar: step counters, predicates, conditionals); and the ``copy``
+ops of a param-sized buffer. A second or so per row
 on CPU; the figures are deterministic for one jax version, so tests assert them as ceilings.
 
 The chains (``dense`` is the base of the others: coupled weight decay then momentum SGD, the
 paper's optimizer):
 
 * ``dense``: add_decayed_weights(5e-4) -> sgd(0.01, momentum 0.9);
-* ``fixed_masks``: dense -> flipout.fixed_masks(all live);
+* ``fixed_masks`` / ``fixed_masks_no_flips``: dense -> flipout.fixed_masks(all live), counting
+  flips / with ``count_flips=False``;
 * ``prune`` / ``prune_u16``: dense -> flipout.prune(0.999) for a run of 10^8 steps (int32 flip
   counts) / of 60000 steps (uint16 ones);
 * ``noise_prune``: flipout.gradient_noise(1.0) -> dense -> flipout.prune(0.999) (the paper's);
@@ -94,6 +97,9 @@ CHAINS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     "fixed_masks": lambda params, groups: optax.chain(
         dense_chain(), flipout.fixed_masks(_all_live(params))
     ),
+    "fixed_masks_no_flips": lambda params, groups: optax.chain(
+        dense_chain(), flipout.fixed_masks(_all_live(params), count_flips=False)
+    ),
     "prune": _prune(total_steps=STEADY_STEPS),
     "prune_u16": _prune(total_steps=UINT16_STEPS),
     "noise_prune": lambda params, groups: optax.chain(
@@ -101,7 +107,7 @@ CHAINS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     ),
     "prune_unit": lambda params, groups: optax.chain(
         dense_chain(),
-        flipout.prune(0.9, total_steps=STEADY_STEPS, structure="unit", groups=groups),
+        flipout.prune(0.9, total_steps=STEADY_STEPS, structure="unit", groups=groups()),
     ),
     "prune_2:4": lambda params, groups: optax.chain(
         dense_chain(),
@@ -117,7 +123,14 @@ CHAINS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     "hand_mask": lambda params, groups: optax.chain(dense_chain(), _hand_link(False)),
     "hand_mask_flips": lambda params, groups: optax.chain(dense_chain(), _hand_link(True)),
 }
-DEFAULT_CHAINS = ("dense", "fixed_masks", "prune", "prune_u16", "noise_prune")
+DEFAULT_CHAINS = (
+    "dense",
+    "fixed_masks",
+    "fixed_masks_no_flips",
+    "prune",
+    "prune_u16",
+    "noise_prune",
+)
 DEFAULT_MODELS = ("lenet300", "vgg19", "resnet18")
 
 
@@ -128,6 +141,7 @@ class LinkCost(NamedTuple):
   bytes_per_weight: float
   steady_bytes_per_weight: float
   kernels: int
+  weight_kernels: int
   param_copies: int
 
 
@@ -143,32 +157,37 @@ def update_program(params: Any, tx: optax.GradientTransformation) -> str:
   return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
 
 
-def measure_chain(name: str, params: Any, groups: Any = None) -> LinkCost:
-  """The cost of chain ``name`` (one of :data:`CHAINS`) on ``params``.
+def measure_chain(name: str, params: Any, groups: Callable[[], Any] = lambda: None) -> LinkCost:
+  """The cost of chain ``name`` (one of :data:`CHAINS`) on ``params`` (``groups()``: the unit
+  groups ``prune_unit`` reads).
 
   A param-sized copy is a ``copy`` of a buffer at least as large as the smallest prunable
-  leaf (leaves of 2+ dimensions).
+  leaf (leaves of 2+ dimensions), and a per-weight kernel one whose results hold at least one
+  byte per entry of that leaf (a bool mask of it, say), as opposed to the scalar kernels of
+  counters, predicates and conditionals.
   """
   cost = hlo_cost.program_cost(update_program(params, CHAINS[name](params, groups)))
   leaves = jax.tree.leaves(params)
   weights = sum(int(np.prod(p.shape)) for p in leaves)
-  smallest = min(
-      int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in leaves if len(p.shape) >= 2
-  )
+  prunable = [p for p in leaves if len(p.shape) >= 2]
+  smallest = min(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in prunable)
+  fewest_entries = min(int(np.prod(p.shape)) for p in prunable)
   return LinkCost(
       chain=name,
       bytes_per_weight=cost.bytes / weights,
       steady_bytes_per_weight=cost.steady_bytes / weights,
       kernels=cost.kernels,
+      weight_kernels=sum(1 for size in cost.kernel_outputs if size >= fewest_entries),
       param_copies=sum(1 for size in cost.copies if size >= smallest),
   )
 
 
-def model_params(model: str) -> tuple[Any, Any]:
-  """Abstract params of an experiments family, and its unit groups (for ``prune_unit``)."""
+def model_params(model: str) -> tuple[Any, Callable[[], Any]]:
+  """Abstract params of an experiments family, and a function giving its unit groups (traced
+  from the model only when ``prune_unit`` asks)."""
   shape = _common.MNIST_SHAPE if model in ("lenet300", "lenet5") else _common.CIFAR_SHAPE
   case = _common.Case(model, 32, shape)
-  return _common.abstract_model(case).params, _common.unit_groups_of(case)
+  return _common.abstract_model(case).params, lambda: _common.unit_groups_of(case)
 
 
 def prunable_leaf_count(params: Any) -> int:
@@ -188,6 +207,7 @@ def table(model: str, costs: Sequence[LinkCost], prunable_leaves: int) -> list[l
           f"{c.bytes_per_weight:.1f}",
           c.kernels,
           f"{(c.kernels - base.kernels) / prunable_leaves:+.2f}",
+          f"{(c.weight_kernels - base.weight_kernels) / prunable_leaves:+.2f}",
           c.param_copies,
       ]
       for c in costs
@@ -202,6 +222,7 @@ HEADERS = [
     "xla B/weight",
     "kernels",
     "added / prunable leaf",
+    "per-weight ones / leaf",
     "param copies",
 ]
 

@@ -66,16 +66,17 @@ def _uniform_noise(bits: jax.Array) -> jax.Array:
   return np.float32(np.sqrt(2)) * noise._uniform_from_bits(bits)
 
 
-def _hashed_bits(key: jax.Array, start: int, size: int) -> jax.Array:
-  # The step's key keeps XLA from folding the draw into a constant.
-  counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start) + jax.random.key_data(key)[0]
+def _hashed_bits(k0: jax.Array, k1: jax.Array, start: int, size: int) -> jax.Array:
+  # The step's key word keeps XLA from folding the draw into a constant.
+  del k1
+  counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start) + k0
   return counters * np.uint32(_GOLDEN)
 
 
 # The in-step rows that swap a private function of gradient_noise: its name, its stand-in.
 _ABLATIONS = {
     UNIFORM_STEP: ("_normal_from_bits", _uniform_noise),
-    HASHED_STEP: ("_stream_bits", _hashed_bits),
+    HASHED_STEP: ("_stream_bits_of_words", _hashed_bits),
 }
 
 

@@ -19,6 +19,14 @@ def test_unrolled_threefry_slices_are_bit_identical_to_jax_random_normal(start, 
   np.testing.assert_array_equal(np.asarray(part), np.asarray(whole)[start:])
 
 
+@pytest.mark.parametrize("seed", [0, 3, -5, 2**31 - 1])
+@pytest.mark.parametrize("count", [0, 1, 7, 123_456, 2**31 - 1])
+def test_the_unrolled_fold_in_gives_the_key_words_of_jax_random_fold_in(seed, count):
+  words = jax.jit(lambda c: noise._noise_key_words(seed, c))(jnp.int32(count))
+  want = jax.random.key_data(noise._noise_key(seed, jnp.int32(count)))
+  np.testing.assert_array_equal(np.asarray(words), np.asarray(want))
+
+
 def _noise_of(tx, grads, params, count):
   state = flipout.GradientNoiseState(count=jnp.asarray(count, jnp.int32))
   noisy, _ = jax.jit(tx.update)(grads, state, params)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import flipout_jax as flipout
+from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
 from tests.test_transform import _data, _loss, _mlp_params
 
@@ -263,3 +264,44 @@ def test_a_donated_training_step_copies_no_params_for_the_update_check():
       line for line in entry.splitlines() if " copy(" in line and any(s in line for s in shapes)
   ]
   assert not copies, copies
+
+
+@pytest.mark.parametrize("count_flips", [True, False])
+def test_fixed_masks_before_the_optimizer_stops_at_the_second_update(count_flips):
+  params = _mlp_params()
+  masks = jax.tree.map(lambda w: jnp.arange(w.size).reshape(w.shape) % 2 == 0, params)
+  masks["hidden"]["bias"] = masks["out"]["bias"] = None
+  tx = optax.chain(flipout.fixed_masks(masks, count_flips=count_flips), optax.sgd(0.1))
+  history, _ = _run(tx, _loss_grads, steps=2)
+  assert not _is_stopped(history[0]) and _is_stopped(history[1])
+
+
+def _nudge_from(first_step: int) -> optax.GradientTransformation:
+  """Adds 1e-3 to every update from update ``first_step`` on: after prune, it moves pruned
+  weights, but only from then."""
+
+  def update(updates, count, params=None):
+    del params
+    nudge = jnp.where(count + 1 >= first_step, 1e-3, 0.0)
+    return jax.tree.map(lambda u: u + nudge.astype(u.dtype), updates), count + 1
+
+  return optax.GradientTransformation(lambda params: jnp.zeros([], jnp.int32), update)
+
+
+def test_a_link_that_moves_pruned_weights_late_stops_the_run_at_the_next_check():
+  # The checks run at sample steps and the update after them, not every step: a link after
+  # prune that starts moving pruned weights at update 500 is found at update CHECK_EVERY + 1.
+  params = _mlp_params()
+  masks = jax.tree.map(lambda w: jnp.arange(w.size).reshape(w.shape) % 2 == 0, params)
+  masks["hidden"]["bias"] = masks["out"]["bias"] = None
+  tx = optax.chain(optax.sgd(0.01), flipout.fixed_masks(masks, count_flips=False), _nudge_from(500))
+  state = tx.init(params)
+  step_fn = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  grads = jax.grad(_loss)(params, *_data())
+  stopped_at = None
+  for step in range(1, prune_lib.CHECK_EVERY + 2):
+    updates, state = step_fn(params, state, grads)
+    params = optax.apply_updates(params, updates)
+    if stopped_at is None and _is_stopped(params):
+      stopped_at = step
+  assert stopped_at == prune_lib.CHECK_EVERY + 1

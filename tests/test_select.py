@@ -310,7 +310,7 @@ def _peak_bytes(tx) -> int:
 
 
 @pytest.mark.parametrize(
-    "criterion,scratch", [("flipout", 4.0), ("magnitude", 4.0), ("random", 9.0)]
+    "criterion,scratch", [("flipout", 6.5), ("magnitude", 4.0), ("random", 12.5)]
 )
 @pytest.mark.parametrize("flip_count_dtype,state", [("uint16", 3.0), ("int32", 5.0)])
 def test_prune_adds_little_more_than_its_state_to_the_step_peak(
@@ -326,7 +326,11 @@ def test_prune_adds_little_more_than_its_state_to_the_step_peak(
   # int32. Before (all keys, scores and new weights held by the event branch,
   # a copy of the flip counts) this was 24, 20 and 20 with int32 counters.
   # The random criterion's threefry draws keep about 5 bytes of scratch per
-  # weight of their own.
+  # weight of their own. Criteria that read the flip counts (flipout, random)
+  # get them as an operand of the event's conditional (so the steady step reads
+  # each count once, issue 33), and XLA hoists float32 (flips + 1) out of the
+  # selection's loops: about 3 bytes more at events. In conv nets this fits
+  # under the activations (VGG19 batch 32: peak unchanged, 1.237x dense).
   sgd = optax.sgd(0.1, momentum=0.9)
   weights = 4 * _WIDTH * _WIDTH
   dense = _dense_peak_bytes()

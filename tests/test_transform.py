@@ -314,3 +314,31 @@ def test_params_that_do_not_match_the_state():
 def test_other_transforms_refuse_bad_arguments(factory, match):
   with pytest.raises((ValueError, TypeError), match=match):
     factory()
+
+
+def _every_third_masks(params):
+  return jax.tree.map(
+      lambda w: (jnp.arange(w.size).reshape(w.shape) % 3 == 0) if w.ndim == 2 else None, params
+  )
+
+
+def test_fixed_masks_without_flip_counts_train_the_same_weights():
+  params = _mlp_params()
+  masks = _every_third_masks(params)
+  counted, counted_state, _ = _train(
+      optax.chain(optax.adam(1e-2), flipout.fixed_masks(masks)), steps=20, params=params
+  )
+  uncounted, state, leaked = _train(
+      optax.chain(optax.adam(1e-2), flipout.fixed_masks(masks, count_flips=False)),
+      steps=20,
+      params=params,
+  )
+  assert np.all(leaked == 0.0)
+  assert state[1].flips is None and flipout.flip_counts(state) is None
+  assert flipout.flip_counts(counted_state) is not None
+  jax.tree.map(np.testing.assert_array_equal, uncounted, counted)
+
+
+def test_fixed_masks_refuses_a_count_flips_that_is_not_a_bool():
+  with pytest.raises(TypeError, match="count_flips must be a bool"):
+    flipout.fixed_masks(_every_third_masks(_mlp_params()), count_flips=1)

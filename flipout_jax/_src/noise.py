@@ -38,8 +38,26 @@ def _compute_dtype(dtype) -> np.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _base_key(seed: int) -> jax.Array:
+  """``fold_in(key(seed), NOISE_STREAM_TAG)``: it depends on the seed alone, so it is computed
+  while tracing and is a constant of the program."""
+  with jax.ensure_compile_time_eval():
+    return jax.random.fold_in(jax.random.key(seed), NOISE_STREAM_TAG)
+
+
 def _noise_key(seed: int, count: jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_STREAM_TAG), count)
+  return jax.random.fold_in(_base_key(seed), count)
+
+
+def _noise_key_words(seed: int, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two words of ``_noise_key(seed, count)`` for JAX's threefry keys: ``fold_in`` hashes
+  the counter pair ``(0, count)`` (an int32 seeds the high word with 0) under the base key,
+  here with the rounds unrolled: JAX's own lowering loops over them and its loop carries copies
+  of the key words each step."""
+  with jax.ensure_compile_time_eval():
+    words = np.asarray(jax.random.key_data(_base_key(seed)))
+  b0, b1 = (np.uint32(word) for word in words)
+  return _threefry2x32(b0, b1, jnp.uint32(0), jnp.asarray(count).astype(jnp.uint32))
 
 
 # Threefry-2x32 (Salmon et al. 2011, 20 rounds), as JAX defines it.
@@ -89,7 +107,12 @@ def _stream_normals(key: jax.Array, start: int, size: int) -> jax.Array:
 
 def _stream_bits(key: jax.Array, start: int, size: int) -> jax.Array:
   """The 32 random bits of entries ``start .. start + size`` (see :func:`_stream_normals`)."""
-  k0, k1 = jax.random.key_data(key)
+  words = jax.random.key_data(key)
+  return _stream_bits_of_words(words[0], words[1], start, size)
+
+
+def _stream_bits_of_words(k0, k1, start: int, size: int) -> jax.Array:
+  """:func:`_stream_bits` of the key whose two words are ``k0, k1``."""
   counters = jax.lax.iota(jnp.uint32, size) + np.uint32(start)
   y0, y1 = _threefry2x32(k0, k1, jnp.zeros_like(counters), counters)
   return y0 ^ y1
@@ -195,18 +218,20 @@ def gradient_noise(
     noisy = [add_noise and _gets_noise(g) for g, add_noise in zip(grads, noisy)]
     # One stream for all leaves: leaf i gets its entries offsets[i] onwards.
     sizes = [np.size(g) if add_noise else 0 for g, add_noise in zip(grads, noisy)]
-    key = _noise_key(seed, state.count)
     offsets = np.cumsum([0] + sizes)
     if (
         offsets[-1] > _MAX_DRAW
-        or str(jax.random.key_impl(key)) != _THREEFRY
+        or str(jax.random.key_impl(_base_key(seed))) != _THREEFRY
         or not jax.config.jax_threefry_partitionable
     ):
       # Anything but JAX's default threefry: its own draw, split.
-      normals = jax.random.normal(key, (int(offsets[-1]),), jnp.float32)
+      normals = jax.random.normal(_noise_key(seed, state.count), (int(offsets[-1]),), jnp.float32)
       draw = lambda start, size: normals[start : start + size]
     else:
-      draw = lambda start, size: _stream_normals(key, int(start), int(size))
+      words = _noise_key_words(seed, state.count)
+      draw = lambda start, size: _normal_from_bits(
+          _stream_bits_of_words(*words, int(start), int(size))
+      )
     new = []
     for g, w, add_noise, can_be_pruned, start in zip(
         grads, treedef.flatten_up_to(params), noisy, pruning, offsets

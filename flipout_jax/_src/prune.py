@@ -63,7 +63,7 @@ class PruneState(NamedTuple):
     flips: tree shaped like params, sign-flip counts of live weights at each
       prunable leaf (0 for pruned weights) and ``None`` elsewhere: uint16 or
       int32 (``prune``'s ``flip_count_dtype``); read them with
-      :func:`flip_counts`.
+      :func:`flip_counts`. ``None`` for ``fixed_masks(..., count_flips=False)``.
     last_update: a sample of the last update's params and of those params plus
       its update (a few KiB in all), from which the next update checks that
       ``prune`` is last; ``None`` (states built without it) checks nothing.
@@ -156,6 +156,7 @@ def _masking_transform(
     check_leaves: Callable[[Any, Any], Any] = lambda masks, params: None,
     flip_dtype=np.int32,
     takes_samples: bool = True,
+    counts_flips: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transform: masking, flip counting and optional events.
 
@@ -170,6 +171,8 @@ def _masking_transform(
     takes_samples: whether updates take the sample that finds a misplaced link
       at the second update (``update_check.py``); without it, the chain is
       checked by its pruned weights alone.
+    counts_flips: whether the state counts sign flips (``False``: ``flips``
+      is ``None``; only without events, which read the counts).
   """
   prunable_lib.check_where(where)
 
@@ -178,7 +181,9 @@ def _masking_transform(
     masks = initial_masks(params, prunable)
     prunable_lib.check_floating(params, masks)
     check_leaves(masks, params)
-    flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
+    flips = None
+    if counts_flips:
+      flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
     return PruneState(
         count=jnp.zeros([], jnp.int32),
         masks=masks,
@@ -214,8 +219,6 @@ def _masking_transform(
     # A stopped run (count -1 or -2, so step 0 or -1) stays stopped.
     not_last = pruned_moved | moved_otherwise | (step <= _NOT_LAST + 1)
 
-    flips_before = jax.tree.leaves(state.flips)
-
     # The weights after this step, as a function: each use recomputes them from params and
     # updates inside its own fused loop, so they are never written out per weight.
     def new_params():
@@ -228,10 +231,14 @@ def _masking_transform(
     # `where`) because zeroing a masked weight of dense params (fixed_masks' first step) is
     # not a flip, and pruned weights keep a count of 0. One pass per leaf, which an event
     # reads (as int32, so `flips + 1` cannot wrap) and resets where it prunes.
-    flips = [
-        jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
-        for m, f, p, u in zip(mask_leaves, flips_before, params_at_masks, updates_at_masks)
-    ]
+    flips = None
+    if state.flips is not None:
+      flips = [
+          jnp.where(m, counters.add_flips(f, jnp.sign((p + u).astype(p.dtype)) != jnp.sign(p)), 0)
+          for m, f, p, u in zip(
+              mask_leaves, jax.tree.leaves(state.flips), params_at_masks, updates_at_masks
+          )
+      ]
 
     # A misplaced prune must never train a dense model silently: it stops the
     # run with NaN params, and masks() / flip_counts() then say why.
@@ -271,7 +278,9 @@ def _masking_transform(
     def steady_step():
       return mask_leaves, flips, sample._replace(taken=jnp.bool_(False)) if sampling else sample
 
-    if event is None and not sampling:
+    if flips is None:
+      masks = mask_leaves  # nothing but the update reads the old params
+    elif event is None and not sampling:
       # `(f | 1) != 0` is always True: it only makes the updates depend on the
       # flip counts. The counts read the old params, which the training step
       # then overwrites in place with w + update; without this dependency XLA
@@ -293,7 +302,7 @@ def _masking_transform(
     return updates, PruneState(
         count=jnp.where(state.count < 0, state.count, jnp.where(not_last, stopped_code, step)),
         masks=mask_structure.unflatten(masks if event or sampling else mask_leaves),
-        flips=mask_structure.unflatten(flips),
+        flips=None if flips is None else mask_structure.unflatten(flips),
         last_update=sample,
     )
 
@@ -518,16 +527,23 @@ def prune(
   return _masking_transform(where, _all_live, make_event, check_leaves, flip_dtype)
 
 
-def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
+def fixed_masks(masks: Any, *, count_flips: bool = True) -> optax.GradientTransformationExtraArgs:
   """Trains with a fixed mask (e.g. from :func:`snip`); last in the chain.
 
   The first update zeroes the masked weights of dense params; afterwards they
-  stay exactly zero. Flip counts are kept as in :func:`prune`.
+  stay exactly zero.
 
   Args:
     masks: tree shaped like params with bool arrays at prunable leaves and
       ``None`` elsewhere, as returned by :func:`snip` or :func:`masks`.
+    count_flips: keep flip counts as :func:`prune` does (True, for reading
+      with :func:`flip_counts`), or not: the state then holds no counts
+      (``flip_counts`` gives ``None``) and the link costs one read of the
+      1-byte mask per weight over the optimizer's update, where counting
+      reads and writes a 4-byte count too (``benchmarks/link_cost.py``).
   """
+  if not isinstance(count_flips, bool):
+    raise TypeError(f"count_flips must be a bool, got {type(count_flips).__name__}")
   mask_leaves = jax.tree.leaves(masks)
   if not mask_leaves:
     raise ValueError("masks: no mask leaves given (expected bool arrays at prunable leaves)")
@@ -545,7 +561,7 @@ def fixed_masks(masks: Any) -> optax.GradientTransformationExtraArgs:
   where = lambda path, leaf: True  # every leaf the masks name; checked at init
   # No update sample: its reads of the params would need an ordering (or a copy) that no
   # event's conditional provides here; the fixed pruned weights check the chain instead.
-  return _masking_transform(where, initial, None, takes_samples=False)
+  return _masking_transform(where, initial, None, takes_samples=False, counts_flips=count_flips)
 
 
 def prune_below(
@@ -614,7 +630,7 @@ def flip_counts(opt_state: Any) -> Any:
   """Sign-flip counts from an optimizer state as int32, ``None`` at non-prunable leaves.
 
   Stored uint16 counts (see ``prune``'s ``flip_count_dtype``) are widened, so
-  arithmetic on them cannot wrap.
+  arithmetic on them cannot wrap. ``None`` for ``fixed_masks(..., count_flips=False)``.
   """
   return jax.tree.map(counters.as_int32, _prune_state(opt_state).flips)
 
