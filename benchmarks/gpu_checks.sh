@@ -14,7 +14,7 @@
 #    library both ways and the per-family oracle, inference timed side by side, one at a time).
 # 3. benchmarks.gpu_throughput (BENCHMARKS section 4) with the time left.
 # First (part 0, about a minute): where prune's GPU step overhead goes (BENCHMARKS section 4):
-#    benchmarks.prune_cost_split, and the compiled VGG19 prune step's optimized HLO, tarred
+#    benchmarks.prune_cost_split and benchmarks.link_cost (in one log), and the compiled VGG19 prune step's optimized HLO, tarred
 #    into $OUT/prune_step_hlo.tgz (the device tool brings back at most 8 files).
 # Each part has a deadline inside the call's limit; results land in $OUT as they come, in
 # 8 files at most (the device tool brings back no more).
@@ -43,6 +43,9 @@ log "$(python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax",
 if [ "${TINY:-0}" = 1 ]; then split=(--tiny --repetitions 1); else split=(--repetitions 9); fi
 timeout 120 python -m benchmarks.prune_cost_split "${split[@]}" > "$OUT/prune_cost_split.log" 2>&1
 log "prune_cost_split exit $?: $(grep -c ms "$OUT/prune_cost_split.log") chains timed"
+# The compiled links' bytes and kernels on the GPU backend (issue 33; compile only, no timing).
+timeout 120 python -m benchmarks.link_cost --models lenet300,vgg19,resnet18 >> "$OUT/prune_cost_split.log" 2>&1
+log "link_cost exit $?"
 dump=$(mktemp -d)
 XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
   timeout 120 python -m benchmarks.prune_cost_split "${split[@]}" --repetitions 1 > /dev/null 2>&1
