@@ -9,7 +9,7 @@ import pytest
 import flipout_jax as flipout
 from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
-from tests.test_transform import _data, _loss, _mlp_params
+from tests.test_transform import _data, _every_third_masks, _loss, _mlp_params
 
 
 def _run(tx, grads_at, steps, apply_at=lambda step: True):
@@ -269,8 +269,7 @@ def test_a_donated_training_step_copies_no_params_for_the_update_check():
 @pytest.mark.parametrize("count_flips", [True, False])
 def test_fixed_masks_before_the_optimizer_stops_at_the_second_update(count_flips):
   params = _mlp_params()
-  masks = jax.tree.map(lambda w: jnp.arange(w.size).reshape(w.shape) % 2 == 0, params)
-  masks["hidden"]["bias"] = masks["out"]["bias"] = None
+  masks = _every_third_masks(params)
   tx = optax.chain(flipout.fixed_masks(masks, count_flips=count_flips), optax.sgd(0.1))
   history, _ = _run(tx, _loss_grads, steps=2)
   assert not _is_stopped(history[0]) and _is_stopped(history[1])
@@ -292,8 +291,7 @@ def test_a_link_that_moves_pruned_weights_late_stops_the_run_at_the_next_check()
   # The checks run at sample steps and the update after them, not every step: a link after
   # prune that starts moving pruned weights at update 500 is found at update CHECK_EVERY + 1.
   params = _mlp_params()
-  masks = jax.tree.map(lambda w: jnp.arange(w.size).reshape(w.shape) % 2 == 0, params)
-  masks["hidden"]["bias"] = masks["out"]["bias"] = None
+  masks = _every_third_masks(params)
   tx = optax.chain(optax.sgd(0.01), flipout.fixed_masks(masks, count_flips=False), _nudge_from(500))
   state = tx.init(params)
   step_fn = jax.jit(lambda p, s, g: tx.update(g, s, p))

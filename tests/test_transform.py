@@ -194,9 +194,7 @@ def test_flax_nnx_optimizer():
 
 def test_fixed_masks_zero_dense_params_then_hold():
   params = _mlp_params()
-  masks = jax.tree.map(
-      lambda w: (jnp.arange(w.size).reshape(w.shape) % 3 == 0) if w.ndim == 2 else None, params
-  )
+  masks = _every_third_masks(params)
   tx = optax.chain(optax.adam(1e-2), flipout.fixed_masks(masks))
   params, state, leaked = _train(tx, steps=50, params=params)
   assert np.all(leaked == 0.0)
