@@ -1,6 +1,6 @@
 """``flipout.compact`` against the per-family compaction it replaced, and how long it takes.
 
-    python -m benchmarks.compaction --workdir RUN [--repeats 21] [--json OUT]  # a trained run
+    python -m benchmarks.compaction --workdir RUN [--repeats 21] [--json OUT] [--round_to 1,8]
     python -m benchmarks.compaction --families [--sparsity 0.999] [--family vgg19 ...]
 
 ``--workdir``: loads the run's newest checkpoint and its test set, then compacts the model
@@ -12,7 +12,10 @@ logit difference against the pruned model, and inference time at the run's evalu
 size side by side (compiled, warmed up, interleaved repetitions; speedups are medians of the
 per-repetition ratios to the pruned model), then the report of the ``constants="program"``
 compaction: each linear op's widths before and after, and what kept units that carry nothing.
-``--json`` appends all of it, with the device, as one JSON line to a file.
+``--round_to``: each listed value other than 1 adds both library compactions with every
+shrunk width rounded up to a multiple of it (``flipout.compact(..., round_to=k)``), timed in
+the same interleaved repetitions. ``--json`` appends all of it, with the device, as one JSON
+line to a file.
 
 ``--families``: every experiments family (or each ``--family``) with random weights pruned
 at ``--sparsity`` (``tests/test_compaction.random_model``: random masks, whole units cut,
@@ -48,7 +51,9 @@ def _size(tree) -> int:
   return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-def run_report(workdir: str, repeats: int, json_path: str | None = None) -> None:
+def run_report(
+    workdir: str, repeats: int, json_path: str | None = None, round_to: tuple[int, ...] = (1,)
+) -> None:
   run = checkpoints.load_run(workdir, None)
   run.model.eval()
   dataset = train.load_dataset(run.config)
@@ -58,14 +63,16 @@ def run_report(workdir: str, repeats: int, json_path: str | None = None) -> None
   apply, params = _apply_of(run.model)
   forwards, sizes = {"pruned": (jax.jit(apply), params)}, {"pruned": _size(params)}
   seconds, reports = {}, {}
-  for constants in ("program", "params"):
-    start = time.perf_counter()
-    compacted = flipout.compact(apply, params, batch[:2], constants=constants)
-    seconds[f"library/{constants}"] = time.perf_counter() - start
-    reports[constants] = compacted.report
-    print(f"flipout.compact(constants={constants!r}): {seconds[f'library/{constants}']:.2f} s")
-    forwards[f"library/{constants}"] = (jax.jit(compacted.apply), compacted.params)
-    sizes[f"library/{constants}"] = _size(compacted.params)
+  for k in dict.fromkeys((1, *round_to)):
+    for constants in ("program", "params"):
+      name = f"library/{constants}" + ("" if k == 1 else f"/round_to={k}")
+      start = time.perf_counter()
+      compacted = flipout.compact(apply, params, batch[:2], constants=constants, round_to=k)
+      seconds[name] = time.perf_counter() - start
+      reports[name] = compacted.report
+      print(f"flipout.compact(constants={constants!r}, round_to={k}): {seconds[name]:.2f} s")
+      forwards[name] = (jax.jit(compacted.apply), compacted.params)
+      sizes[name] = _size(compacted.params)
   family = family_compaction.compact(run.model, input_shape).model
   family_apply, family_params = _apply_of(family)
   forwards["per-family"], sizes["per-family"] = (jax.jit(family_apply), family_params), _size(
@@ -92,11 +99,15 @@ def run_report(workdir: str, repeats: int, json_path: str | None = None) -> None
         )
     )
     print(
-        f"  {name:18s} params {sizes[name]:>10,}  ms {rows[-1]['ms']:8.3f}  "
+        f"  {name:30s} params {sizes[name]:>10,}  ms {rows[-1]['ms']:8.3f}  "
         f"speedup {rows[-1]['speedup']:6.2f}x  max|logit diff| "
         f"{rows[-1]['max_logit_difference']:.2g}"
     )
-  print(reports["program"])
+  print(reports["library/program"])
+  for k in round_to:
+    if k != 1:
+      print(f"round_to={k}:")
+      print(reports[f"library/program/round_to={k}"])
   if json_path:
     record = dict(
         workdir=workdir,
@@ -107,8 +118,9 @@ def run_report(workdir: str, repeats: int, json_path: str | None = None) -> None
         repeats=repeats,
         device=device,
         rows=rows,
-        layers=[layer._asdict() for layer in reports["program"].layers],
-        kept_by=reports["program"].kept_by,
+        round_to=list(round_to),
+        layers=[layer._asdict() for layer in reports["library/program"].layers],
+        kept_by=reports["library/program"].kept_by,
     )
     with open(json_path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -151,6 +163,12 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=21)
   parser.add_argument("--json", help="with --workdir: append the results as a JSON line here")
   parser.add_argument(
+      "--round_to",
+      default="1",
+      type=lambda text: tuple(int(k) for k in text.split(",")),
+      help="with --workdir: comma-separated multiples to round compacted widths up to (1: none)",
+  )
+  parser.add_argument(
       "--family",
       action="append",
       choices=list(_FAMILIES),
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
   if args.workdir:
-    run_report(args.workdir, args.repeats, args.json)
+    run_report(args.workdir, args.repeats, args.json, args.round_to)
   if args.families:
     families_report(args.sparsity, args.family)
   return 0

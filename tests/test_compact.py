@@ -655,6 +655,17 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument)
     flipout.compact(apply_fn, mlp_params(), inputs(), **kwargs)
 
 
+def test_params_that_are_a_module_or_hold_non_arrays_are_refused_saying_what_to_pass():
+  model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+  with pytest.raises(TypeError, match=r"nnx module \(Linear\).*nnx.split"):
+    flipout.compact(apply_fn, model, jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match=r"leaf \['kernel'\] is a str"):
+    flipout.compact(apply_fn, {"kernel": "w"}, jnp.ones((2, 3)))
+  assert flipout.compact(apply_fn, state, jnp.ones((2, 3))).report.parameters == (16, 16)
+
+
 def test_report_names_a_linear_op_without_a_param_operand_by_its_position():
   # The second product multiplies by 2 * w2, computed in the model: no param is its operand.
   params = mlp_params(seed=24, widths=(4, 5, 3))

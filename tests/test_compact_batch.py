@@ -89,3 +89,19 @@ def test_outputs_reached_only_through_the_flatten_of_an_empty_layer_take_other_b
 
 def inputs_nhwc(rng, count):
   return jnp.asarray(rng.normal(size=(count, 2, 2, 1)), jnp.float32)
+
+
+def test_a_weakly_typed_param_takes_other_batch_sizes():
+  # jnp.full((n,), 0.1) is weakly typed; a retrace with a strongly typed stand-in gave other
+  # equations (a convert_element_type less), so apply refused every other batch size.
+  rng = np.random.default_rng(23)
+  w1 = rng.normal(size=(4, 6)).astype(np.float32)
+  w1[:, :3] = 0.0
+  params = {"w1": jnp.asarray(w1), "b1": jnp.full((6,), 0.1), "w2": jnp.ones((6, 2))}
+  assert jax.typeof(params["b1"]).weak_type
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+  compacted = flipout.compact(apply_fn, params, jnp.ones((3, 4)))
+  assert compacted.params["w1"].shape == (4, 3)
+  for count in (1, 5):
+    x = jnp.asarray(rng.normal(size=(count, 4)), jnp.float32)
+    assert_same_outputs(apply_fn(params, x), compacted.apply(compacted.params, x))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flipout_jax as flipout
-from examples import _digits, equinox_mlp, linen_mlp, nnx_mlp
+from examples import _digits, equinox_mlp, gpt_compact, linen_mlp, nnx_mlp
 
 _STEPS = ["--steps", "24", "--sparsity", "0.9"]  # events at steps 5, 10, 14, 19
 # The hidden layer's summary line: its kernel's shape, then 128 output units and 64 inputs
@@ -101,3 +101,16 @@ def test_check_and_export_refuses_an_export_with_other_logits(monkeypatch):
   monkeypatch.setattr(jax.export, "deserialize", Shifted)
   with pytest.raises(SystemExit, match="exported logits differ"):
     _digits.check_and_export(compacted, logits, x)
+
+
+def test_gpt_example_prunes_mlp_units_compacts_exports_and_generates_the_same_tokens(capsys):
+  assert gpt_compact.main(["--steps", "40", "--sparsity", "0.5"]) == 0
+  printed = capsys.readouterr().out
+  assert "generates the same tokens: True" in printed
+  # Both blocks' MLPs lose about half their 128 hidden units, in fc's outputs and out's inputs.
+  for block in (0, 1):
+    (kept,) = map(
+        int, _found(rf"\['blocks'\]\[{block}\]\['fc'\]\S* +32 -> 32 +128 -> (\d+)", printed)
+    )
+    assert 48 <= kept <= 80, printed
+    assert re.search(rf"\['blocks'\]\[{block}\]\['out'\]\S* +128 -> {kept} ", printed), printed

@@ -10,8 +10,9 @@ outputs on smaller arrays, with params cut to match.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, Protocol, TypeAlias
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,10 @@ import numpy as np
 
 from flipout_jax._src import compact_analysis as analysis
 from flipout_jax._src import compact_report as report_lib
+from flipout_jax._src import compact_run as run_lib
 from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
-from flipout_jax._src.compact_program import Atom, Literal, Program, evaluate_compiled
-from flipout_jax._src.compact_program import same_structure, trace
-from flipout_jax._src.compact_rules import Mask, shape_of
+from flipout_jax._src.compact_program import Program, evaluate_compiled, trace
 
 CompactionReport = report_lib.CompactionReport
 LayerCompaction = report_lib.LayerCompaction
@@ -51,148 +51,16 @@ class Compacted(NamedTuple):
   kept: Any
 
 
-Rows: TypeAlias = Sequence[Mask | None]  # per axis, the kept positions (None: all)
-Signature: TypeAlias = tuple[tuple[tuple[int, ...], Any], ...]  # (shape, dtype) per leaf
-
-
-class _TreeDef(Protocol):
-  """What compaction uses of a ``jax.tree_util.PyTreeDef`` (jax's stubs name it through an
-  alias of jaxlib's, which mypy cannot resolve)."""
-
-  @property
-  def num_leaves(self) -> int:
-    ...
-
-  def flatten_up_to(self, tree: Any) -> list[Any]:
-    ...
-
-  def unflatten(self, leaves: Iterable[Any]) -> Any:
-    ...
-
-
-def _cut(value: Any, rows: Rows | None) -> Any:
-  """``value`` keeping, along each axis with a row, the positions the row marks (on host for
-  concrete arrays: a device gather would compile once per shape)."""
-  if rows is None:
-    return value
-  concrete = not isinstance(value, jax.core.Tracer)
-  cut = np.asarray(value) if concrete else value
-  for axis, row in enumerate(rows):
-    if row is not None:
-      cut = (np if concrete else jnp).take(cut, np.flatnonzero(row), axis=axis)
-  return jnp.asarray(cut) if concrete and not isinstance(value, np.ndarray) else cut
-
-
-def _new_shape(program: Program, plan: analysis.Plan, atom: Atom) -> tuple[int, ...]:
-  shape = shape_of(program.avals, atom)
-  rows = None if isinstance(atom, Literal) else plan.keep.get(atom)
-  if rows is None:
-    return shape
-  return tuple(size if row is None else int(row.sum()) for size, row in zip(shape, rows))
-
-
-def _resized_params(program: Program, plan: analysis.Plan, position: int) -> dict[str, Any]:
-  """``eqn.params`` with the sizes it names set to the compact values' sizes."""
-  eqn = program.eqns[position]
-  params = eqn.params
-  name = eqn.primitive.name
-  if name == "broadcast_in_dim":
-    return dict(params, shape=_new_shape(program, plan, eqn.outputs[0]))
-  if name == "reshape":
-    sizes = list(_new_shape(program, plan, eqn.outputs[0]))
-    source = _new_shape(program, plan, eqn.inputs[0])
-    for axis, merged in plan.merges.get(position, {}).items():
-      sizes[axis] = int(np.prod([source[d] for d in merged]))
-    return dict(params, new_sizes=tuple(sizes))
-  if name == "slice":
-    source = _new_shape(program, plan, eqn.inputs[0])
-    dense = shape_of(program.avals, eqn.inputs[0])
-    limits = [
-        source[d] if limit == dense[d] else limit for d, limit in enumerate(params["limit_indices"])
-    ]
-    return dict(params, limit_indices=tuple(limits))
-  return params
-
-
-def _run(program: Program, plan: analysis.Plan, inputs: Sequence[Any]) -> list[Any]:
-  """The compact program on compact ``inputs`` (the flattened params and args)."""
-  env: dict[int, Any] = dict(zip(program.inputs, inputs))
-  for index, value in program.consts.items():
-    env[index] = _cut(value, plan.keep.get(index))
-
-  def read(x: Atom) -> Any:
-    return x.value if isinstance(x, Literal) else env[x]
-
-  for position, eqn in enumerate(program.eqns):
-    outs = eqn.primitive.bind(*map(read, eqn.inputs), **_resized_params(program, plan, position))
-    outs = list(outs) if eqn.primitive.multiple_results else [outs]
-    if position in plan.folds and position not in plan.absorbed:
-      outs[0] = outs[0] + plan.folds[position].astype(outs[0].dtype)
-    if position in plan.gathers:
-      axis, indices = plan.gathers[position]
-      outs[0] = jnp.take(outs[0], indices, axis=axis)
-    env.update(zip(eqn.outputs, outs))
-  return [read(x) for x in program.outputs]
-
-
-def _signature(leaves: Iterable[Any]) -> Signature:
-  return tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
-
-
-def _make_apply(
-    apply_fn: Callable[..., Any],
-    program: Program,
-    plan: analysis.Plan,
-    params_tree: _TreeDef,
-    param_shapes: list[jax.ShapeDtypeStruct],
-) -> Callable[..., Any]:
-  """``apply(compact_params, *args)``; other argument shapes retrace ``apply_fn``."""
-  programs: dict[Signature, Program] = {}
-  num_params = params_tree.num_leaves
-
-  def program_for(arg_leaves: list[Any], args: tuple[Any, ...]) -> Program:
-    key = _signature(arg_leaves)
-    if key == _signature_of_inputs(program, num_params):
-      return program
-    if key not in programs:
-      full = jax.tree.unflatten(params_tree, param_shapes)
-      traced = trace(apply_fn, full, *args)
-      _check_retrace(program, traced, plan)
-      programs[key] = traced
-    return programs[key]
-
-  def apply(params: Any, *args: Any) -> Any:
-    param_leaves = params_tree.flatten_up_to(params)
-    arg_leaves = jax.tree.leaves(args)
-    current = program_for(arg_leaves, args)
-    outputs = _run(current, plan, [*param_leaves, *arg_leaves])
-    return jax.tree.unflatten(current.out_tree, outputs)
-
-  return apply
-
-
-def _signature_of_inputs(program: Program, num_params: int) -> Signature:
-  avals = [program.avals[i] for i in program.inputs[num_params:]]
-  return tuple((tuple(a.shape), a.dtype) for a in avals)
-
-
-def _check_retrace(analysed: Program, traced: Program, plan: analysis.Plan) -> None:
-  """Refuses a retrace that is not the analysed program up to the batch axis's sizes."""
-  same = same_structure(analysed, traced) and all(
-      a.shape[d] == b.shape[d] or (index, d) in plan.batched
-      for index, (a, b) in enumerate(zip(analysed.avals, traced.avals))
-      for d in range(len(a.shape))
-  )
-  if not same:
-    raise ValueError(
-        "compacted.apply: with these argument shapes apply_fn traces to another program than "
-        "the one compacted (only the size of the arguments' batch axis may change); call "
-        "flipout.compact with example arguments of these shapes"
-    )
+def _is_nnx_module(value: Any) -> bool:
+  # Without importing flax, which the library does not depend on.
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(value, nnx.Module)
 
 
 def _cutter(
-    params_tree: _TreeDef, keeps: Sequence[Rows | None], shapes: Sequence[tuple[int, ...]]
+    params_tree: run_lib.TreeDef,
+    keeps: Sequence[run_lib.Rows | None],
+    shapes: Sequence[tuple[int, ...]],
 ) -> Callable[[Any], Any]:
   """``shrink``: cuts every subtree shaped like the params."""
 
@@ -208,7 +76,7 @@ def _cutter(
           )
         cut.append(leaf)
       else:
-        cut.append(_cut(leaf, rows))
+        cut.append(run_lib.cut(leaf, rows))
     return params_tree.unflatten(cut)
 
   def matches(node: Any) -> bool:
@@ -263,7 +131,7 @@ class _Round(NamedTuple):
   plan: analysis.Plan
   shrink: Callable[[Any], Any]
   apply: Callable[..., Any]
-  keeps: Sequence[Rows | None]
+  keeps: Sequence[run_lib.Rows | None]
 
 
 def _compact_once(
@@ -272,18 +140,24 @@ def _compact_once(
     args: tuple[Any, ...],
     batch_axis: int | None,
     constants: str,
+    round_to: int = 1,
 ) -> _Round:
   param_leaves, params_tree = jax.tree.flatten(params)
   arg_leaves = jax.tree.leaves(args)
   program = trace(apply_fn, params, *args)
   inputs = [*param_leaves, *arg_leaves]
   values = evaluate_compiled(program, inputs, analysis.values_read(program))
-  plan = analysis.analyse(program, values, len(param_leaves), batch_axis, constants)
+  plan = analysis.analyse(program, values, len(param_leaves), batch_axis, constants, round_to)
   keeps = [plan.keep.get(index) for index in program.inputs[: len(param_leaves)]]
   shapes = [np.shape(leaf) for leaf in param_leaves]
   shrink = _cutter(params_tree, keeps, shapes)
-  shapes_dtypes = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in param_leaves]
-  apply = _make_apply(apply_fn, program, plan, params_tree, shapes_dtypes)
+  # Weak types kept: a retrace must see the params as the analysed program did (a bias made by
+  # ``jnp.full((n,), 0.1)`` is weakly typed, and a strong one traces to other equations).
+  shapes_dtypes = [
+      jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=run_lib.weak(x))
+      for x in param_leaves
+  ]
+  apply = run_lib.make_apply(apply_fn, program, plan, params_tree, shapes_dtypes, batch_axis)
   return _Round(program, plan, shrink, apply, keeps)
 
 
@@ -294,6 +168,7 @@ def compact(
     batch_axis: int | None = 0,
     constants: str = "program",
     max_rounds: int = 8,
+    round_to: int = 1,
 ) -> Compacted:
   """Removes every unit of ``apply_fn``'s model that cannot change its outputs.
 
@@ -303,7 +178,8 @@ def compact(
   axes of the values flowing between ops (output features of ``dot_general``, output
   channels of ``conv_general_dilated``, input features), followed through elementwise ops,
   broadcasts, reshapes (a flattened feature is a sub-unit of its channel), transposes,
-  concatenations, pooling and means. A unit goes when
+  concatenations, pooling and means; a grouped or depthwise convolution's feature group (its
+  input channels and the output channels they make) is one unit. A unit goes when
 
   * nothing the outputs depend on reads it (its outgoing weights are zero), or
   * it does not depend on the input (its incoming weights are zero): its value, constant
@@ -337,13 +213,20 @@ def compact(
       ``compacted.params`` alone, in the model's own code at the compact widths, gives the
       same outputs.
     max_rounds: most analysis rounds.
+    round_to: every width that shrinks (each axis of each value, params included, that loses
+      positions) is rounded up to a multiple of it, as matrix units run tiles of 8, 16 or 128
+      faster than ragged widths: removable units are kept back, on each axis those that keep
+      no other unit first (a flattened feature of a channel that stays, not one that would
+      keep its channel), then the lowest positions first, until the width is a multiple, or
+      the axis is whole where its units cannot add up to one (an axis left empty stays
+      empty). Every round rounds; the outputs are the same. 1: no rounding.
 
   Returns:
     The :class:`Compacted` params, apply function, shrink function and report.
 
   Raises:
     TypeError: ``apply_fn`` is not callable, or a params leaf is not an array.
-    ValueError: ``batch_axis``, ``constants`` or ``max_rounds`` is out of range.
+    ValueError: ``batch_axis``, ``constants``, ``max_rounds`` or ``round_to`` is out of range.
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -353,6 +236,14 @@ def compact(
     raise ValueError(f"constants must be 'program' or 'params', got {constants!r}")
   if not isinstance(max_rounds, int) or max_rounds < 1:
     raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+  if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+    raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+  if _is_nnx_module(params):
+    raise TypeError(
+        f"params is a flax.nnx module ({type(params).__name__}), not its params: pass its "
+        "state, graphdef, state = nnx.split(model); flipout.compact(lambda state, x: "
+        "nnx.merge(graphdef, state)(x), state, x)"
+    )
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
       raise TypeError(
@@ -365,7 +256,7 @@ def compact(
   kept = [tuple(np.arange(size) for size in np.shape(leaf)) for leaf in leaves]
   for _ in range(max_rounds):
     program, plan, shrink, next_apply, keeps = _compact_once(
-        apply, current, example_args, batch_axis, constants
+        apply, current, example_args, batch_axis, constants, round_to
     )
     programs.append(program)
     if not plan.keep:  # removes nothing: the fixed point, and ``program`` is its trace

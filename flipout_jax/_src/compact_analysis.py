@@ -16,16 +16,15 @@ graph (``scipy.sparse.csgraph``), with every pin joined to one extra node.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from scipy import sparse
-from scipy.sparse import csgraph
 
+from flipout_jax._src import compact_facts as facts_lib
 from flipout_jax._src import compact_linear as linear
+from flipout_jax._src import compact_rounding as rounding
 from flipout_jax._src import compact_rules as rules
 from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, Values, concrete
 from flipout_jax._src.compact_program import value_id
@@ -153,65 +152,14 @@ class _Positions:
     return self.base[where] + np.arange(self.shape(where))
 
 
-def _components(nodes: int, edges_from: list[Ids], edges_to: list[Ids]) -> Ids:
-  first = np.concatenate(edges_from) if edges_from else np.zeros(0, np.int64)
-  second = np.concatenate(edges_to) if edges_to else np.zeros(0, np.int64)
-  graph = sparse.coo_matrix((np.ones(first.size, bool), (first, second)), shape=(nodes, nodes))
-  return csgraph.connected_components(graph, directed=False)[1]
-
-
-def _batched_axes(
-    program: Program, facts: Sequence[rules.Fact], num_params: int, batch_axis: int | None
-) -> frozenset[Where]:
-  """The (value, axis) pairs that ``Unify`` facts tie to an argument's ``batch_axis``."""
-  if batch_axis is None:
-    return frozenset()
-  nodes = {where: i for i, where in enumerate(sorted({w for f in facts for w in _wheres(f)}))}
-  seeds = [
-      (index, batch_axis)
-      for index in program.inputs[num_params:]
-      if len(program.avals[index].shape) > batch_axis
-  ]
-  for where in seeds:
-    nodes.setdefault(where, len(nodes))
-  pairs = [(nodes[f.first], nodes[f.second]) for f in facts if isinstance(f, rules.Unify)]
-  labels = _components(
-      len(nodes),
-      [np.array([a for a, _ in pairs], np.int64)],
-      [np.array([b for _, b in pairs], np.int64)],
-  )
-  batch_labels = {labels[nodes[where]] for where in seeds}
-  return frozenset(where for where, node in nodes.items() if labels[node] in batch_labels)
-
-
-def _wheres(fact: rules.Fact) -> tuple[Where, ...]:
-  if isinstance(fact, rules.Unify):
-    return (fact.first, fact.second)
-  if isinstance(fact, rules.Pin):
-    return (fact.where,)
-  return ()
-
-
 def _row(table: Sequence[rules.Axes], index: int, axis: int, size: int) -> Mask:
   axes = table[index]
   return np.zeros(size, bool) if axes is None else axes[axis]
 
 
-def _facts(
-    program: Program, num_params: int, batch_axis: int | None
-) -> tuple[list[rules.Fact], frozenset[Where]]:
-  """Every link of the program, the arguments and outputs pinned; and the batched axes."""
-  avals = program.avals
-  facts = [fact for i, eqn in enumerate(program.eqns) for fact in rules.links(i, eqn, avals)]
-  reason = "an argument or output of the function"
-  for index in [*program.inputs[num_params:], *program.outputs]:
-    if not isinstance(index, Literal):  # a literal output is a scalar: no axis to pin
-      facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
-  batched = _batched_axes(program, facts, num_params, batch_axis)
-  for merge in [fact for fact in facts if isinstance(fact, rules.Merge)]:
-    if any((merge.source, d) in batched for d in merge.axes):
-      facts.append(rules.Pin((merge.target, merge.axis), "reshape merging the batch axis"))
-  return facts, batched
+def bare_plan(batched: frozenset[Where]) -> Plan:
+  """A plan that removes nothing: a loop's body replayed at another batch size."""
+  return Plan({}, {}, {}, {}, {}, batched, {})
 
 
 def _groups(positions: _Positions, facts: Iterable[rules.Fact]) -> tuple[Ids, dict[str, list[Ids]]]:
@@ -230,9 +178,14 @@ def _groups(positions: _Positions, facts: Iterable[rules.Fact]) -> tuple[Ids, di
       where = positions.of(fact.where)
       edges_from.append(where)
       edges_to.append(np.full(where.size, pin_node))
-      if where.size > 1:  # a size-1 axis being broadcast holds no unit worth reporting
+      if where.size > 1 and fact.report:  # a broadcast size-1 axis holds no unit
         pinned_by.setdefault(fact.reason, []).append(where)
-  return _components(positions.size + 1, edges_from, edges_to), pinned_by
+    elif isinstance(fact, rules.Blocks):  # each position to its block's first in ``second``
+      for axis, size in ((fact.first, fact.first_size), (fact.second, fact.second_size)):
+        edges_from.append(positions.of(axis))
+        blocks = np.arange(positions.shape(axis)) // size
+        edges_to.append(positions.base[fact.second] + blocks * fact.second_size)
+  return facts_lib.components(positions.size + 1, edges_from, edges_to), pinned_by
 
 
 def _summed(
@@ -244,14 +197,16 @@ def _summed(
 ) -> tuple[Mask, Mask]:
   """For the positions a linear op sums over (``fact``: its lhs axis): whether each reaches a
   read output (not inert), and whether its contribution is an input-independent constant."""
-  lhs, rhs = (value_id(x) for x in program.eqns[fact.eqn].inputs)
+  eqn = program.eqns[fact.eqn]
+  lhs, rhs = (value_id(x) for x in eqn.inputs)
   rhs_axis = _partner(contracts, fact)
-  size = program.avals[lhs].shape[fact.axis]
+  size, rhs_size = program.avals[lhs].shape[fact.axis], program.avals[rhs].shape[rhs_axis]
   # Nothing reaches a read output through a position the rhs reads none through, or where
   # the lhs is zero and constant.
   reads_here = linear_reads[fact.eqn]
-  reaches = _row(reads_here, 0, fact.axis, size) & _row(reads_here, 1, rhs_axis, size)
-  constant = ~_row(varies, lhs, fact.axis, size) & ~_row(varies, rhs, rhs_axis, size)
+  rhs_row = lambda table, index: linear.on_lhs(eqn, _row(table, index, rhs_axis, rhs_size))
+  reaches = _row(reads_here, 0, fact.axis, size) & rhs_row(reads_here, 1)
+  constant = ~_row(varies, lhs, fact.axis, size) & ~rhs_row(varies, rhs)
   return reaches, constant
 
 
@@ -277,15 +232,21 @@ def _close_merges(
 
 
 def analyse(
-    program: Program, values: Values, num_params: int, batch_axis: int | None, constants: str
+    program: Program,
+    values: Values,
+    num_params: int,
+    batch_axis: int | None,
+    constants: str,
+    round_to: int = 1,
 ) -> Plan:
   """The plan removing every unit of ``program`` that cannot change its outputs.
 
   ``constants="params"`` keeps the units whose removal would leave a constant that no bias
-  or normalisation offset among the params can take (``Plan.absorbed``).
+  or normalisation offset among the params can take (``Plan.absorbed``). ``round_to`` keeps
+  removable units until every width is a multiple of it (``compact_rounding``).
   """
   avals = program.avals
-  facts, batched = _facts(program, num_params, batch_axis)
+  facts, batched = facts_lib.facts_of(program, num_params, batch_axis)
   positions = _Positions(avals)
   component, pinned_by = _groups(positions, facts)
   varies, reads, linear_reads = _flow(program, values, num_params)
@@ -309,8 +270,12 @@ def analyse(
       reason: int(sum(dead[where].sum() for where in wheres))
       for reason, wheres in pinned_by.items()
   }
+  widths = rounding.Widths(component, positions.base, positions.shape, merges)
   while True:
+    linear.keep_a_group(facts, lambda where: component[positions.of(where)], bad)
     _close_merges(program, positions, component, bad, merges)
+    if widths.keep_back(bad, round_to):
+      continue  # a unit kept back widens other axes and keeps its channels: close again
     removed = ~bad[component[:-1]]
     keep: dict[int, list[Mask | None]] = {}
     for (index, axis), base in positions.base.items():
@@ -428,11 +393,12 @@ def _fill_folds(
     eqn = program.eqns[position]
     lhs_axes = [axis for axis, _ in rows]
     axes = (lhs_axes, _contracted_rhs_axes(eqn, lhs_axes))
+    gone_rows = ([row for _, row in rows], [linear.on_rhs(eqn, row) for _, row in rows])
     operands = []
-    for x, contracted in zip(eqn.inputs, axes):
+    for x, contracted, gone_row in zip(eqn.inputs, axes, gone_rows):
       shape = rules.shape_of(program.avals, x)
       gone = np.zeros(shape, bool)
-      for axis, (_, row) in zip(contracted, rows):
+      for axis, row in zip(contracted, gone_row):
         every = [np.ones(size, bool) for size in shape]
         every[axis] = row
         gone |= rules.full_mask(shape, every)
@@ -447,4 +413,5 @@ def _fill_folds(
         constant = constant.take([0], axis)
       else:
         constant = constant.compress(kept_row(plan, out, axis, size), axis)
-    plan.folds[position] = constant
+    if constant.any():  # a removed group's constant reaches only the group's removed outputs
+      plan.folds[position] = constant

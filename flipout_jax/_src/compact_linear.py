@@ -8,20 +8,28 @@ pattern over the taps that ever read the image (a 3x3 kernel on a 1x1 map reads 
 through its 8 outer taps): exact along the feature axes, every spatial position counted as
 varying and read. Neither compiles anything, which keeps the analysis of a VGG19 or a
 DenseNet121 to seconds.
+
+A grouped convolution (``feature_group_count`` G) sums group g's input channels only into
+group g's output channels, all groups through one kernel input-feature axis: a group is one
+unit (``rules.Blocks``: its input channels, the kernel's output features and the output
+channels of the group; for a depthwise convolution an input channel and its multiplier's
+outputs), removed whole, and the kernel's input-feature axis stays. Its removed constants
+reach only its own, removed, outputs, so they fold to nothing there.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Atom, Aval, Eqn, Values, concrete
+from flipout_jax._src.compact_program import Atom, Aval, Eqn, Values, concrete, value_id
 
 Indicator = npt.NDArray[np.float32]  # 0/1 per element, for einsum
+Ids = npt.NDArray[np.intp]
 
 
 def _live(
@@ -76,9 +84,80 @@ def _conv_kernel(eqn: Eqn, avals: Sequence[Aval], values: Values) -> rules.Mask:
 
 
 def _simple_conv(eqn: Eqn, axes_in: Sequence[rules.Axes]) -> bool:
-  """A convolution of an input by a constant, ungrouped kernel (what the fast path covers)."""
+  """A convolution of an input by a constant kernel, in feature groups or not (what the fast
+  path covers)."""
+  return axes_in[1] is None and eqn.params["batch_group_count"] == 1
+
+
+def is_grouped(eqn: Eqn) -> bool:
+  """Whether ``eqn`` is a convolution in several feature groups."""
+  return eqn.primitive.name == "conv_general_dilated" and eqn.params["feature_group_count"] > 1
+
+
+def on_lhs(eqn: Eqn, row: rules.Mask) -> rules.Mask:
+  """A row of the rhs axis a linear op contracts as a row of the lhs axis it is summed with:
+  a grouped convolution's kernel input features serve every group."""
+  return np.tile(row, eqn.params["feature_group_count"]) if is_grouped(eqn) else row
+
+
+def on_rhs(eqn: Eqn, row: rules.Mask) -> rules.Mask:
+  """A row of the lhs axis a linear op contracts as a row of the rhs axis summed with it (a
+  grouped convolution's kernel input feature: whether some group has it)."""
+  if not is_grouped(eqn):
+    return row
+  return rules.any_over(row.reshape(eqn.params["feature_group_count"], -1), 0)
+
+
+def keep_a_group(
+    facts: Iterable[rules.Fact], groups_of: Callable[[rules.Where], Ids], bad: rules.Mask
+) -> None:
+  """Marks ``bad`` (kept) the first group of each grouped convolution whose groups would all
+  go (``groups_of``: the unit of each position): XLA takes no convolution of zero groups."""
+  for fact in facts:
+    if isinstance(fact, rules.Blocks):
+      units = groups_of(fact.second)
+      if units.size and not bad[units].any():
+        bad[units[0]] = True
+
+
+def _by_group(eqn: Eqn, kernel: rules.Mask) -> rules.Mask:
+  """The kernel's live (in, out) pattern as (group, in, out within the group)."""
+  groups = eqn.params["feature_group_count"]
+  per_group, total = kernel.shape
+  return kernel.reshape(per_group, groups, total // groups).transpose(1, 0, 2)
+
+
+def conv_links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[rules.Fact]:
+  """The facts of convolution ``index``: the batch axis passes, spatial axes are pinned. The
+  input channels are the kernel's input features without groups; in feature groups, each
+  group is one ``Blocks`` unit and the kernel's input features are pinned. A
+  ``batch_group_count`` pins every feature axis."""
   p = eqn.params
-  return axes_in[1] is None and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  lhs, rhs = (value_id(x) for x in eqn.inputs)
+  out = eqn.outputs[0]
+  facts: list[rules.Fact] = [rules.Unify((out, out_spec[0]), (lhs, lhs_spec[0]))]
+  reason = "conv_general_dilated: spatial axis"
+  for spec, x in ((lhs_spec, lhs), (rhs_spec, rhs), (out_spec, out)):
+    facts += [rules.Pin((x, d), reason) for d in spec[2:]]
+  lhs_in, rhs_in = (lhs, lhs_spec[1]), (rhs, rhs_spec[1])
+  rhs_out, out_features = (rhs, rhs_spec[0]), (out, out_spec[1])
+  groups = p["feature_group_count"]
+  per_group_in = avals[rhs].shape[rhs_spec[1]]
+  per_group_out = avals[out].shape[out_spec[1]] // groups
+  if p["batch_group_count"] != 1 or (groups > 1 and 0 in (per_group_in, per_group_out)):
+    features = (lhs_in, rhs_in, rhs_out, out_features)
+    return facts + [rules.Pin(where, "grouped convolution") for where in features]
+  facts += [rules.Contract(index, 0, lhs_spec[1]), rules.Contract(index, 1, rhs_spec[1])]
+  facts.append(rules.Unify(out_features, rhs_out))
+  if groups == 1:
+    return facts + [rules.Unify(lhs_in, rhs_in)]
+  # Every group reads the kernel's input features: removing one from a group only would
+  # leave groups of different sizes, and one group's dead input is another's live one.
+  return facts + [
+      rules.Blocks(lhs_in, per_group_in, out_features, per_group_out),
+      rules.Pin(rhs_in, "grouped convolution"),
+  ]
 
 
 def forward(
@@ -100,7 +179,9 @@ def forward(
   if lhs_axes is None:  # and the kernel is constant
     return None
   lhs_spec, _, out_spec = eqn.params["dimension_numbers"]
-  features = rules.any_over(lhs_axes[lhs_spec[1]][:, None] & _conv_kernel(eqn, avals, values), 0)
+  kernel = _by_group(eqn, _conv_kernel(eqn, avals, values))
+  channels = lhs_axes[lhs_spec[1]].reshape(kernel.shape[:2])
+  features = rules.any_over(channels[:, :, None] & kernel, 1).reshape(-1)
   if not features.any():
     return None
   result = [np.ones(size, bool) for size in out_shape]
@@ -135,11 +216,15 @@ def backward(
   used = axes_out[out_spec[1]]
   lhs_read = [np.ones(size, bool) for size in shapes[0]]
   lhs_read[lhs_spec[0]] = axes_out[out_spec[0]]
-  lhs_read[lhs_spec[1]] = rules.any_over(_conv_kernel(eqn, avals, values) & used[None, :], 1)
+  kernel = _by_group(eqn, _conv_kernel(eqn, avals, values))
+  groups, per_group, _ = kernel.shape
+  used_by_group = used.reshape(groups, 1, -1)
+  lhs_read[lhs_spec[1]] = rules.any_over(kernel & used_by_group, 2).reshape(-1)
   _, lhs_live = _live(avals, values, eqn.inputs[0], axes_in[0])
   others = tuple(d for d in range(len(shapes[0])) if d != lhs_spec[1])
+  channels_live = rules.any_over(lhs_live, others).reshape(groups, per_group)
   rhs_read = [np.ones(size, bool) for size in shapes[1]]
-  rhs_read[rhs_spec[0]], rhs_read[rhs_spec[1]] = used, rules.any_over(lhs_live, others)
+  rhs_read[rhs_spec[0]], rhs_read[rhs_spec[1]] = used, rules.any_over(channels_live, 0)
   for k, seen in enumerate(_taps_seen(eqn, avals)):
     rhs_read[rhs_spec[2 + k]] = seen
   return [_normalize(lhs_read), _normalize(rhs_read)]

@@ -61,7 +61,11 @@ class CompactionReport(NamedTuple):
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     dense, compact = self.parameters
     lines.append(f"parameters: {dense:,} -> {compact:,} ({compact / max(dense, 1):.2%})")
-    lines += [f"kept {count} dead positions: {reason}" for reason, count in self.kept_by.items()]
+    lines += [
+        f"kept {count} positions that carry nothing (no live input or no reader), because of: "
+        f"{reason}"
+        for reason, count in self.kept_by.items()
+    ]
     return "\n".join(lines)
 
 

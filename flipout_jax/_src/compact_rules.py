@@ -5,16 +5,18 @@ Every axis of every value is a row of positions. For each primitive a rule says:
 * ``links``: which operand positions are the same unit as which output positions (``Unify``,
   with an offset for concatenations), which axes it mixes so that no position on them may go
   (``Pin``, with the reason the report shows), which input axes a reshape merges into one
-  output axis (``Merge``: a flattened feature is a sub-unit of each of its components), and
-  which axes a linear op contracts (``Contract``: there a removed constant is folded).
+  output axis (``Merge``: a flattened feature is a sub-unit of each of its components),
+  which axes a linear op contracts (``Contract``: there a removed constant is folded), and
+  which blocks of positions go only together (``Blocks``: a grouped convolution's groups).
 * ``forward``: which positions vary with the model's input. Variation is tracked as a product
   of per-axis masks (``Axes``: one bool array per axis, or None for a value that does not
   depend on the input at all), a sound over-approximation: the elements that vary lie in the
   product of the per-axis sets.
 * ``backward``: which positions the outputs depend on, in the same product form.
 
-The linear ops (``LINEAR``) have theirs in ``compact_linear``, computed from the concrete
-values. Primitives without a rule mix every axis: all their positions are pinned.
+The linear ops (``LINEAR``) have their forward and backward in ``compact_linear``, computed
+from the concrete values; a convolution has its links there too. Primitives without a rule
+mix every axis: all their positions are pinned.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ class Unify(NamedTuple):
 
 
 class Pin(NamedTuple):
-  """Every position of ``(value, axis)`` is kept; ``reason`` names the op."""
+  """Every position of ``(value, axis)`` is kept; ``reason`` names the op. ``report``: whether
+  the report counts what it keeps (not for positions that are never units, such as the rows
+  of an embedding table)."""
 
   where: Where
   reason: str
+  report: bool = True
 
 
 class Merge(NamedTuple):
@@ -65,7 +70,17 @@ class Contract(NamedTuple):
   axis: int
 
 
-Fact: TypeAlias = Unify | Pin | Merge | Contract
+class Blocks(NamedTuple):
+  """Position ``i`` of ``first`` and ``j`` of ``second`` are one unit when ``i // first_size
+  == j // second_size`` (a grouped convolution's groups); one block at least stays."""
+
+  first: Where
+  first_size: int
+  second: Where
+  second_size: int
+
+
+Fact: TypeAlias = Unify | Pin | Merge | Contract | Blocks
 
 
 def _where(atom: Atom, axis: int) -> Where:
@@ -235,7 +250,8 @@ def _axis_is_passed(eqn: Eqn, d: int, size: int) -> bool:
 
 
 def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
-  """The ``Unify``, ``Pin``, ``Merge`` and ``Contract`` facts of equation ``index``."""
+  """The ``Unify``, ``Pin``, ``Merge`` and ``Contract`` facts of equation ``index`` (not for a
+  convolution: ``compact_linear.conv_links``)."""
   name = eqn.primitive.name
   p = eqn.params
   ins = eqn.inputs
@@ -310,20 +326,6 @@ def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
     rhs_free = [d for d in range(len(avals[rhs].shape)) if d not in (*rhs_c, *rhs_b)]
     free = [(lhs, d) for d in lhs_free] + [(rhs, d) for d in rhs_free]
     return result + [Unify((out, len(lhs_b) + k), where) for k, where in enumerate(free)]
-  if name == "conv_general_dilated":
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    lhs, rhs = (value_id(x) for x in ins)
-    result.append(Unify((out, out_spec[0]), (lhs, lhs_spec[0])))
-    reason = "conv_general_dilated: spatial axis"
-    for spec, x in ((lhs_spec, lhs), (rhs_spec, rhs), (out_spec, out)):
-      result += [Pin((x, d), reason) for d in spec[2:]]
-    if p["feature_group_count"] == 1 and p["batch_group_count"] == 1:
-      result.append(Unify((lhs, lhs_spec[1]), (rhs, rhs_spec[1])))
-      result += [Contract(index, 0, lhs_spec[1]), Contract(index, 1, rhs_spec[1])]
-      return result + [Unify((out, out_spec[1]), (rhs, rhs_spec[0]))]
-    reason = "grouped convolution"
-    features = ((lhs, lhs_spec[1]), (rhs, rhs_spec[1]), (rhs, rhs_spec[0]), (out, out_spec[1]))
-    return result + [Pin(where, reason) for where in features]
   return _pin_all(eqn, avals, f"{name} (no compaction rule)")
 
 

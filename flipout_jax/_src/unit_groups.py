@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from flipout_jax._src import compact_analysis as analysis
+from flipout_jax._src import compact_facts as facts_lib
 from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src.compact_program import trace
@@ -69,7 +70,7 @@ def unit_groups(
   prunable = prunable_lib.prunable_tree(params, where)
   leaves = jax.tree.leaves(params)
   program = trace(apply_fn, params, *example_args)
-  facts, _ = analysis._facts(program, len(leaves), batch_axis)  # pylint: disable=protected-access
+  facts, _ = facts_lib.facts_of(program, len(leaves), batch_axis)
   positions = analysis._Positions(program.avals)  # pylint: disable=protected-access
   component, _ = analysis._groups(positions, facts)  # pylint: disable=protected-access
   pinned = component[-1]
