@@ -132,20 +132,15 @@ def _loop_facts(
   return facts
 
 
-def _scan_links(eqn: Eqn, avals: Sequence[Aval], links: Links) -> list[rules.Fact]:
-  p = eqn.params
-  body = _program(p["jaxpr"])
-  consts, carries = p["num_consts"], p["num_carry"]
-  rows = _body_rows(body, links, [(k, consts + k) for k in range(carries)])
-  xs = len(eqn.inputs) - consts - carries
-  operand_of: list[tuple[int, int] | None] = [(k, 0) for k in range(consts + carries)]
-  operand_of += [(consts + carries + k, 1) for k in range(xs)]
-  output_of: list[tuple[int, int] | None] = [(k, 0) for k in range(carries)]
-  output_of += [(k, 1) for k in range(carries, len(eqn.outputs))]
-  return _loop_facts(eqn, avals, rows, body, operand_of, output_of, "lax.scan (its body)")
+def _scan_body(eqn: Eqn, links: Links) -> tuple[Program, _Rows]:
+  """A scan's body and its rows, each carry's output joined to its input."""
+  consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
+  body = _program(eqn.params["jaxpr"])
+  return body, _body_rows(body, links, [(k, consts + k) for k in range(carries)])
 
 
-def _while_links(eqn: Eqn, avals: Sequence[Aval], links: Links) -> list[rules.Fact]:
+def _while_body(eqn: Eqn, links: Links) -> tuple[Program, Program, _Rows]:
+  """A while loop's body, condition and body rows; a carry the condition reads is mixed."""
   p = eqn.params
   body, cond = _program(p["body_jaxpr"]), _program(p["cond_jaxpr"])
   body_consts, cond_consts = p["body_nconsts"], p["cond_nconsts"]
@@ -157,6 +152,25 @@ def _while_links(eqn: Eqn, avals: Sequence[Aval], links: Links) -> list[rules.Fa
     if cond.inputs[cond_consts + k] in read:  # the trip count depends on all of this carry
       carry = body.inputs[body_consts + k]
       rows.mixed.update((carry, d) for d in range(len(body.avals[carry].shape)))
+  return body, cond, rows
+
+
+def _scan_links(eqn: Eqn, avals: Sequence[Aval], links: Links) -> list[rules.Fact]:
+  p = eqn.params
+  consts, carries = p["num_consts"], p["num_carry"]
+  body, rows = _scan_body(eqn, links)
+  xs = len(eqn.inputs) - consts - carries
+  operand_of: list[tuple[int, int] | None] = [(k, 0) for k in range(consts + carries)]
+  operand_of += [(consts + carries + k, 1) for k in range(xs)]
+  output_of: list[tuple[int, int] | None] = [(k, 0) for k in range(carries)]
+  output_of += [(k, 1) for k in range(carries, len(eqn.outputs))]
+  return _loop_facts(eqn, avals, rows, body, operand_of, output_of, "lax.scan (its body)")
+
+
+def _while_links(eqn: Eqn, avals: Sequence[Aval], links: Links) -> list[rules.Fact]:
+  body, _, rows = _while_body(eqn, links)
+  body_consts, cond_consts = eqn.params["body_nconsts"], eqn.params["cond_nconsts"]
+  carries = len(eqn.outputs)
   operand_of: list[tuple[int, int] | None] = [None] * cond_consts
   operand_of += [(k, 0) for k in range(body_consts + carries)]
   output_of: list[tuple[int, int] | None] = [(k, 0) for k in range(carries)]
@@ -207,9 +221,8 @@ def replayed_params(
   is the batch axis."""
   p = eqn.params
   if eqn.primitive.name == "scan":
-    body = _program(p["jaxpr"])
+    body, rows = _scan_body(eqn, links_of)
     consts, carries = p["num_consts"], p["num_carry"]
-    rows = _body_rows(body, links_of, [(k, consts + k) for k in range(carries)])
     shift = lambda k: 1 if k >= consts + carries else 0
     body_shapes = [shape[shift(k) :] for k, shape in enumerate(shapes)]
     seeds = [
@@ -220,10 +233,8 @@ def replayed_params(
     ]
     jaxpr = _rebuilt(body, _batched_rows(body, rows, seeds), _specs(body, body_shapes), run)
     return dict(p, jaxpr=jaxpr)
-  body, cond = _program(p["body_jaxpr"]), _program(p["cond_jaxpr"])
+  body, cond, rows = _while_body(eqn, links_of)
   body_consts, cond_consts = p["body_nconsts"], p["cond_nconsts"]
-  carries = len(eqn.outputs)
-  rows = _body_rows(body, links_of, [(k, body_consts + k) for k in range(carries)])
   carry_shapes = list(shapes[cond_consts + body_consts :])
   carry_batched = [
       (k, d)

@@ -126,9 +126,10 @@ def run(
     return x.value if isinstance(x, Literal) else env[x]
 
   for position, eqn in enumerate(program.eqns):
-    params = _resized_params(program, plan, position, sizes)
     if batch is not None and eqn.primitive.name in loops.LOOPS:
       params = _replayed_loop(program, plan, position, sizes, batch)
+    else:
+      params = _resized_params(program, plan, position, sizes)
     outs = eqn.primitive.bind(*map(read, eqn.inputs), **params)
     outs = list(outs) if eqn.primitive.multiple_results else [outs]
     if position in plan.folds and position not in plan.absorbed:
