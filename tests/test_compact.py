@@ -470,18 +470,22 @@ def test_constants_params_puts_every_folded_constant_into_the_params():
   check_outputs(mlp, params, compacted, inputs())
 
 
-def test_units_a_reshape_splits_into_two_axes_are_kept():
+def test_a_unit_a_reshape_splits_goes_only_with_the_rest_of_its_row_or_column():
   rng = np.random.default_rng(19)
   params = {
       "w1": rng.normal(size=(4, 6)).astype(np.float32),
       "w2": rng.normal(size=(3, 2)).astype(np.float32),
   }
-  params["w1"][:, 1] = 0.0  # hidden unit 1 is the constant tanh(0), but the reshape splits it
+  params["w1"][:, 1] = 0.0  # hidden unit 1 is the constant tanh(0), at (0, 1) of the split
   apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]).reshape(-1, 2, 3) @ p["w2"]
   x = inputs(features=4)
   compacted = flipout.compact(apply_fn, params, x)
   assert shapes(compacted.params) == shapes(params)
-  assert "reshape splitting an axis" in compacted.report.kept_by
+  check_outputs(apply_fn, params, compacted, x)
+  params["w1"][:, 4] = 0.0  # and (1, 1): the whole column 1 of the split
+  compacted = flipout.compact(apply_fn, params, x)
+  np.testing.assert_array_equal(compacted.kept["w1"][1], [0, 2, 3, 5])
+  assert compacted.params["w2"].shape == (2, 2)
   check_outputs(apply_fn, params, compacted, x)
 
 

@@ -55,8 +55,7 @@ def test_a_recurrent_model_takes_other_batch_sizes_and_its_units_outside_the_loo
   compacted = flipout.compact(rnn, params, sequences(3))
   assert shapes(compacted.params)["w0"] == (4, 4)
   assert shapes(compacted.params)["w3"] == (4, 6)
-  assert shapes(compacted.params)["wh"] == (6, 6)  # units inside the scan are kept
-  assert compacted.report.kept_by.get("lax.scan (its body)", 0) > 0
+  assert shapes(compacted.params)["wh"] == (6, 6)  # the scan's carry is kept whole
   for count in (1, 7):
     x = sequences(count, seed=count)
     outputs_equal(rnn(params, x), jax.jit(compacted.apply)(compacted.params, x))

@@ -177,9 +177,13 @@ def compact(
   pruned weights are the exact zeros of ``params``. Units are positions along the feature
   axes of the values flowing between ops (output features of ``dot_general``, output
   channels of ``conv_general_dilated``, input features), followed through elementwise ops,
-  broadcasts, reshapes (a flattened feature is a sub-unit of its channel), transposes,
-  concatenations, pooling and means; a grouped or depthwise convolution's feature group (its
-  input channels and the output channels they make) is one unit. A unit goes when
+  broadcasts, reshapes (a flattened feature is a sub-unit of its channel; a feature split
+  into heads, of its head and of its position in the head), transposes, concatenations,
+  pooling and means, contractions (``q @ k.T``: a dim zero on one side goes from both); a
+  grouped or depthwise convolution's feature group (its input channels and the output
+  channels they make) is one unit. Embedding lookups, sort, ``top_k``, ``lax.scan`` and
+  ``while_loop`` pass the batch axis; a scan's own params (stacked layers) lose the units
+  dead in every layer, its carries are kept whole. A unit goes when
 
   * nothing the outputs depend on reads it (its outgoing weights are zero), or
   * it does not depend on the input (its incoming weights are zero): its value, constant
@@ -205,7 +209,9 @@ def compact(
     *example_args: arguments to trace with. Concrete values: the analysis runs the model
       once on them (a small batch suffices; the result does not depend on their values).
     batch_axis: the axis of every argument leaf whose size may change between calls of
-      ``compacted.apply`` (a new size retraces ``apply_fn``); None: shapes are fixed.
+      ``compacted.apply`` (a new size retraces ``apply_fn``; a symbolic size, under
+      ``jax.export``, replays the analysed program where every op is elementwise along the
+      batch axis); None: shapes are fixed.
     constants: where removed units' constants go. ``"program"``: into a bias or
       normalisation offset of the params where one takes it (an op's output going only into
       ``+ bias`` or ``- mean``), else into ``compacted.apply`` as a constant.

@@ -26,6 +26,7 @@ from flipout_jax._src import compact_facts as facts_lib
 from flipout_jax._src import compact_linear as linear
 from flipout_jax._src import compact_rounding as rounding
 from flipout_jax._src import compact_rules as rules
+from flipout_jax._src import compact_stacked as stacked
 from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, Values, concrete
 from flipout_jax._src.compact_program import value_id
 
@@ -49,6 +50,8 @@ class Plan(NamedTuple):
     batched: the (value, axis) pairs tied to the arguments' batch axis (sizes that may change
       from call to call).
     kept_by: per pin reason, how many positions it kept that were otherwise removable.
+    bodies: per scan equation index, the plan of its body where units go inside it
+      (``compact_stacked``).
   """
 
   keep: dict[int, list[Mask | None]]
@@ -58,6 +61,7 @@ class Plan(NamedTuple):
   absorbed: dict[int, tuple[int, int]]
   batched: frozenset[Where]
   kept_by: dict[str, int]
+  bodies: dict[int, Plan] = {}
 
 
 def _normalize(axes: rules.Axes) -> rules.Axes:
@@ -76,11 +80,12 @@ def _merge_axes(old: rules.Axes, new: rules.Axes) -> rules.Axes:
 
 def values_read(program: Program) -> set[int]:
   """The ids of the values whose concrete contents the analysis reads: the operands of the
-  linear ops (which of their elements are nonzero, and the constants folded through them)."""
+  linear ops (which of their elements are nonzero, and the constants folded through them)
+  and of scans (the stacked params their bodies are analysed with)."""
   return {
       x
       for eqn in program.eqns
-      if eqn.primitive.name in rules.LINEAR
+      if eqn.primitive.name in rules.LINEAR or eqn.primitive.name == "scan"
       for x in eqn.inputs
       if not isinstance(x, Literal)
   }
@@ -215,20 +220,34 @@ def _close_merges(
     positions: _Positions,
     component: Ids,
     bad: Mask,
-    merges: Sequence[rules.Merge],
+    merges: Sequence[rules.Merge | rules.Split],
 ) -> None:
-  """A flattened feature kept keeps each of its components (a channel goes whole or not)."""
+  """A flattened feature kept keeps each of its components (a channel goes whole or not);
+  where a reshape splits the features (``Split``), the features of kept components are kept
+  too, since nothing can put back a feature the split needs."""
+
+  def mark(ids: Ids) -> bool:
+    changed = not bad[ids].all()
+    bad[ids] = True
+    return changed
+
   changed = True
   while changed:
     changed = False
-    for merge in merges:
-      target = bad[component[positions.of((merge.target, merge.axis))]]
-      grid = target.reshape([program.avals[merge.source].shape[d] for d in merge.axes])
-      for k, d in enumerate(merge.axes):
+    for fact in merges:
+      if isinstance(fact, rules.Merge):
+        flat, parts = (fact.target, fact.axis), [(fact.source, d) for d in fact.axes]
+      else:
+        flat, parts = (fact.source, fact.axis), [(fact.target, d) for d in fact.axes]
+      flat_units = component[positions.of(flat)]
+      part_units = [component[positions.of(where)] for where in parts]
+      grid = bad[flat_units].reshape([ids.size for ids in part_units])
+      for k, ids in enumerate(part_units):
         blocked = rules.any_over(grid, tuple(j for j in range(grid.ndim) if j != k))
-        ids = component[positions.of((merge.source, d))][blocked]
-        changed |= not bad[ids].all()
-        bad[ids] = True
+        changed |= mark(ids[blocked])
+      if isinstance(fact, rules.Split):
+        product = rules.full_mask(grid.shape, [bad[ids] for ids in part_units]).reshape(-1)
+        changed |= mark(flat_units[product])
 
 
 def analyse(
@@ -238,12 +257,15 @@ def analyse(
     batch_axis: int | None,
     constants: str,
     round_to: int = 1,
+    folds: bool = True,
 ) -> Plan:
   """The plan removing every unit of ``program`` that cannot change its outputs.
 
   ``constants="params"`` keeps the units whose removal would leave a constant that no bias
   or normalisation offset among the params can take (``Plan.absorbed``). ``round_to`` keeps
-  removable units until every width is a multiple of it (``compact_rounding``).
+  removable units until every width is a multiple of it (``compact_rounding``). ``folds=False``
+  keeps every unit whose removal leaves a nonzero constant (a scan's body, whose values are
+  only "nonzero in some layer").
   """
   avals = program.avals
   facts, batched = facts_lib.facts_of(program, num_params, batch_axis)
@@ -264,8 +286,9 @@ def analyse(
   lhs_of = lambda fact: value_id(program.eqns[fact.eqn].inputs[0])
   for fact, (reaches, constant) in summed.items():
     where = positions.of((lhs_of(fact), fact.axis))
-    bad[component[where][reaches & ~constant]] = True
+    bad[component[where][reaches & ~constant if folds else reaches]] = True
   merges = [fact for fact in facts if isinstance(fact, rules.Merge)]
+  splits = [fact for fact in facts if isinstance(fact, rules.Split)]
   kept_by = {
       reason: int(sum(dead[where].sum() for where in wheres))
       for reason, wheres in pinned_by.items()
@@ -273,7 +296,7 @@ def analyse(
   widths = rounding.Widths(component, positions.base, positions.shape, merges)
   while True:
     linear.keep_a_group(facts, lambda where: component[positions.of(where)], bad)
-    _close_merges(program, positions, component, bad, merges)
+    _close_merges(program, positions, component, bad, [*merges, *splits])
     if widths.keep_back(bad, round_to):
       continue  # a unit kept back widens other axes and keeps its channels: close again
     removed = ~bad[component[:-1]]
@@ -288,7 +311,7 @@ def analyse(
     plan.absorbed.update(_absorptions(program, plan, num_params))
     refused = [i for i in plan.folds if i not in plan.absorbed]
     if constants == "program" or not refused:
-      return plan
+      return _with_bodies(program, values, num_params, plan, round_to)
     # Keep the positions that add to the refused constants (those reaching a read output).
     before = bad.copy()
     for fact, (reaches, _) in summed.items():
@@ -296,6 +319,23 @@ def analyse(
         bad[component[positions.of((lhs_of(fact), fact.axis))][reaches]] = True
     if (bad == before).all():
       raise AssertionError("compaction: a refused constant comes from no removed position")
+
+
+def _with_bodies(
+    program: Program, values: Values, num_params: int, plan: Plan, round_to: int
+) -> Plan:
+  """``plan`` with the units inside scans' bodies removed where dead in every layer."""
+  analyse_body = lambda body, body_values, owned: analyse(
+      body, body_values, owned, None, "program", round_to, folds=False
+  )
+  bodies, keep = stacked.body_plans(program, values, num_params, values_read, analyse_body)
+  if not bodies:
+    return plan
+  kept_by = dict(plan.kept_by)
+  for body in bodies.values():
+    for reason, count in body.kept_by.items():
+      kept_by[reason] = kept_by.get(reason, 0) + count
+  return plan._replace(keep={**plan.keep, **keep}, bodies=bodies, kept_by=kept_by)
 
 
 _OFFSET_PATH = frozenset(("reshape", "broadcast_in_dim", "convert_element_type"))

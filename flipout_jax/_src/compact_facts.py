@@ -19,6 +19,7 @@ from flipout_jax._src import compact_linear as linear
 from flipout_jax._src import compact_loops as loops
 from flipout_jax._src import compact_passing as passing
 from flipout_jax._src import compact_rules as rules
+from flipout_jax._src import compact_stacked as stacked
 from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, value_id
 
 Where = rules.Where
@@ -57,10 +58,27 @@ def facts_of(
   for index in [*program.inputs[num_params:], *program.outputs]:
     if not isinstance(index, Literal):  # a literal output is a scalar: no axis to pin
       facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
+  owned = {
+      value_id(eqn.inputs[k])
+      for position, eqn in enumerate(program.eqns)
+      if eqn.primitive.name == "scan"
+      for k in stacked.owned_operands(program, position, num_params)
+  }
+  # A scan's own params are cut by its body's analysis: its pins on them keep nothing.
+  facts = [
+      fact._replace(report=False)
+      if isinstance(fact, rules.Pin) and fact.where[0] in owned
+      else fact
+      for fact in facts
+  ]
   batched = _batched_axes(program, facts, num_params, batch_axis)
   for merge in [fact for fact in facts if isinstance(fact, rules.Merge)]:
     if any((merge.source, d) in batched for d in merge.axes):
       facts.append(rules.Pin((merge.target, merge.axis), "reshape merging the batch axis"))
+  for split in [fact for fact in facts if isinstance(fact, rules.Split)]:
+    if (split.source, split.axis) in batched:
+      reason = "reshape splitting the batch axis"
+      facts += [rules.Pin((split.target, d), reason) for d in split.axes]
   return facts, batched
 
 
@@ -80,6 +98,8 @@ def replay_blockers(program: Program, num_params: int, batch_axis: int | None) -
       found.add("a concatenation or split along the batch axis")
     elif isinstance(fact, rules.Merge) and any((fact.source, d) in batched for d in fact.axes):
       found.add("reshape merging the batch axis with another")
+    elif isinstance(fact, rules.Split) and (fact.source, fact.axis) in batched:
+      found.add("reshape splitting the batch axis")
   return sorted(found)
 
 

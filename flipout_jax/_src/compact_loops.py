@@ -9,8 +9,10 @@ contraction, no concatenation or reshape merging along it): the loop's operands 
 in such a group are one unit row (``Unify``). A ``while_loop`` whose condition reads a carry
 mixes that carry: its trip count depends on every position of it.
 
-Units are not removed inside a loop: every axis of its operands and outputs is pinned too, so
-that the body's program is never run at other widths than it was traced at.
+Every axis of a loop's operands and outputs is pinned too: the outer analysis never cuts a
+loop's carries or outputs. A scan's own params (stacked layers, constant weights) lose the
+units dead in every iteration by an analysis of the body (``compact_stacked``); a
+``while_loop``'s body keeps all of its units.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from flipout_jax._src import compact_rules as rules
 from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, trace, value_id
 
 LOOPS = frozenset(("scan", "while"))
-# A row that passes through the loop is kept too (units are not removed inside a loop), but
+# A row that passes through the loop is kept too (a loop's carries are never cut), but
 # the loop is elementwise along it, so it keeps no replay at another batch size from running.
-KEPT_PASSING = "a loop's body (units inside lax.scan and while_loop are kept)"
+KEPT_PASSING = "a loop's carries and outputs (kept whole; a scan's own params lose dead units)"
 Links = Callable[[int, Eqn, Sequence[Aval]], list[rules.Fact]]
 Node = tuple[int, int]  # (value id, axis), of the body or of the loop's own operands
 
@@ -78,6 +80,9 @@ def _body_rows(body: Program, links: Links, carries: Sequence[tuple[int, int]]) 
       elif isinstance(fact, rules.Merge):
         rows.mixed.update((fact.source, d) for d in fact.axes)
         rows.mixed.add((fact.target, fact.axis))
+      elif isinstance(fact, rules.Split):
+        rows.mixed.update((fact.target, d) for d in fact.axes)
+        rows.mixed.add((fact.source, fact.axis))
       else:  # a grouped convolution's groups: features in blocks, not row to row
         rows.mixed.update((fact.first, fact.second))
   for out_position, in_position in carries:
@@ -132,10 +137,15 @@ def _loop_facts(
   return facts
 
 
+def scan_program(eqn: Eqn) -> Program:
+  """A scan's body as a flat program (inputs: its constants, carries and ``xs``)."""
+  return _program(eqn.params["jaxpr"])
+
+
 def _scan_body(eqn: Eqn, links: Links) -> tuple[Program, _Rows]:
   """A scan's body and its rows, each carry's output joined to its input."""
   consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
-  body = _program(eqn.params["jaxpr"])
+  body = scan_program(eqn)
   return body, _body_rows(body, links, [(k, consts + k) for k in range(carries)])
 
 

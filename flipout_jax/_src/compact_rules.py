@@ -5,8 +5,8 @@ Every axis of every value is a row of positions. For each primitive a rule says:
 * ``links``: which operand positions are the same unit as which output positions (``Unify``,
   with an offset for concatenations), which axes it mixes so that no position on them may go
   (``Pin``, with the reason the report shows), which input axes a reshape merges into one
-  output axis (``Merge``: a flattened feature is a sub-unit of each of its components),
-  which axes a linear op contracts (``Contract``: there a removed constant is folded), and
+  output axis (``Merge``: a flattened feature is a sub-unit of each of its components) or
+  split one input axis into (``Split``: heads from features, the mirror image), which axes a linear op contracts (``Contract``: there a removed constant is folded), and
   which blocks of positions go only together (``Blocks``: a grouped convolution's groups).
 * ``forward``: which positions vary with the model's input. Variation is tracked as a product
   of per-axis masks (``Axes``: one bool array per axis, or None for a value that does not
@@ -62,6 +62,17 @@ class Merge(NamedTuple):
   axis: int
 
 
+class Split(NamedTuple):
+  """A reshape splitting ``source`` axis ``axis`` into ``target`` axes ``axes`` (heads from a
+  feature axis): each feature of ``axis`` is a sub-unit of each of its components, and the
+  features kept are exactly the product of the components kept (no gather can add any)."""
+
+  source: int
+  axis: int
+  target: int
+  axes: tuple[int, ...]
+
+
 class Contract(NamedTuple):
   """Operand ``operand`` of equation ``eqn`` is summed over along ``axis`` by a linear op."""
 
@@ -80,7 +91,7 @@ class Blocks(NamedTuple):
   second_size: int
 
 
-Fact: TypeAlias = Unify | Pin | Merge | Contract | Blocks
+Fact: TypeAlias = Unify | Pin | Merge | Split | Contract | Blocks
 
 
 def _where(atom: Atom, axis: int) -> Where:
@@ -284,6 +295,8 @@ def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
         result.append(Unify((out, group_out[0]), _where(ins[0], group_in[0])))
       elif len(group_out) == 1:
         result.append(Merge(value_id(ins[0]), group_in, out, group_out[0]))
+      elif len(group_in) == 1:
+        result.append(Split(value_id(ins[0]), group_in[0], out, group_out))
       else:
         reason = "reshape splitting an axis"
         result += [Pin(_where(ins[0], d), reason) for d in group_in]

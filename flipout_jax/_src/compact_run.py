@@ -126,7 +126,7 @@ def run(
     return x.value if isinstance(x, Literal) else env[x]
 
   for position, eqn in enumerate(program.eqns):
-    if batch is not None and eqn.primitive.name in loops.LOOPS:
+    if eqn.primitive.name in loops.LOOPS and (batch is not None or position in plan.bodies):
       params = _replayed_loop(program, plan, position, sizes, batch)
     else:
       params = _resized_params(program, plan, position, sizes)
@@ -142,13 +142,25 @@ def run(
 
 
 def _replayed_loop(
-    program: Program, plan: analysis.Plan, position: int, sizes: Shapes, batch: dict[int, Any]
+    program: Program,
+    plan: analysis.Plan,
+    position: int,
+    sizes: Shapes,
+    batch: dict[int, Any] | None,
 ) -> dict[str, Any]:
-  """A loop's params with its body retraced at the replay's batch size."""
+  """A loop's params with its body retraced at the compact widths (a scan's body losing its
+  own units by its plan) and, with ``batch``, at the replay's batch size."""
   eqn = program.eqns[position]
-  run_body = lambda body, batched, args: run(body, analysis.bare_plan(batched), args, batch)
-  batched = (
-      lambda k, d: not isinstance(eqn.inputs[k], Literal) and (eqn.inputs[k], d) in plan.batched
+  body_plan = plan.bodies.get(position)
+
+  def run_body(body: Program, batched: frozenset[analysis.Where], args: Sequence[Any]) -> Any:
+    inner = analysis.bare_plan(batched) if body_plan is None else body_plan
+    return run(body, inner._replace(batched=batched), args, batch)
+
+  batched = lambda k, d: (
+      batch is not None
+      and not isinstance(eqn.inputs[k], Literal)
+      and (eqn.inputs[k], d) in plan.batched
   )
   shapes = [sizes(x) for x in eqn.inputs]
   return loops.replayed_params(eqn, shapes, batched, facts_lib.links, run_body)
