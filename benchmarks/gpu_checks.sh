@@ -13,6 +13,7 @@
 #    the runs side by side on the GPU, then each compacted with benchmarks.compaction (the
 #    library both ways and the per-family oracle, inference timed side by side, one at a time).
 # 3. benchmarks.gpu_throughput (BENCHMARKS section 4) with the time left.
+# Between parts 0 and 1: benchmarks.compact_speed (compact inference speed-up by round_to).
 # First (part 0, about a minute): where prune's GPU step overhead goes (BENCHMARKS section 4):
 #    benchmarks.prune_cost_split and benchmarks.link_cost (in one log), and the compiled VGG19 prune step's optimized HLO, tarred
 #    into $OUT/prune_step_hlo.tgz (the device tool brings back at most 8 files).
@@ -51,6 +52,11 @@ XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.
   timeout 120 python -m benchmarks.prune_cost_split "${split[@]}" --repetitions 1 > /dev/null 2>&1
 (cd "$dump" && find . -name '*after_optimizations*' -print0 | tar -czf "$OUT/prune_step_hlo.tgz" --null -T -) \
   && log "HLO dump: $(tar -tzf "$OUT/prune_step_hlo.tgz" | wc -l) files kept of $(ls "$dump" | wc -l)"
+
+# Compaction's speed-up by round_to on random unit masks (issue 34; timed, alone).
+if [ "${TINY:-0}" = 1 ]; then speed=(--model gpt --batch 8 --repetitions 1 --window_s 0.1); else speed=(--repetitions 7 --window_s 0.5); fi
+timeout 150 python -m benchmarks.compact_speed "${speed[@]}" > "$OUT/compaction.log" 2>&1
+log "compact_speed exit $?"
 
 # Part 1, beside the trainings (neither is timed).
 (
@@ -93,7 +99,7 @@ for family in "${FAMILIES[@]}"; do
   [ "$(left)" -gt 30 ] || { log "no time left for $family"; continue; }
   log "compacting $family"
   timeout $(($(left) - 20)) python -m benchmarks.compaction --workdir "$RUNS/$family" \
-    --repeats "$REPEATS" --json "$OUT/compaction.jsonl" >> "$OUT/compaction.log" 2>&1
+    --repeats "$REPEATS" --round_to 1,8,128 --json "$OUT/compaction.jsonl" >> "$OUT/compaction.log" 2>&1
   log "compacted $family: exit $?"
 done
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from benchmarks import _common, gpu_throughput, memory, mnist_real, noise_rng, prune_cost_split
-from benchmarks import prune_event
+from benchmarks import compact_speed, prune_event
 from benchmarks import step_overhead
 from experiments import cli, input_pipeline
 import flipout_jax as flipout
@@ -452,3 +452,22 @@ def test_mnist_real_tiny_trains_resumes_and_retables(tmp_path, capsys, monkeypat
   assert mnist_real.main(["--tiny", "--table_only", "--workdir", str(workdir)]) == 0
   table = lambda text: [line for line in text.splitlines() if line.startswith("|")]
   assert table(again) == table(first) == table(capsys.readouterr().out)
+
+
+def test_compact_speed_times_the_compacted_gpt_at_each_round_to(tmp_path):
+  out = tmp_path / "speed.json"
+  flags = ["--model", "gpt", "--batch", "4", "--repetitions", "1", "--window_s", "0.01"]
+  assert compact_speed.main([*flags, "--round_to", "1,8", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"][0]["rows"]
+  assert set(rows) == {"dense", "round_to=1", "round_to=8"}
+  # Half the MLP units are dead: compaction removes them, rounding keeps some back.
+  assert rows["round_to=1"]["parameters"] < rows["round_to=8"]["parameters"]
+  assert rows["round_to=8"]["parameters"] < rows["dense"]["parameters"]
+  for row in rows.values():
+    assert row["max_output_difference"] < 1e-4 and row["speedup"]["median"] > 0
+
+
+def test_compact_speed_refuses_a_dead_fraction_out_of_range(capsys):
+  with pytest.raises(SystemExit) as stopped:
+    compact_speed.main(["--dead", "1.5"])
+  assert stopped.value.code == 2 and "--dead" in capsys.readouterr().err
