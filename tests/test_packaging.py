@@ -52,6 +52,36 @@ def test_declared_dependencies_are_the_imported_ones():
   assert declared == third_party, (declared, third_party)
 
 
+# Import names of the distributions whose import name is another.
+_IMPORT_NAMES = {"scikit-learn": "sklearn"}
+
+
+def _extra(name: str) -> set[str]:
+  """The import names an extra brings (the extras it names, recursively), and the library's."""
+  found = set()
+  for requirement in _lines(_setup_cfg()["options.extras_require"][name]):
+    distribution = requirement.split(">")[0].split("=")[0].split("<")[0].split("[")[0]
+    if distribution == "flipout_jax":
+      found |= _extra(requirement.split("[")[1].rstrip("]"))
+    else:
+      found.add(_IMPORT_NAMES.get(distribution, distribution.replace("-", "_")))
+  return found
+
+
+def test_the_examples_run_on_the_examples_extra():
+  base = {
+      requirement.split(">")[0]
+      for requirement in _lines(_setup_cfg()["options"]["install_requires"])
+  }
+  third_party = _imported_top_level(_ROOT / "examples") - set(sys.stdlib_module_names)
+  third_party -= {"flipout_jax", "examples", "this"}
+  assert third_party <= _extra("examples") | base, third_party - _extra("examples")
+  # jax.export's serialize needs flatbuffers, which jax does not require.
+  uses_export = any("serialize(" in path.read_text() for path in (_ROOT / "examples").glob("*.py"))
+  assert uses_export and "flatbuffers" in _extra("examples")
+  assert _extra("examples") <= _extra("experiments") <= _extra("test")
+
+
 # The child interpreter of the wheel test: the wheel's flipout_jax and its declared dependencies
 # alone, and a few pruning steps through them.
 _CHILD = """
