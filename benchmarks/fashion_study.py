@@ -112,7 +112,7 @@ STUDY = (
     _block("lenet300", regime_study.CUBIC_VARIANTS, SPARSITIES[:1], (120,)),
 )
 TINY_STUDY = (Block("lenet300", ("flipout", "global_magnitude"), (0.9,), (1,), (0, 1)),)
-# The README's real-data demo (``--demo``): minutes on a laptop CPU, the same report.
+# The real-data demo (``--demo``): minutes on a laptop CPU, the same report.
 DEMO_STUDY = (Block("lenet300", ("flipout", "global_magnitude"), SPARSITIES[1:2], (5,), (0, 1, 2)),)
 DEMO_WORKDIR = "runs/fashion_demo"
 
