@@ -2,7 +2,7 @@
 q·k contraction.
 
 A reshape ``(batch, time, heads * dim) -> (batch, time, heads, dim)`` splits one feature axis
-into two (``compact_rules.Split``): a feature is a sub-unit of its head and of its position in
+into two (``compact.rules.Split``): a feature is a sub-unit of its head and of its position in
 the head, so a whole dead head goes (its q, k and v columns, its output projection's rows, and
 the head count of every reshape), and so does a position in the head dead in every head; a
 single dead feature of a live head stays. A contraction drops a position zero on either side:

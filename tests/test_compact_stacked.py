@@ -1,4 +1,4 @@
-"""Tests for the compaction of units inside a ``lax.scan``'s body (``compact_stacked``).
+"""Tests for the compaction of units inside a ``lax.scan``'s body (``compact.stacked``).
 
 Layers stacked along a leading axis and scanned run one body: a unit goes when it is dead in
 every layer (its stacked weights cut along the unit's axis in every layer), and stays when it

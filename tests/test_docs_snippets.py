@@ -76,3 +76,22 @@ def test_a_page_with_doctests_shows_their_imports(page):
   doctests = "".join(code for name, _, code in blocks("{doctest}") if name.endswith(page.name))
   first_use = doctests.index("flipout.")
   assert ">>> import flipout_jax as flipout" in doctests[:first_use], page
+
+
+def _slug(heading):
+  """GitHub's anchor of a Markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readmes_links_point_to_files_and_headings_that_exist():
+  text = (_ROOT / "README.md").read_text()
+  links = re.findall(r"\]\(([^)\s#]+)(?:#([^)\s]+))?\)", text)
+  assert links
+  for target, anchor in links:
+    if target.startswith("http"):
+      continue
+    path = _ROOT / target
+    assert path.exists(), target
+    if anchor:
+      headings = re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE)
+      assert anchor in {_slug(h) for h in headings}, f"{target}#{anchor}"

@@ -4,7 +4,7 @@
 channel ``c`` of every conv that adds into the same stream is one unit of the stream, and
 ``flipout.compact`` can remove it only when all of them are gone; a unit that is an output
 of the model (a logit) cannot be removed at all. :func:`unit_groups` reads this from the
-same graph of coupled positions that compaction uses (``compact_analysis``): each output
+same graph of coupled positions that compaction uses (``compact.param_units``): each output
 unit of a prunable kernel gets the id of its position's connected component, and units
 whose component holds a pinned position (an argument or output of the function, an op that
 mixes features such as LayerNorm's mean) get ``-1``.
@@ -16,11 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from flipout_jax._src import compact_analysis as analysis
-from flipout_jax._src import compact_facts as facts_lib
+from flipout_jax._src import compact as compact_lib
 from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
-from flipout_jax._src.compact_program import trace
 
 
 def unit_groups(
@@ -69,11 +67,7 @@ def unit_groups(
   layout_lib.check_argument(kernel_layout)
   prunable = prunable_lib.prunable_tree(params, where)
   leaves = jax.tree.leaves(params)
-  program = trace(apply_fn, params, *example_args)
-  facts, _ = facts_lib.facts_of(program, len(leaves), batch_axis)
-  positions = analysis._Positions(program.avals)  # pylint: disable=protected-access
-  component, _ = analysis._groups(positions, facts)  # pylint: disable=protected-access
-  pinned = component[-1]
+  units, pinned = compact_lib.param_units(apply_fn, params, *example_args, batch_axis=batch_axis)
   found = {}
   for number, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
     if not jax.tree.leaves(prunable)[number]:
@@ -84,7 +78,7 @@ def unit_groups(
           f"{np.shape(leaf)}; units need kernels of 2+ dimensions (leave it out of `where`)"
       )
     axis = layout_lib.unit_axes(kernel_layout, path, leaf)[0]
-    found[number] = component[positions.of((program.inputs[number], axis))]
+    found[number] = units[number][axis]
   labels = np.unique(np.concatenate([c[c != pinned] for c in found.values()] or [[]]))
   ids = [
       np.where(c == pinned, -1, np.searchsorted(labels, c)).astype(np.int32)

@@ -11,7 +11,7 @@ mixes that carry: its trip count depends on every position of it.
 
 Every axis of a loop's operands and outputs is pinned too: the outer analysis never cuts a
 loop's carries or outputs. A scan's own params (stacked layers, constant weights) lose the
-units dead in every iteration by an analysis of the body (``compact_stacked``); a
+units dead in every iteration by an analysis of the body (``stacked``); a
 ``while_loop``'s body keeps all of its units.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, trace, value_id
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact.program import Aval, Eqn, Literal, Program, trace, value_id
 
 LOOPS = frozenset(("scan", "while"))
 # A row that passes through the loop is kept too (a loop's carries are never cut), but

@@ -1,6 +1,6 @@
 """Which units of a traced program can go, and what their removal leaves to fold.
 
-A unit is a group of positions that ``compact_rules.links`` ties together across values (a
+A unit is a group of positions that ``rules.links`` ties together across values (a
 channel of a conv output, of the BatchNorm and ReLU after it and of the next conv's input, of
 the kernels and biases that touch it). A group goes when none of its positions is pinned and
 each of them either is read by nothing the outputs depend on, or does not depend on the
@@ -22,13 +22,13 @@ from typing import NamedTuple, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from flipout_jax._src import compact_facts as facts_lib
-from flipout_jax._src import compact_linear as linear
-from flipout_jax._src import compact_rounding as rounding
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src import compact_stacked as stacked
-from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, Values, concrete
-from flipout_jax._src.compact_program import value_id
+from flipout_jax._src.compact import facts as facts_lib
+from flipout_jax._src.compact import linear as linear
+from flipout_jax._src.compact import rounding as rounding
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact import stacked as stacked
+from flipout_jax._src.compact.program import Aval, Eqn, Literal, Program, Values, concrete
+from flipout_jax._src.compact.program import value_id
 
 Mask = rules.Mask
 Where = rules.Where
@@ -51,7 +51,7 @@ class Plan(NamedTuple):
       from call to call).
     kept_by: per pin reason, how many positions it kept that were otherwise removable.
     bodies: per scan equation index, the plan of its body where units go inside it
-      (``compact_stacked``).
+      (``stacked``).
   """
 
   keep: dict[int, list[Mask | None]]
@@ -263,7 +263,7 @@ def analyse(
 
   ``constants="params"`` keeps the units whose removal would leave a constant that no bias
   or normalisation offset among the params can take (``Plan.absorbed``). ``round_to`` keeps
-  removable units until every width is a multiple of it (``compact_rounding``). ``folds=False``
+  removable units until every width is a multiple of it (``rounding``). ``folds=False``
   keeps every unit whose removal leaves a nonzero constant (a scan's body, whose values are
   only "nonzero in some layer").
   """

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Atom, Aval, Eqn, Values, concrete, value_id
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact.program import Atom, Aval, Eqn, Values, concrete, value_id
 
 Indicator = npt.NDArray[np.float32]  # 0/1 per element, for einsum
 Ids = npt.NDArray[np.intp]

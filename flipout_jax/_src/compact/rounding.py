@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from flipout_jax._src import compact_rules as rules
+from flipout_jax._src.compact import rules as rules
 
 Ids = npt.NDArray[np.intp]
 Where = rules.Where

@@ -7,7 +7,7 @@ batch axis passes through them (``compacted.apply`` takes other batch sizes) and
 where the op moves them whole (an embedding table's model dims follow the stream it feeds).
 Every other axis of theirs is pinned, with the reason in the user's words.
 
-Their forward and backward stay ``compact_rules``' default (every position varies and is
+Their forward and backward stay ``rules``' default (every position varies and is
 read), an over-approximation: a unit through them goes only where nothing downstream reads
 it, never because of a constant.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Aval, Eqn, Literal, value_id
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact.program import Aval, Eqn, Literal, value_id
 
 PASSING = frozenset(("gather", "sort", "top_k", "dynamic_slice", "split", "iota"))
 

@@ -2,7 +2,7 @@
 are one unit (``Unify``, ``Blocks``), which are kept (``Pin``), merged (``Merge``) or summed
 (``Contract``); the arguments and outputs pinned; and which (value, axis) rows are the batch
 axis: those ``Unify`` ties to an argument's ``batch_axis``. Shared by the analysis
-(``compact_analysis``), ``unit_groups`` and the replay at other batch sizes (``compact_run``).
+(``analysis``), ``unit_groups`` and the replay at other batch sizes (``run``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import numpy.typing as npt
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from flipout_jax._src import compact_linear as linear
-from flipout_jax._src import compact_loops as loops
-from flipout_jax._src import compact_passing as passing
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src import compact_stacked as stacked
-from flipout_jax._src.compact_program import Aval, Eqn, Literal, Program, value_id
+from flipout_jax._src.compact import linear as linear
+from flipout_jax._src.compact import loops as loops
+from flipout_jax._src.compact import passing as passing
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact import stacked as stacked
+from flipout_jax._src.compact.program import Aval, Eqn, Literal, Program, value_id
 
 Where = rules.Where
 Ids: TypeAlias = npt.NDArray[np.intp]  # position numbers, or component labels
@@ -34,8 +34,8 @@ def components(nodes: int, edges_from: list[Ids], edges_to: list[Ids]) -> Ids:
 
 
 def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[rules.Fact]:
-  """The facts of equation ``index``: each primitive's rule (``compact_rules``,
-  ``compact_linear``'s convolutions, ``compact_passing``, ``compact_loops``)."""
+  """The facts of equation ``index``: each primitive's rule (``rules``,
+  ``linear``'s convolutions, ``passing``, ``loops``)."""
   if eqn.primitive.name in passing.PASSING:
     return passing.links(eqn, avals)
   if eqn.primitive.name in loops.LOOPS:

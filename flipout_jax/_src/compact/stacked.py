@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flipout_jax._src import compact_loops as loops
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Literal, Program, Values, concrete, evaluate
-from flipout_jax._src.compact_program import value_id
+from flipout_jax._src.compact import loops as loops
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact.program import Literal, Program, Values, concrete, evaluate
+from flipout_jax._src.compact.program import value_id
 
 if TYPE_CHECKING:
-  from flipout_jax._src.compact_analysis import Plan
+  from flipout_jax._src.compact.analysis import Plan
 
   AnalyseBody = Callable[[Program, Values, int], Plan]
 

@@ -14,7 +14,7 @@ Every axis of every value is a row of positions. For each primitive a rule says:
   product of the per-axis sets.
 * ``backward``: which positions the outputs depend on, in the same product form.
 
-The linear ops (``LINEAR``) have their forward and backward in ``compact_linear``, computed
+The linear ops (``LINEAR``) have their forward and backward in ``linear``, computed
 from the concrete values; a convolution has its links there too. Primitives without a rule
 mix every axis: all their positions are pinned.
 """
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from flipout_jax._src.compact_program import Atom, Aval, Eqn, Literal, value_id
+from flipout_jax._src.compact.program import Atom, Aval, Eqn, Literal, value_id
 
 Mask: TypeAlias = npt.NDArray[np.bool_]
 # Per-axis bool masks, or None: nothing varies (forward) / is read (backward).
@@ -262,7 +262,7 @@ def _axis_is_passed(eqn: Eqn, d: int, size: int) -> bool:
 
 def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
   """The ``Unify``, ``Pin``, ``Merge`` and ``Contract`` facts of equation ``index`` (not for a
-  convolution: ``compact_linear.conv_links``)."""
+  convolution: ``linear.conv_links``)."""
   name = eqn.primitive.name
   p = eqn.params
   ins = eqn.inputs

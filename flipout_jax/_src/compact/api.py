@@ -2,7 +2,7 @@
 
 Pruning zeroes weights but leaves every layer as wide as before, so a pruned model costs as
 much to run as a dense one. :func:`compact` traces any pure function of params to a jaxpr
-(``compact_program``), finds every unit that cannot change its outputs (``compact_analysis``:
+(``program``), finds every unit that cannot change its outputs (``analysis``:
 units with no live outgoing weight, and units with no live incoming weight, whose constant
 value is folded into the next linear op), and returns a program that computes the same
 outputs on smaller arrays, with params cut to match.
@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flipout_jax._src import compact_analysis as analysis
-from flipout_jax._src import compact_report as report_lib
-from flipout_jax._src import compact_run as run_lib
+from flipout_jax._src.compact import analysis as analysis
+from flipout_jax._src.compact import report as report_lib
+from flipout_jax._src.compact import run as run_lib
 from flipout_jax._src import prune as prune_lib
 from flipout_jax._src import update_check
-from flipout_jax._src.compact_program import Program, evaluate_compiled, trace
+from flipout_jax._src.compact.program import Program, evaluate_compiled, trace
 
 CompactionReport = report_lib.CompactionReport
 LayerCompaction = report_lib.LayerCompaction

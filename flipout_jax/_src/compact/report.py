@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from flipout_jax._src import compact_analysis as analysis
-from flipout_jax._src import compact_rules as rules
-from flipout_jax._src.compact_program import Atom, Eqn, Literal, Program
+from flipout_jax._src.compact import analysis as analysis
+from flipout_jax._src.compact import rules as rules
+from flipout_jax._src.compact.program import Atom, Eqn, Literal, Program
 
 # Ops through which a linear op's operand is still "the parameter" (a kernel transposed,
 # reshaped or cast before use).

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flipout_jax._src import compact_analysis as analysis
-from flipout_jax._src import compact_facts as facts_lib
-from flipout_jax._src import compact_loops as loops
-from flipout_jax._src import compact_passing as passing
-from flipout_jax._src.compact_program import Atom, Literal, Program, same_structure, trace
-from flipout_jax._src.compact_rules import Mask, shape_of
+from flipout_jax._src.compact import analysis as analysis
+from flipout_jax._src.compact import facts as facts_lib
+from flipout_jax._src.compact import loops as loops
+from flipout_jax._src.compact import passing as passing
+from flipout_jax._src.compact.program import Atom, Literal, Program, same_structure, trace
+from flipout_jax._src.compact.rules import Mask, shape_of
 
 Rows: TypeAlias = Sequence[Mask | None]  # per axis, the kept positions (None: all)
 Signature: TypeAlias = tuple[tuple[tuple[int, ...], Any], ...]  # (shape, dtype) per leaf
