@@ -83,8 +83,9 @@ def _slug(heading):
   return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_the_readmes_links_point_to_files_and_headings_that_exist():
-  text = (_ROOT / "README.md").read_text()
+@pytest.mark.parametrize("page", ["README.md", "BENCHMARKS.md"])
+def test_the_links_point_to_files_and_headings_that_exist(page):
+  text = (_ROOT / page).read_text()
   links = re.findall(r"\]\(([^)\s#]+)(?:#([^)\s]+))?\)", text)
   assert links
   for target, anchor in links:
