@@ -59,10 +59,9 @@ def facts_of(
     if not isinstance(index, Literal):  # a literal output is a scalar: no axis to pin
       facts += [rules.Pin((index, d), reason) for d in range(len(avals[index].shape))]
   owned = {
-      value_id(eqn.inputs[k])
-      for position, eqn in enumerate(program.eqns)
-      if eqn.primitive.name == "scan"
-      for k in stacked.owned_operands(program, position, num_params)
+      value_id(program.eqns[position].inputs[k])
+      for position, operands in stacked.owned_operands(program, num_params).items()
+      for k in operands
   }
   # A scan's own params are cut by its body's analysis: its pins on them keep nothing.
   facts = [

@@ -32,11 +32,10 @@ if TYPE_CHECKING:
   AnalyseBody = Callable[[Program, Values, int], Plan]
 
 
-def owned_operands(program: Program, position: int, num_params: int) -> list[int]:
-  """The operands of scan ``position`` that its body may cut: its constants and ``xs`` that
-  are params or captured constants of ``program``, read by no other op and not an output."""
-  eqn = program.eqns[position]
-  consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
+def owned_operands(program: Program, num_params: int) -> dict[int, list[int]]:
+  """Per scan equation, the operands its body may cut: its constants and ``xs`` that are
+  params or captured constants of ``program``, read by no other op and not an output (scans
+  with none are left out)."""
   fixed = set(program.inputs[:num_params]) | set(program.consts)
   reads: dict[int, int] = {}
   for other in program.eqns:
@@ -44,15 +43,23 @@ def owned_operands(program: Program, position: int, num_params: int) -> list[int
       if not isinstance(x, Literal):
         reads[x] = reads.get(x, 0) + 1
   outputs = {x for x in program.outputs if not isinstance(x, Literal)}
-  return [
-      k
-      for k, x in enumerate(eqn.inputs)
-      if not consts <= k < consts + carries
-      and not isinstance(x, Literal)
-      and x in fixed
-      and reads[x] == 1
-      and x not in outputs
-  ]
+  found = {}
+  for position, eqn in enumerate(program.eqns):
+    if eqn.primitive.name != "scan":
+      continue
+    consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
+    owned = [
+        k
+        for k, x in enumerate(eqn.inputs)
+        if not consts <= k < consts + carries
+        and not isinstance(x, Literal)
+        and x in fixed
+        and reads[x] == 1
+        and x not in outputs
+    ]
+    if owned:
+      found[position] = owned
+  return found
 
 
 def _summaries(
@@ -90,20 +97,16 @@ def body_plans(
   num_params)``, the owned inputs first), and the rows each owned operand keeps."""
   plans: dict[int, Plan] = {}
   keep: dict[int, list[Any]] = {}
-  for position, eqn in enumerate(program.eqns):
-    if eqn.primitive.name != "scan":
-      continue
-    owned = owned_operands(program, position, num_params)
-    if not owned:
-      continue
+  for position, owned in owned_operands(program, num_params).items():
+    eqn = program.eqns[position]
     body = loops.scan_program(eqn)
     xs_start = eqn.params["num_consts"] + eqn.params["num_carry"]
     stacked = {k: (concrete(values, eqn.inputs[k]), k >= xs_start) for k in owned}
-    wanted = sorted(values_read(body) - {body.inputs[k] for k in range(len(body.inputs))})
+    wanted = sorted(values_read(body) - set(body.inputs))
     body_values: list[Any] = [None] * len(body.avals)
     for index, value in zip(wanted, _summaries(body, stacked, wanted)):
       body_values[index] = value
-    for k, x in enumerate(body.inputs):  # the others vary: their contents are not read
+    for x in body.inputs:  # the others vary: their contents are not read
       body_values[x] = np.zeros(body.avals[x].shape, bool)
     for k, (value, is_xs) in stacked.items():
       body_values[body.inputs[k]] = (value != 0).any(axis=0) if is_xs else value != 0
