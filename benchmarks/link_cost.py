@@ -107,7 +107,7 @@ CHAINS: dict[str, Callable[[Any, Any], optax.GradientTransformation]] = {
     ),
     "prune_unit": lambda params, groups: optax.chain(
         dense_chain(),
-        flipout.prune(0.9, total_steps=STEADY_STEPS, structure="unit", groups=groups()),
+        flipout.prune(0.9, total_steps=STEADY_STEPS, structure=flipout.units(groups())),
     ),
     "prune_2:4": lambda params, groups: optax.chain(
         dense_chain(),

@@ -109,7 +109,7 @@ def structure_prune(structure: str, unit_groups=None) -> optax.GradientTransform
   if structure == "weight":
     return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS)
   if structure == "unit":
-    return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS, structure="unit", groups=unit_groups)
+    return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS, structure=flipout.units(unit_groups))
   divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % 4 == 0
   return flipout.prune(None, total_steps=_TOTAL_STEPS, structure=structure, where=divisible)
 

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   tx = optax.chain(
       optax.adam(3e-3),
       flipout.prune(
-          args.sparsity, total_steps=args.steps, where=is_mlp, structure="unit", groups=groups
+          args.sparsity, total_steps=args.steps, where=is_mlp, structure=flipout.units(groups)
       ),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -223,12 +223,16 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
 
 def _validate_structure(config: Config) -> None:
   """``--structure`` and ``--group_score``: flipout.prune's values, for scheduled methods."""
+  check_choice("group_score", config.group_score, ("mean", "sum"))
   try:  # the library's own checks, with its messages
     flipout.prune(
         None if ":" in config.structure else 0.5,
         total_steps=2,
-        structure=config.structure,
-        group_score=config.group_score,
+        structure=(
+            flipout.units(score=config.group_score)
+            if config.structure == "unit"
+            else config.structure
+        ),
     )
   except (TypeError, ValueError) as error:
     raise ConfigError(f"--{one_line(error)}") from None

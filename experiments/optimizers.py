@@ -105,10 +105,28 @@ def _structure(config: config_lib.Config, unit_groups) -> dict[str, Any]:
   if config.structure == "weight":
     return {}
   if config.structure == "unit":
-    return dict(structure="unit", groups=unit_groups, group_score=config.group_score)
+    return dict(structure=flipout.units(unit_groups, score=config.group_score))
   m = int(config.structure.split(":")[1])
   divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % m == 0
   return dict(structure=config.structure, where=divisible)
+
+
+def _criterion(config: config_lib.Config) -> str | flipout.Criterion:
+  """``--method`` as ``prune``'s criterion, with ``--p`` (flipout) or ``--seed`` (random)."""
+  name = config_lib.SCHEDULED_CRITERIA[config.method]
+  if name == "flipout":
+    return flipout.flipout_criterion(config.p)
+  if name == "random":
+    return flipout.random_criterion(config.seed)
+  return name
+
+
+def _schedule(config: config_lib.Config, total_steps: int, steps_per_epoch: int):
+  """``--schedule`` as ``prune``'s schedule."""
+  if config.schedule == "cubic":
+    begin, end, every = cubic_steps(config, total_steps, steps_per_epoch)
+    return flipout.cubic(begin, end, every, initial_sparsity=config.initial_sparsity)
+  return flipout.halving(rate=config.prune_rate)
 
 
 def _pruning_transform(
@@ -119,24 +137,11 @@ def _pruning_transform(
   if method == "dense":
     return None
   if method in config_lib.SCHEDULED_CRITERIA:
-    if config.schedule == "cubic":
-      begin, end, every = cubic_steps(config, total_steps, steps_per_epoch)
-      schedule = dict(
-          schedule="cubic",
-          prune_every=every,
-          initial_sparsity=config.initial_sparsity,
-          begin_step=begin,
-          end_step=end,
-      )
-    else:
-      schedule = dict(rate=config.prune_rate)
     return flipout.prune(
         config.sparsity,
         total_steps=total_steps,
-        p=config.p,
-        criterion=config_lib.SCHEDULED_CRITERIA[method],
-        seed=config.seed,
-        **schedule,
+        schedule=_schedule(config, total_steps, steps_per_epoch),
+        criterion=_criterion(config),
         **_structure(config, unit_groups),
     )
   if method == "snip":
@@ -148,8 +153,8 @@ def _pruning_transform(
   return flipout.prune(
       config.sparsity,
       total_steps=total_steps,
-      rate=(1.0 + config.sparsity) / 2.0,
       criterion="global_magnitude",
+      schedule=flipout.halving(rate=(1.0 + config.sparsity) / 2.0),
   )
 
 

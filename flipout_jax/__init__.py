@@ -18,8 +18,12 @@ from flipout_jax._src.compact import Compacted
 from flipout_jax._src.compact import CompactionReport
 from flipout_jax._src.compact import LayerCompaction
 from flipout_jax._src.compact import compact
+from flipout_jax._src.criteria import Criterion
+from flipout_jax._src.criteria import flipout_criterion
 from flipout_jax._src.criteria import flipout_scores
+from flipout_jax._src.criteria import magnitude_criterion
 from flipout_jax._src.criteria import magnitude_scores
+from flipout_jax._src.criteria import random_criterion
 from flipout_jax._src.criteria import random_scores
 from flipout_jax._src.export import export
 from flipout_jax._src.export import load
@@ -38,6 +42,13 @@ from flipout_jax._src.prune import prune_below
 from flipout_jax._src.report import LayerReport
 from flipout_jax._src.report import Summary
 from flipout_jax._src.report import sparsity
+from flipout_jax._src.schedule import Cubic
+from flipout_jax._src.schedule import Halving
+from flipout_jax._src.schedule import cubic
+from flipout_jax._src.schedule import halving
+from flipout_jax._src.structure import Structure
+from flipout_jax._src.structure import n_of_m
+from flipout_jax._src.structure import units
 from flipout_jax._src.report import summary
 from flipout_jax._src.unit_groups import unit_groups
 
@@ -46,30 +57,41 @@ __version__ = "0.1.0"
 __all__ = (
     "Compacted",
     "CompactionReport",
+    "Criterion",
+    "Cubic",
     "GradientNoiseState",
+    "Halving",
     "LayerCompaction",
     "LayerReport",
     "PruneState",
+    "Structure",
     "Summary",
     "apply_masks",
     "compact",
+    "cubic",
     "cubic_event_steps",
     "event_steps",
     "export",
     "fixed_masks",
     "flip_counts",
+    "flipout_criterion",
     "flipout_scores",
     "gradient_noise",
+    "halving",
     "hoyer_square",
     "load",
+    "magnitude_criterion",
     "magnitude_scores",
     "masks",
+    "n_of_m",
     "num_events_for",
     "prune",
     "prune_below",
+    "random_criterion",
     "random_scores",
     "snip",
     "sparsity",
     "summary",
     "unit_groups",
+    "units",
 )

@@ -29,12 +29,8 @@ def test_cubic_run_matches_reference(criterion, initial, begin, end, every):
   tx = flipout.prune(
       target,
       total_steps=34,
-      prune_every=every,
       criterion=criterion,
-      schedule="cubic",
-      initial_sparsity=initial,
-      begin_step=begin,
-      end_step=end,
+      schedule=flipout.cubic(begin_step=begin, end_step=end, every=every, initial_sparsity=initial),
   )
   _run_and_compare(tx, 34, target=target, criterion=criterion, cubic=(initial, begin, end, every))
 
@@ -56,7 +52,7 @@ def _pruned_per_step(tx, steps, params=None, update_scale=0.01):
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.987, 0.999])
 def test_last_event_lands_exactly_on_the_target(target):
-  tx = flipout.prune(target, prune_every=4, schedule="cubic", begin_step=2, end_step=13)
+  tx = flipout.prune(target, schedule=flipout.cubic(begin_step=2, end_step=13, every=4))
   counts = _pruned_per_step(tx, 16)
   assert counts[12] == round(target * SIZE)  # step 13 = end_step
   assert counts[11] < counts[12] or target * SIZE < 2
@@ -67,11 +63,7 @@ def test_counts_follow_the_cubic_formula_and_only_change_at_events():
   initial, target, begin, end, every = 0.2, 0.95, 3, 12, 4
   tx = flipout.prune(
       target,
-      prune_every=every,
-      schedule="cubic",
-      initial_sparsity=initial,
-      begin_step=begin,
-      end_step=end,
+      schedule=flipout.cubic(begin_step=begin, end_step=end, every=every, initial_sparsity=initial),
   )
   counts = _pruned_per_step(tx, 15)
   fractions = reference.reference_cubic_fractions(initial, target, begin, end, every)
@@ -88,13 +80,13 @@ def test_counts_follow_the_cubic_formula_and_only_change_at_events():
 
 
 def test_single_event_when_begin_equals_end():
-  tx = flipout.prune(0.8, prune_every=5, schedule="cubic", begin_step=6, end_step=6)
+  tx = flipout.prune(0.8, schedule=flipout.cubic(begin_step=6, end_step=6, every=5))
   counts = _pruned_per_step(tx, 9)
   assert counts == [0] * 5 + [round(0.8 * SIZE)] * 4
 
 
 def test_end_step_just_before_total_steps_is_allowed():
-  tx = flipout.prune(0.6, total_steps=10, prune_every=3, schedule="cubic", begin_step=1, end_step=9)
+  tx = flipout.prune(0.6, total_steps=10, schedule=flipout.cubic(begin_step=1, end_step=9, every=3))
   counts = _pruned_per_step(tx, 10)
   assert counts[8] == round(0.6 * SIZE) and counts[7] < counts[8]
 
@@ -102,45 +94,48 @@ def test_end_step_just_before_total_steps_is_allowed():
 @pytest.mark.parametrize(
     "kwargs,error,words",
     [
-        (dict(schedule="Cubic"), ValueError, "schedule must be one of"),
-        (dict(schedule=3), TypeError, "schedule must be a str"),
-        (dict(rate=0.5), ValueError, "rate"),
-        (dict(begin_step=None), ValueError, "missing begin_step"),
-        (dict(end_step=None), ValueError, "missing end_step"),
-        (dict(prune_every=None), ValueError, "missing prune_every"),
-        (dict(target_sparsity=None), ValueError, "missing target_sparsity"),
+        (dict(begin_step=None), TypeError, "got None for begin_step"),
+        (dict(end_step=None), TypeError, "got None for end_step"),
+        (dict(every=None), TypeError, "got None for every"),
         (dict(begin_step=0), ValueError, "begin_step must be a positive int"),
         (dict(begin_step=2.5), TypeError, "begin_step"),
         (dict(end_step=1), ValueError, "end_step must be >= begin_step=2"),
-        (dict(total_steps=10), ValueError, "end_step must be < total_steps=10"),
-        (dict(initial_sparsity=0.95), ValueError, "initial_sparsity must be in [0, target"),
         (dict(initial_sparsity=-0.1), ValueError, "initial_sparsity must be in [0, 1)"),
         (dict(initial_sparsity="0.1"), TypeError, "initial_sparsity must be a number"),
-        (dict(prune_every=0), ValueError, "prune_every"),
+        (dict(every=0), ValueError, "every must be a positive int"),
     ],
 )
-def test_bad_cubic_arguments_are_refused_at_build_time(kwargs, error, words):
-  arguments = dict(target_sparsity=0.9, prune_every=2, schedule="cubic", begin_step=2, end_step=10)
+def test_bad_cubic_arguments_are_refused_when_the_schedule_is_built(kwargs, error, words):
+  arguments = dict(begin_step=2, end_step=10, every=2)
+  arguments.update(kwargs)
+  with pytest.raises(error, match=re.escape(words)):
+    flipout.cubic(**arguments)
+
+
+@pytest.mark.parametrize(
+    "kwargs,schedule,error,words",
+    [
+        (dict(schedule="Cubic"), None, ValueError, "schedule must be 'halving', flipout.halving"),
+        (dict(schedule=3), None, TypeError, "schedule must be 'halving'"),
+        (dict(schedule="cubic"), None, ValueError, "schedule='cubic' needs its steps: write"),
+        (dict(target_sparsity=None), {}, ValueError, "target_sparsity: the cubic schedule ramps"),
+        (dict(total_steps=10), {}, ValueError, "end_step must be < total_steps=10"),
+        ({}, dict(initial_sparsity=0.95), ValueError, "initial_sparsity must be in [0, target"),
+    ],
+)
+def test_a_schedule_that_does_not_fit_prune_is_refused_at_build_time(
+    kwargs, schedule, error, words
+):
+  arguments = dict(target_sparsity=0.9)
+  if schedule is not None:
+    arguments["schedule"] = flipout.cubic(2, 10, every=2, **schedule)
   arguments.update(kwargs)
   with pytest.raises(error, match=re.escape(words)):
     flipout.prune(**arguments)
 
 
-@pytest.mark.parametrize(
-    "kwargs,words",
-    [
-        (dict(begin_step=3), "begin_step"),
-        (dict(end_step=9), "end_step"),
-        (dict(initial_sparsity=0.2), "initial_sparsity"),
-    ],
-)
-def test_cubic_arguments_without_the_cubic_schedule_are_refused(kwargs, words):
-  with pytest.raises(ValueError, match=f"{words}: only for schedule='cubic'"):
-    flipout.prune(0.9, total_steps=100, **kwargs)
-
-
 def test_halving_keeps_its_default_rate():
-  """rate=None is the halving schedule's 0.5: the paper's table is unchanged."""
+  """The halving schedule's rate is 0.5 unless given: the paper's table is unchanged."""
   assert flipout.prune(0.999, total_steps=1100) is not None
   counts = _pruned_per_step(flipout.prune(0.75, total_steps=9), 9)
   assert counts[2] == SIZE // 2 and counts[5] == round(0.75 * SIZE)

@@ -22,20 +22,29 @@ def _stored_dtype(tx):
         # Target mode: one event at round(total_steps / 2).
         (lambda **kw: flipout.prune(0.5, total_steps=131_070, **kw), jnp.uint16),  # step 65535
         (lambda **kw: flipout.prune(0.5, total_steps=131_072, **kw), jnp.int32),  # step 65536
-        # Rate mode: the last multiple of prune_every before total_steps.
-        (lambda **kw: flipout.prune(prune_every=65_535, total_steps=65_536, **kw), jnp.uint16),
-        (lambda **kw: flipout.prune(prune_every=65_536, total_steps=65_537, **kw), jnp.int32),
-        (lambda **kw: flipout.prune(prune_every=10, **kw), jnp.int32),  # no last event
+        # Rate mode: the last multiple of every before total_steps.
         (
             lambda **kw: flipout.prune(
-                0.9, schedule="cubic", begin_step=1, end_step=65_535, prune_every=1000, **kw
+                total_steps=65_536, schedule=flipout.halving(every=65_535), **kw
             ),
             jnp.uint16,
         ),
         (
             lambda **kw: flipout.prune(
-                0.9, schedule="cubic", begin_step=1, end_step=65_536, prune_every=1000, **kw
+                total_steps=65_537, schedule=flipout.halving(every=65_536), **kw
             ),
+            jnp.int32,
+        ),
+        (
+            lambda **kw: flipout.prune(schedule=flipout.halving(every=10), **kw),
+            jnp.int32,
+        ),  # no last event
+        (
+            lambda **kw: flipout.prune(0.9, schedule=flipout.cubic(1, 65_535, every=1000), **kw),
+            jnp.uint16,
+        ),
+        (
+            lambda **kw: flipout.prune(0.9, schedule=flipout.cubic(1, 65_536, every=1000), **kw),
             jnp.int32,
         ),
         (lambda: flipout.prune_below(0.1, step=65_535), jnp.uint16),
@@ -84,7 +93,7 @@ def test_bad_flip_count_dtype_is_refused_when_built(kwargs, error, match):
 
 def test_uint16_without_a_last_event_is_refused():
   with pytest.raises(ValueError, match=r"flip_count_dtype='uint16'.*no last event"):
-    flipout.prune(prune_every=10, flip_count_dtype="uint16")
+    flipout.prune(flip_count_dtype="uint16", schedule=flipout.halving(every=10))
 
 
 def _step(tx, params, updates, count, flips):
@@ -168,7 +177,8 @@ def test_odd_counts_count_up_by_one(flip_count_dtype):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(prune_every=10), dict(target_sparsity=0.5, total_steps=131_072)]
+    "kwargs",
+    [dict(schedule=flipout.halving(every=10)), dict(target_sparsity=0.5, total_steps=131_072)],
 )
 def test_int32_can_be_asked_for_when_uint16_could_not_hold_the_counts(kwargs):
   # Only uint16 is refused there: int32 (wider, not "at least uint16") is allowed.

@@ -77,6 +77,27 @@ def _precision(dtype):
   return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
 
 
+def _prune_like_reference(
+    target=None,
+    total_steps=None,
+    prune_every=None,
+    rate=0.5,
+    p=2.0,
+    criterion="flipout",
+    seed=0,
+    **rest,
+):
+  """``flipout.prune`` with the schedule and criterion the reference's keywords describe."""
+  if criterion == "flipout":
+    criterion = flipout.flipout_criterion(p)
+  elif criterion == "random":
+    criterion = flipout.random_criterion(seed)
+  schedule = flipout.halving(rate=rate, every=prune_every)
+  return flipout.prune(
+      target, total_steps=total_steps, schedule=schedule, criterion=criterion, **rest
+  )
+
+
 def _run_and_compare(
     tx, steps, data_seed=0, *, dtype=np.float32, params=None, updates=None, **kwargs
 ):
@@ -118,7 +139,7 @@ def _run_and_compare(
 )
 @pytest.mark.parametrize("flip_count_dtype", [None, "int32"])
 def test_target_mode_matches_reference(criterion, p, target, flip_count_dtype):
-  tx = flipout.prune(
+  tx = _prune_like_reference(
       target, total_steps=40, p=p, criterion=criterion, flip_count_dtype=flip_count_dtype
   )
   _, state = _run_and_compare(tx, 40, target=target, total_steps=40, p=p, criterion=criterion)
@@ -138,7 +159,7 @@ def test_target_mode_matches_reference(criterion, p, target, flip_count_dtype):
     ],
 )
 def test_rate_mode_matches_reference(rate, target, total_steps):
-  tx = flipout.prune(target, prune_every=6, rate=rate, total_steps=total_steps)
+  tx = flipout.prune(target, total_steps=total_steps, schedule=flipout.halving(rate=rate, every=6))
   _run_and_compare(tx, 44, target=target, prune_every=6, rate=rate, total_steps=total_steps)
 
 
@@ -157,27 +178,27 @@ def test_every_criterion_in_rate_mode_matches_reference(criterion):
   library, numpy = criterion, criterion
   if criterion == "callable":
     library, numpy = _largest_flips_first, _largest_flips_first_numpy
-  tx = flipout.prune(0.9, prune_every=5, rate=0.4, total_steps=30, criterion=library, seed=3)
   kwargs = dict(target=0.9, prune_every=5, rate=0.4, total_steps=30, seed=3)
+  tx = _prune_like_reference(criterion=library, **kwargs)
   _run_and_compare(tx, 32, criterion=numpy, **kwargs)
 
 
 @pytest.mark.parametrize("seed", [0, 5])
 def test_random_criterion_ranks_globally_like_reference(seed):
   # Three prunable leaves: the lowest draws are taken across all of them.
-  tx = flipout.prune(0.9, total_steps=40, criterion="random", seed=seed)
+  tx = flipout.prune(0.9, total_steps=40, criterion=flipout.random_criterion(seed=seed))
   _run_and_compare(tx, 40, seed, target=0.9, total_steps=40, criterion="random", seed=seed)
 
 
 @pytest.mark.parametrize(
     "schedule",
-    [dict(target_sparsity=0.9, total_steps=30), dict(prune_every=4, rate=0.3, total_steps=28)],
+    [dict(target=0.9, total_steps=30), dict(prune_every=4, rate=0.3, total_steps=28)],
 )
 @pytest.mark.parametrize("p", [1.0, 2.0])
 def test_weights_landing_on_exact_zero_match_reference(schedule, p):
   # sign(0) = 0: landing on 0.0 and leaving it are flips, staying on it is not.
-  tx = flipout.prune(p=p, **schedule)
-  kwargs = {("target" if k == "target_sparsity" else k): v for k, v in schedule.items()}
+  tx = _prune_like_reference(p=p, **schedule)
+  kwargs = schedule
   _run_and_compare(tx, 30, updates=_updates_hitting_zero(0, 30), p=p, **kwargs)
 
 
@@ -207,15 +228,15 @@ _FROZEN_CONV = {
 @pytest.mark.parametrize(
     "schedule",
     [
-        dict(target_sparsity=0.9, total_steps=30, rate=0.3),
+        dict(target=0.9, total_steps=30, rate=0.3),
         dict(prune_every=6, rate=0.3, total_steps=30),
     ],
 )
 @pytest.mark.parametrize("criterion", ["flipout", "global_magnitude"])
 def test_low_and_high_precision_params_match_reference(dtype, schedule, criterion):
-  kwargs = {("target" if k == "target_sparsity" else k): v for k, v in schedule.items()}
+  kwargs = schedule
   with _precision(dtype):
-    tx = flipout.prune(criterion=criterion, **schedule)
+    tx = _prune_like_reference(criterion=criterion, **schedule)
     if _FROZEN_CONV[dtype] is None:
       params, updates = _params(1, dtype), _updates(1, 30, dtype=dtype)
     else:
@@ -259,7 +280,9 @@ def test_exact_target_sparsity(target):
 
 def test_rate_mode_reproduces_paper_sparsity():
   params = {"w": jnp.asarray(np.random.default_rng(3).normal(size=(64, 64)), jnp.float32)}
-  tx = flipout.prune(prune_every=5, rate=0.5, total_steps=21)  # events at 5, 10, 15, 20
+  tx = flipout.prune(
+      total_steps=21, schedule=flipout.halving(rate=0.5, every=5)
+  )  # events at 5, 10, 15, 20
   state = tx.init(params)
   update = jax.jit(tx.update)
   for _ in range(21):
@@ -314,7 +337,11 @@ def test_random_criterion_prunes_exact_count_of_live_weights():
   params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(40, 50)), jnp.float32)}
   results = []
   for seed in (0, 1):
-    tx = flipout.prune(prune_every=2, rate=0.5, total_steps=5, criterion="random", seed=seed)
+    tx = flipout.prune(
+        total_steps=5,
+        criterion=flipout.random_criterion(seed=seed),
+        schedule=flipout.halving(rate=0.5, every=2),
+    )
     state = tx.init(params)
     p = params
     history = []
@@ -336,7 +363,9 @@ def test_random_criterion_has_its_own_stream():
   params = {"a": jnp.asarray(rng.normal(size=(6, 7)), jnp.float32), "b": jnp.ones((4, 5))}
 
   def live_after_first_event(seed):
-    tx = flipout.prune(prune_every=3, rate=0.5, criterion="random", seed=seed)
+    tx = flipout.prune(
+        criterion=flipout.random_criterion(seed=seed), schedule=flipout.halving(rate=0.5, every=3)
+    )
     state, p = tx.init(params), params
     for _ in range(3):
       updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, p), state, p)

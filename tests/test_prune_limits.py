@@ -23,9 +23,15 @@ def _trace_update(tx, params):
     "make,shapes",
     [
         (lambda: flipout.prune(0.9, total_steps=100), [(2**16, 2**14), (2**16, 2**14)]),
-        (lambda: flipout.prune(prune_every=10, criterion="random"), [(2**16, 2**14), (2**31, 1)]),
+        (
+            lambda: flipout.prune(criterion="random", schedule=flipout.halving(every=10)),
+            [(2**16, 2**14), (2**31, 1)],
+        ),
         # Layer-wise magnitude ranks each leaf alone: only a leaf's size counts.
-        (lambda: flipout.prune(prune_every=10, criterion="magnitude"), [(2, 3), (2**16, 2**15)]),
+        (
+            lambda: flipout.prune(criterion="magnitude", schedule=flipout.halving(every=10)),
+            [(2, 3), (2**16, 2**15)],
+        ),
     ],
 )
 def test_too_many_weights_without_x64_is_refused_at_init(make, shapes):
@@ -40,7 +46,7 @@ def test_too_many_weights_without_x64_is_refused_at_init(make, shapes):
     [
         (lambda: flipout.prune(0.9, total_steps=100), [(_LIMIT, 1)], jnp.uint16),
         (
-            lambda: flipout.prune(prune_every=10, criterion="magnitude"),
+            lambda: flipout.prune(criterion="magnitude", schedule=flipout.halving(every=10)),
             [(2**15, 2**15)] * 3,
             jnp.int32,
         ),
@@ -57,8 +63,16 @@ def test_counts_that_fit_int32_trace_without_x64(make, shapes, flips_dtype):
     "make,flips_dtype",
     [
         (lambda: flipout.prune(0.9, total_steps=100), jnp.uint16),
-        (lambda: flipout.prune(prune_every=10, rate=0.3, target_sparsity=0.99), jnp.int32),
-        (lambda: flipout.prune(prune_every=10, criterion="magnitude"), jnp.int32),
+        (
+            lambda: flipout.prune(
+                target_sparsity=0.99, schedule=flipout.halving(rate=0.3, every=10)
+            ),
+            jnp.int32,
+        ),
+        (
+            lambda: flipout.prune(criterion="magnitude", schedule=flipout.halving(every=10)),
+            jnp.int32,
+        ),
         (lambda: flipout.prune(0.5, total_steps=10, criterion="random"), jnp.uint16),
     ],
 )

@@ -56,7 +56,7 @@ CRITERIA = ["flipout", "global_magnitude", "magnitude", "random"]
 @pytest.mark.parametrize("group_score", ["mean", "sum"])
 def test_units_match_the_reference(criterion, group_score):
   tx = flipout.prune(
-      0.9, total_steps=12, structure="unit", criterion=criterion, group_score=group_score
+      0.9, total_steps=12, criterion=criterion, structure=flipout.units(score=group_score)
   )
   masks = _compare(
       tx,
@@ -117,7 +117,7 @@ def test_units_reach_at_least_the_target_with_the_fewest_groups():
 
 @pytest.mark.parametrize("min_units", [0, 2])
 def test_min_units_per_layer(min_units):
-  tx = flipout.prune(0.99, total_steps=10, structure="unit", min_units=min_units)
+  tx = flipout.prune(0.99, total_steps=10, structure=flipout.units(min_units=min_units))
   masks = _compare(tx, 10, target=0.99, total_steps=10, structure="unit", min_units=min_units)
   live_units = [int(m.reshape(-1, m.shape[-1]).any(axis=0).sum()) for m in masks]
   if min_units == 0:
@@ -130,7 +130,7 @@ def test_coupled_groups_go_together_and_minus_one_is_never_pruned():
   # conv's 6 units are coupled with the first 6 of dense's 12 (a residual add would do
   # this); head's 4 units are outputs of the model.
   groups = {"conv": np.arange(6), "dense": np.arange(12), "head": np.full(4, -1)}
-  tx = flipout.prune(0.8, total_steps=10, structure="unit", groups=groups)
+  tx = flipout.prune(0.8, total_steps=10, structure=flipout.units(groups))
   masks = _compare(
       tx,
       10,
@@ -148,7 +148,7 @@ def test_coupled_groups_go_together_and_minus_one_is_never_pruned():
 
 def test_equinox_layout_prunes_rows():
   shapes = {"a": (12, 16), "b": (4, 12)}  # (out, in)
-  tx = flipout.prune(0.6, total_steps=6, structure="unit", kernel_layout="out_in")
+  tx = flipout.prune(0.6, total_steps=6, structure=flipout.units(kernel_layout="out_in"))
   masks = _compare(
       tx, 6, shapes=shapes, target=0.6, total_steps=6, structure="unit", output_axes=[0, 0]
   )
@@ -168,7 +168,7 @@ def test_n_of_m_matches_the_reference(criterion, n, m):
 
 def test_n_of_m_reaches_its_sparsity_through_the_cubic_ramp():
   tx = flipout.prune(
-      total_steps=20, structure="2:8", schedule="cubic", begin_step=2, end_step=14, prune_every=4
+      total_steps=20, structure="2:8", schedule=flipout.cubic(begin_step=2, end_step=14, every=4)
   )
   params = _kernels(0)
   state = tx.init(params)
@@ -186,7 +186,7 @@ def test_n_of_m_reaches_its_sparsity_through_the_cubic_ramp():
 
 def test_n_of_m_along_the_equinox_input_axis():
   shapes = {"a": (6, 8), "b": (3, 12)}  # (out, in): the input axis is 1
-  tx = flipout.prune(total_steps=6, structure="1:4", kernel_layout="out_in")
+  tx = flipout.prune(total_steps=6, structure=flipout.n_of_m(1, 4, kernel_layout="out_in"))
   masks = _compare(
       tx, 6, shapes=shapes, target=0.75, total_steps=6, structure=(1, 4), input_axes=[1, 1]
   )
@@ -209,22 +209,33 @@ def _init(tx, shapes=SHAPES):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"structure": 4}, TypeError, "structure must be a str"),
-        ({"structure": "units"}, ValueError, "'weight', 'unit' or 'N:M'"),
+        ({"structure": 4}, TypeError, "structure must be 'weight', 'unit', 'N:M'"),
+        ({"structure": "units"}, ValueError, "'weight', 'unit', 'N:M' with integers"),
         ({"structure": "4:4"}, ValueError, "0 < N < M"),
         ({"structure": "0:4"}, ValueError, "0 < N < M"),
         ({"structure": "2:4", "target_sparsity": 0.9}, ValueError, "target_sparsity"),
-        ({"structure": "unit", "group_score": "max"}, ValueError, "group_score"),
-        ({"structure": "unit", "min_units": -1}, ValueError, "min_units"),
-        ({"structure": "unit", "min_units": True}, TypeError, "min_units"),
-        ({"structure": "unit", "kernel_layout": "oi"}, ValueError, "kernel_layout"),
-        ({"structure": "weight", "groups": {}}, ValueError, "groups"),
+        ({"structure": "unit", "group_score": "max"}, TypeError, r"write structure=flipout.units"),
     ],
 )
 def test_arguments_are_refused_when_built(kwargs, error, match):
   kwargs = {"target_sparsity": 0.5, **kwargs} if "target_sparsity" not in kwargs else kwargs
   with pytest.raises(error, match=match):
     flipout.prune(total_steps=10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: flipout.units(score="max"), ValueError, "score must be one of"),
+        (lambda: flipout.units(min_units=True), TypeError, "min_units"),
+        (lambda: flipout.units(kernel_layout=3), TypeError, "kernel_layout"),
+        (lambda: flipout.n_of_m(0, 4), ValueError, "0 < n < m"),
+        (lambda: flipout.n_of_m(2, 4, kernel_layout="oi"), ValueError, "kernel_layout"),
+    ],
+)
+def test_structure_values_are_refused_when_built(build, error, match):
+  with pytest.raises(error, match=match):
+    build()
 
 
 def test_an_axis_not_a_multiple_of_m_is_refused_at_init():
@@ -244,12 +255,12 @@ def test_an_axis_not_a_multiple_of_m_is_refused_at_init():
 )
 def test_bad_groups_are_refused_at_init(groups, match):
   with pytest.raises(ValueError, match=match):
-    _init(flipout.prune(0.5, total_steps=10, structure="unit", groups=groups))
+    _init(flipout.prune(0.5, total_steps=10, structure=flipout.units(groups)))
 
 
 def test_layerwise_magnitude_refuses_groups_across_layers():
   groups = {"conv": np.arange(6), "dense": np.arange(12), "head": np.arange(4)}
-  tx = flipout.prune(0.5, total_steps=10, structure="unit", criterion="magnitude", groups=groups)
+  tx = flipout.prune(0.5, total_steps=10, criterion="magnitude", structure=flipout.units(groups))
   with pytest.raises(ValueError, match="couples units"):
     _init(tx)
 

@@ -13,7 +13,7 @@ from tests.test_cli import one_error_line
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--structure=units"], "--structure must be 'weight', 'unit' or 'N:M'"),
+        (["--structure=units"], "--structure must be 'weight', 'unit', 'N:M'"),
         (["--structure=4:2", "--sparsity=0.5"], "0 < N < M"),
         (["--structure=2:4", "--sparsity=0.9"], "give --sparsity=0.5"),
         (["--structure=unit", "--group_score=max"], "--group_score must be one of"),

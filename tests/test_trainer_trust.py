@@ -94,7 +94,12 @@ def test_flipout_method_chains_noise_decay_sgd_then_prune_last():
       flipout.gradient_noise(1.0, seed=7),
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(optax.piecewise_constant_schedule(0.1, {}), momentum=config.momentum),
-      flipout.prune(0.5, total_steps=steps, rate=0.5, p=2.0, criterion="flipout", seed=7),
+      flipout.prune(
+          0.5,
+          total_steps=steps,
+          criterion=flipout.flipout_criterion(p=2.0),
+          schedule=flipout.halving(rate=0.5),
+      ),
   )
   params = {"kernel": jnp.linspace(-1.0, 1.0, 24).reshape(4, 6), "bias": jnp.ones(6)}
   states = [tx.init(params) for tx in (built, expected)]

@@ -1,5 +1,9 @@
 """prune inside real training: optimizers, chains, wrappers, Flax APIs, errors."""
 
+import inspect
+import pydoc
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,10 +115,14 @@ def test_prune_last_in_chain_never_trips_the_order_check():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(target_sparsity=0.0, total_steps=10), dict(prune_every=10, total_steps=10)]
+    "kwargs",
+    [
+        dict(target_sparsity=0.0, total_steps=10),
+        dict(schedule=flipout.halving(every=10), total_steps=10),
+    ],
 )
 def test_schedules_without_events_train_dense(kwargs):
-  # A target of 0 has no events; nor has rate mode when no multiple of prune_every comes
+  # A target of 0 has no events; nor has rate mode when no multiple of `every` comes
   # before the last step.
   tx = optax.chain(optax.sgd(0.1), flipout.prune(**kwargs))
   params, state, _ = _train(tx, steps=10)
@@ -242,17 +250,9 @@ def test_prune_below_once_at_step():
         (dict(target_sparsity=1.0, total_steps=10), ValueError, "target_sparsity must be in"),
         (dict(target_sparsity=-0.1, total_steps=10), ValueError, "target_sparsity"),
         (dict(target_sparsity="0.5", total_steps=10), TypeError, "target_sparsity"),
-        (
-            dict(target_sparsity=0.5, total_steps=10, rate=0.0),
-            ValueError,
-            r"rate must be in \(0, 1\)",
-        ),
-        (dict(target_sparsity=0.5, total_steps=10, rate=1.0), ValueError, "rate"),
-        (dict(target_sparsity=0.5, total_steps=10, p=0), ValueError, "p must be > 0"),
         (dict(target_sparsity=0.5, total_steps=0), ValueError, "total_steps must be a positive"),
         (dict(target_sparsity=0.5, total_steps=2.5), TypeError, "total_steps"),
-        (dict(prune_every=-3), ValueError, "prune_every"),
-        (dict(target_sparsity=0.5), ValueError, "total_steps .*prune_every"),
+        (dict(target_sparsity=0.5), ValueError, r"total_steps .*halving\(every"),
         (dict(), ValueError, "needs a schedule"),
         (dict(target_sparsity=0.999, total_steps=30), ValueError, "too short.*total_steps >= 51"),
         (
@@ -262,17 +262,98 @@ def test_prune_below_once_at_step():
         ),
         (dict(target_sparsity=0.5, total_steps=10, criterion=3), TypeError, "criterion"),
         (dict(target_sparsity=0.5, total_steps=10, where=[1, 2]), TypeError, "where"),
-        # The default structure="weight" has no units to group.
-        (
-            dict(target_sparsity=0.5, total_steps=10, groups={}),
-            ValueError,
-            "only structure='unit' takes groups",
-        ),
+        (dict(target_sparsity=0.5, total_steps=10, structure=3), TypeError, "structure must be"),
     ],
 )
 def test_prune_refuses_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
     flipout.prune(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "build,error,match",
+    [
+        (lambda: flipout.halving(rate=0.0), ValueError, r"rate must be in \(0, 1\)"),
+        (lambda: flipout.halving(rate=1.0), ValueError, "rate"),
+        (lambda: flipout.halving(every=-3), ValueError, "every must be a positive int"),
+        (lambda: flipout.halving(every=2.5), TypeError, "every"),
+        (lambda: flipout.flipout_criterion(p=0), ValueError, "p must be > 0"),
+        (lambda: flipout.flipout_criterion(p="2"), TypeError, "p must be a positive number"),
+        (lambda: flipout.random_criterion(seed=1.5), TypeError, "seed must be an int"),
+        (lambda: flipout.magnitude_criterion(layerwise=1), TypeError, "layerwise must be a bool"),
+        (lambda: flipout.units(score="max"), ValueError, r"score must be one of \('mean', 'sum'\)"),
+        (lambda: flipout.units(min_units=-1), ValueError, "min_units must be an int >= 0"),
+        (lambda: flipout.units(kernel_layout="io"), ValueError, "kernel_layout must be one of"),
+        (lambda: flipout.n_of_m(4, 2), ValueError, "0 < n < m"),
+        (lambda: flipout.n_of_m(2, 4.0), TypeError, "m must be an int"),
+    ],
+)
+def test_option_values_refuse_bad_arguments_when_built(build, error, match):
+  with pytest.raises(error, match=match):
+    build()
+
+
+@pytest.mark.parametrize(
+    "keyword,value,instead",
+    [
+        ("prune_every", 10, "schedule=flipout.halving(every=...)"),
+        ("rate", 0.3, "schedule=flipout.halving(rate=...)"),
+        ("begin_step", 2, "schedule=flipout.cubic(begin_step=..., end_step=..., every=...)"),
+        ("end_step", 9, "schedule=flipout.cubic("),
+        ("initial_sparsity", 0.1, "schedule=flipout.cubic(..., initial_sparsity=...)"),
+        ("p", 3.0, "criterion=flipout.flipout_criterion(p=...)"),
+        ("seed", 1, "criterion=flipout.random_criterion(seed=...)"),
+        ("groups", {}, "structure=flipout.units(groups)"),
+        ("group_score", "sum", "structure=flipout.units(groups, score=...)"),
+        ("min_units", 0, "structure=flipout.units(groups, min_units=...)"),
+        ("kernel_layout", "out_in", "flipout.n_of_m(n, m, kernel_layout=...)"),
+    ],
+)
+def test_a_keyword_of_earlier_versions_says_what_to_write_instead(keyword, value, instead):
+  with pytest.raises(
+      TypeError, match=f"prune: {keyword}= is no longer a keyword; write .*" + re.escape(instead)
+  ):
+    flipout.prune(0.5, total_steps=10, **{keyword: value})
+
+
+def test_prune_takes_ten_parameters_at_most_and_its_help_fits_a_screen():
+  assert len(inspect.signature(flipout.prune).parameters) <= 10
+  assert len(pydoc.render_doc(flipout.prune, renderer=pydoc.plaintext).splitlines()) <= 60
+
+
+@pytest.mark.parametrize(
+    "spelled,built",
+    [
+        (dict(criterion="flipout"), dict(criterion=flipout.flipout_criterion(2.0))),
+        (dict(criterion="magnitude"), dict(criterion=flipout.magnitude_criterion(True))),
+        (dict(criterion="random"), dict(criterion=flipout.random_criterion(0))),
+        (dict(structure="unit"), dict(structure=flipout.units())),
+        (dict(structure="2:4"), dict(structure=flipout.n_of_m(2, 4))),
+        (dict(schedule="halving"), dict(schedule=flipout.halving(0.5))),
+    ],
+)
+def test_a_default_spelled_as_a_string_prunes_as_its_value(spelled, built):
+  rng = np.random.default_rng(0)
+  params = {
+      "a": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+  }
+  grads = [
+      jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), w.dtype), params)
+      for _ in range(12)
+  ]
+  target = {} if ":" in spelled.get("structure", "") else dict(target_sparsity=0.75)
+  trained = []
+  for kw in (spelled, built):
+    tx = optax.chain(optax.sgd(0.3), flipout.prune(**target, total_steps=12, **kw))
+    state, current = tx.init(params), params
+    for g in grads:
+      updates, state = tx.update(g, state, current)
+      current = optax.apply_updates(current, updates)
+    trained.append(current)
+  for a, b in zip(jax.tree.leaves(trained[0]), jax.tree.leaves(trained[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert flipout.sparsity(trained[0]) >= 0.5
 
 
 def test_where_selecting_nothing_lists_the_leaves():

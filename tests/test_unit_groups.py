@@ -81,7 +81,7 @@ def test_pruned_units_are_what_compact_removes():
   groups = flipout.unit_groups(apply_fn, params, images)
   steps = 8
   tx = optax.chain(
-      optax.sgd(0.05), flipout.prune(0.7, total_steps=steps, structure="unit", groups=groups)
+      optax.sgd(0.05), flipout.prune(0.7, total_steps=steps, structure=flipout.units(groups))
   )
   state = tx.init(params)
   loss = lambda p: jnp.mean(apply_fn(p, images) ** 2)

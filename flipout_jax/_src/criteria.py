@@ -19,8 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-Criterion = Callable[[Any, Any], Any]
+import numpy as np
 
 # The random criterion draws from its own stream,
 # ``fold_in(fold_in(key(seed), RANDOM_CRITERION_STREAM), step)``, so that it
@@ -71,9 +70,13 @@ def random_scores(params: Any, flips: Any, *, key: jax.Array) -> Any:
   )
 
 
-class _Rule(NamedTuple):
-  score: Callable[..., Any]  # (params, flips, key) -> scores
-  layerwise: bool  # rank inside each leaf instead of globally
+class Criterion(NamedTuple):
+  """A pruning criterion, as ``prune`` takes it: build one with :func:`flipout_criterion`,
+  :func:`random_criterion` or :func:`magnitude_criterion`, or pass a name or a callable."""
+
+  score: Callable[..., Any]  # (params, flips, key) -> scores, lowest pruned first
+  layerwise: bool = False  # rank inside each leaf instead of globally
+  seed: int = 0  # the base of ``key``'s stream (random_criterion_key)
 
 
 CRITERIA = ("flipout", "global_magnitude", "magnitude", "random")
@@ -83,21 +86,70 @@ def _ignore_key(score):
   return lambda params, flips, key: score(params, flips)
 
 
-def resolve(criterion, p: float) -> _Rule:
-  """Turns the ``criterion`` argument of ``prune`` into a scoring rule."""
+def flipout_criterion(p: float = 2.0) -> Criterion:
+  r"""FlipOut's saliency :math:`|w|^p / (\mathrm{flips} + 1)`, ranked globally
+  (``criterion="flipout"`` is ``flipout_criterion(2.0)``).
+
+  Args:
+    p: exponent of ``|w|``, ``> 0``.
+
+  Raises:
+    TypeError, ValueError: ``p`` is not a number ``> 0``.
+  """
+  if isinstance(p, bool) or not isinstance(p, (int, float, np.number)):
+    raise TypeError(f"p must be a positive number, got {type(p).__name__}")
+  if not p > 0:
+    raise ValueError(f"p must be > 0, got {p}")
+  return Criterion(_ignore_key(functools.partial(flipout_scores, p=float(p))))
+
+
+def magnitude_criterion(layerwise: bool = False) -> Criterion:
+  """``|w|``, ranked over all prunable leaves (``criterion="global_magnitude"``) or inside
+  each leaf, whose counts then use the leaf's own size (``layerwise=True``,
+  ``criterion="magnitude"``)."""
+  if not isinstance(layerwise, bool):
+    raise TypeError(f"layerwise must be a bool, got {type(layerwise).__name__}")
+  return Criterion(_ignore_key(magnitude_scores), layerwise)
+
+
+def random_criterion(seed: int = 0) -> Criterion:
+  """Uniform scores: live weights pruned uniformly at random (``criterion="random"`` is
+  ``random_criterion(0)``).
+
+  Its draws at step ``t`` come from ``fold_in(fold_in(key(seed), 0x602ACC76), t)``, a stream
+  of their own (the tag is ``zlib.crc32(b"flipout_jax/random_criterion") & 0x7FFFFFFF``), so
+  they never coincide with the ``fold_in(key(seed), t)`` keys of a data pipeline or with
+  gradient noise's stream.
+
+  Raises:
+    TypeError: ``seed`` is not an int.
+  """
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+  return Criterion(lambda params, flips, key: random_scores(params, flips, key=key), seed=int(seed))
+
+
+_NAMED = {
+    "flipout": flipout_criterion,
+    "global_magnitude": magnitude_criterion,
+    "magnitude": lambda: magnitude_criterion(layerwise=True),
+    "random": random_criterion,
+}
+
+
+def resolve(criterion) -> Criterion:
+  """Turns the ``criterion`` argument of ``prune`` into a :class:`Criterion`."""
+  if isinstance(criterion, Criterion):
+    return criterion
   if callable(criterion):
-    return _Rule(_ignore_key(criterion), layerwise=False)
+    return Criterion(_ignore_key(criterion))
   if not isinstance(criterion, str):
     raise TypeError(
-        f"criterion must be one of {CRITERIA} or a callable (params, flips) -> "
+        f"criterion must be one of {CRITERIA}, a Criterion or a callable (params, flips) -> "
         f"scores, got {type(criterion).__name__}"
     )
-  rules = {
-      "flipout": _Rule(_ignore_key(functools.partial(flipout_scores, p=p)), False),
-      "global_magnitude": _Rule(_ignore_key(magnitude_scores), False),
-      "magnitude": _Rule(_ignore_key(magnitude_scores), True),
-      "random": _Rule(lambda params, flips, key: random_scores(params, flips, key=key), False),
-  }
-  if criterion not in rules:
-    raise ValueError(f"criterion must be one of {CRITERIA} or a callable, got {criterion!r}")
-  return rules[criterion]
+  if criterion not in _NAMED:
+    raise ValueError(
+        f"criterion must be one of {CRITERIA}, a Criterion or a callable, got {criterion!r}"
+    )
+  return _NAMED[criterion]()

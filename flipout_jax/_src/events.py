@@ -37,7 +37,7 @@ def _unchanged(step, new_params, masks, flips):
 
 
 def _weight_event(
-    rule: criteria_lib._Rule, table: np.ndarray, event_index: Callable, seed: int
+    rule: criteria_lib.Criterion, table: np.ndarray, event_index: Callable, seed: int
 ) -> EventRule:
   """Prunes the lowest-scored live weights down to ``table[event_index]``.
 
@@ -239,21 +239,14 @@ def _check_groups(masks, params, groups, kernel_layout, layerwise: bool) -> None
 
 
 def factory(
-    structure: structure_lib.Structure,
-    rule: criteria_lib._Rule,
-    plan: schedule_lib.Plan,
-    seed: int,
-    *,
-    groups: Any,
-    group_score: str,
-    min_units: int,
-    kernel_layout: layout_lib.KernelLayout,
+    structure: structure_lib.Structure, rule: criteria_lib.Criterion, plan: schedule_lib.Plan
 ) -> tuple[Callable[[Any, Any], None], MakeEvent]:
   """``(check_leaves, make_event)`` for ``prune``: both take ``(masks, params)``.
 
   ``check_leaves`` runs at init and refuses prunable leaves the structure cannot cut;
   ``make_event`` runs at trace time and returns ``(is_event(step), rule)``.
   """
+  seed, groups, kernel_layout = rule.seed, structure.groups, structure.kernel_layout
 
   def sizes(masks) -> list[int]:
     return [int(np.size(m)) for m in jax.tree.leaves(masks)]
@@ -273,7 +266,7 @@ def factory(
           raise ValueError(
               f"structure '{structure.n}:{structure.m}': the input axis ({axis}) of "
               f"{jax.tree_util.keystr(path)}, shape {np.shape(leaf)}, is not a multiple of "
-              f"M={structure.m}; leave the leaf out of `where` or set kernel_layout"
+              f"M={structure.m}; leave the leaf out of `where` or set the structure's kernel_layout"
           )
 
   def make_event(masks, params):
@@ -286,7 +279,9 @@ def factory(
       return plan.is_event, _weight_event(rule, table, clipped, seed)
     if structure.kind == "unit":
       units = _units(masks, params, kernel_layout, groups)
-      return plan.is_event, _unit_event(rule, table, clipped, seed, units, group_score, min_units)
+      return plan.is_event, _unit_event(
+          rule, table, clipped, seed, units, structure.score, structure.min_units
+      )
     per_group = _n_of_m_table(table, sum(sizes(masks)), structure)
     axes = _input_axes(masks, params, kernel_layout)
     return plan.is_event, _n_of_m_event(rule, per_group, clipped, seed, axes, structure.m)

@@ -27,6 +27,7 @@ design decisions are described in ``docs/algorithm.md``.
 """
 
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +38,6 @@ import optax
 from flipout_jax._src import counters
 from flipout_jax._src import criteria as criteria_lib
 from flipout_jax._src import events
-from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
 from flipout_jax._src import schedule as schedule_lib
 from flipout_jax._src import structure as structure_lib
@@ -339,132 +339,77 @@ def _all_live(params, prunable):
 # ---------------------------------------------------------------------------
 
 
+# Keywords of earlier versions, each with what to write instead.
+_MOVED_KEYWORDS = {
+    "prune_every": "schedule=flipout.halving(every=...) or flipout.cubic(..., every=...)",
+    "rate": "schedule=flipout.halving(rate=...)",
+    "initial_sparsity": "schedule=flipout.cubic(..., initial_sparsity=...)",
+    "begin_step": "schedule=flipout.cubic(begin_step=..., end_step=..., every=...)",
+    "end_step": "schedule=flipout.cubic(begin_step=..., end_step=..., every=...)",
+    "p": "criterion=flipout.flipout_criterion(p=...)",
+    "seed": "criterion=flipout.random_criterion(seed=...)",
+    "groups": "structure=flipout.units(groups)",
+    "group_score": "structure=flipout.units(groups, score=...)",
+    "min_units": "structure=flipout.units(groups, min_units=...)",
+    "kernel_layout": "structure=flipout.units(..., kernel_layout=...) or "
+    "flipout.n_of_m(n, m, kernel_layout=...)",
+}
+
+
+def _refuse_moved_keywords(transform):
+  """``transform`` answering a keyword of earlier versions with what to write instead."""
+
+  @functools.wraps(transform)
+  def checked(*args, **kwargs):
+    for name in kwargs:
+      if name in _MOVED_KEYWORDS:
+        raise TypeError(f"prune: {name}= is no longer a keyword; write {_MOVED_KEYWORDS[name]}")
+    return transform(*args, **kwargs)
+
+  return checked
+
+
+@_refuse_moved_keywords
 def prune(
     target_sparsity: float | None = None,
     *,
     total_steps: int | None = None,
-    prune_every: int | None = None,
-    rate: float | None = None,
-    p: float = 2.0,
-    criterion: str | Callable[[Any, Any], Any] = "flipout",
+    schedule: str | schedule_lib.Schedule = "halving",
+    criterion: str | criteria_lib.Criterion | Callable[[Any, Any], Any] = "flipout",
+    structure: str | structure_lib.Structure = "weight",
     where: Any = None,
-    seed: int = 0,
-    schedule: str = "halving",
-    initial_sparsity: float = 0.0,
-    begin_step: int | None = None,
-    end_step: int | None = None,
     flip_count_dtype: Any = None,
-    structure: str = "weight",
-    groups: Any = None,
-    group_score: str = "mean",
-    min_units: int = 1,
-    kernel_layout: layout_lib.KernelLayout = "in_out",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FlipOut pruning (and the paper's baselines) as the last link of a chain.
 
-  Three schedules (``docs/algorithm.md``, "Schedules"); the first two are the
-  paper's ``schedule="halving"``:
-
-  * **Target mode** (``target_sparsity`` and ``total_steps``): with
-    ``k`` the smallest number of events such that
-    :math:`1 - (1 - \mathrm{rate})^k \ge \mathrm{target}`, events happen at
-    steps ``i * round(total_steps / (k + 1))``, ``i = 1..k``. Each event but
-    the last prunes ``floor((N - P) * rate)`` more of the ``N`` prunable
-    weights (``P`` already pruned); the last lands exactly on
-    ``round(target_sparsity * N)``.
-  * **Rate mode** (``prune_every``, the paper's): an event every
-    ``prune_every`` steps pruning ``floor((N - P) * rate)`` more, capped at
-    ``round(target_sparsity * N)`` when a target is given, and only at steps
-    before ``total_steps`` when that is given (never at the last step).
-  * **Cubic** (``schedule="cubic"``, Zhu & Gupta 2017, the polynomial decay of
-    TF Model Optimization and SparseML): events at ``begin_step``,
-    ``begin_step + prune_every``, ... before ``end_step``, and at ``end_step``.
-    After the event at step ``t`` each group of ``N`` weights has
-    ``round(s_t * N)`` pruned, with
-    :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_{end} - t_0))^3`,
-    :math:`s_i` = ``initial_sparsity``, :math:`s_f` = ``target_sparsity``,
-    :math:`t_0` = ``begin_step``, :math:`t_{end}` = ``end_step`` (never fewer
-    than after the previous event); the last event, at ``end_step``, lands
-    exactly on ``round(target_sparsity * N)``. ``rate`` must be left unset.
-
-  Scores are ranked globally over all prunable leaves, except for
-  ``criterion="magnitude"`` which prunes each leaf separately (its counts
-  use the leaf's own size). Built-in scores are float32 at least, and are
-  compared as float32, or as float64 when a score is float64 (float64
-  params, with ``jax_enable_x64``). Ties are broken by leaf order, then
-  index. Non-finite weights score as the most salient and are pruned last;
-  counts stay exact. More than ``2**31 - 1`` weights ranked together need
-  ``jax_enable_x64`` (int64 counts); without it ``init`` refuses them.
-
-  Updates of prunable leaves come back in ``jnp.result_type(param, update)``
-  (float32 for float32 params with bfloat16 updates), so that pruned weights
-  land on exactly 0; other leaves' updates are returned untouched.
+  At each event of the ``schedule`` the live weights (or groups of them, by ``structure``)
+  with the lowest ``criterion`` scores are pruned, ranked over all prunable leaves; pruned
+  weights stay exactly zero after ``optax.apply_updates``, under any optimizer and dtype.
+  Ties go by leaf order, then index; non-finite weights are pruned last. The algorithm:
+  ``docs/algorithm.md``.
 
   Args:
     target_sparsity: fraction of prunable weights to prune, in ``[0, 1)``.
-    total_steps: number of optimizer steps of the run (target mode).
-    prune_every: steps between events (rate mode, and the cubic schedule).
-    rate: fraction of the live weights pruned per event, in ``(0, 1)``; None:
-      0.5. Halving schedule only.
-    p: exponent of ``|w|`` in the FlipOut saliency, ``> 0``.
-    criterion: ``"flipout"`` (:math:`|w|^p / (\mathrm{flips} + 1)`),
-      ``"global_magnitude"`` (``|w|``), ``"magnitude"`` (``|w|``,
-      layer-wise), ``"random"``, or a callable ``(params, flips) -> scores``
-      over trees with ``None`` at non-prunable leaves (lowest pruned first).
-    where: prunable leaves: ``None`` (floating leaves with 2+ dimensions), a
-      pytree of bools shaped like params, or a predicate
-      ``(path, leaf) -> bool``. Selecting a non-floating leaf raises a
-      ``TypeError`` at ``init``.
-    seed: seed of the ``"random"`` criterion. Its draws at step ``t`` come
-      from ``fold_in(fold_in(key(seed), 0x602ACC76), t)``, a stream of their
-      own (the tag is ``zlib.crc32(b"flipout_jax/random_criterion") &
-      0x7FFFFFFF``), so they never coincide with the ``fold_in(key(seed), t)``
-      keys of a data pipeline or with gradient noise's stream.
-    schedule: ``"halving"`` (target and rate mode above) or ``"cubic"``.
-    initial_sparsity: ``cubic``: :math:`s_i`, in ``[0, target_sparsity]``.
-    begin_step: ``cubic``: step of the first event, ``>= 1``.
-    end_step: ``cubic``: step of the last event, ``>= begin_step`` and, when
-      ``total_steps`` is given, ``< total_steps``.
-    flip_count_dtype: storage of the flip counts: ``None`` (uint16 when the
-      last event falls at step 65535 or earlier, int32 otherwise and in rate
-      mode without ``total_steps``), ``"uint16"`` or ``"int32"``. A weight
-      flips at most once per step, so uint16 counts are exact at every event;
-      after the last one they saturate at 65535 (``int32`` keeps them exact
-      for the whole run, for 2 more bytes per prunable weight).
-    structure: what goes together (``docs/algorithm.md``, "Structured pruning"):
-      ``"weight"`` (each weight alone, the paper's); ``"unit"`` (every weight
-      feeding one output unit, a column of a Dense kernel or an output channel
-      of a conv, is one group, and groups go whole: the lowest-scored groups,
-      ranked globally, until the pruned weights reach each event's count, so
-      the achieved sparsity is the nearest at or above the target that whole
-      groups allow); or ``"N:M"`` such as ``"2:4"`` (of every ``M``
-      consecutive weights along a kernel's input axis feeding one output, the
-      ``N`` most salient stay: sparsity ``1 - N/M``, which ``target_sparsity``
-      must equal or leave to it; each event prunes the schedule's share of
-      every run of ``M``, rounded, the last exactly ``M - N``). Every criterion
-      works with every structure.
-    groups: ``"unit"``: a tree shaped like params with, at each prunable leaf,
-      an int array giving each output unit's group id: units of different
-      leaves with the same id (coupled by a residual add or shared by a
-      concatenation) go together, and ``-1`` marks a unit never pruned (such
-      as the model's outputs). :func:`unit_groups` builds it from the model
-      function. None: each unit is its own group (leave the output layer out
-      of ``where`` then).
-    group_score: ``"unit"``: ``"mean"`` (the default: a group's score is the
-      mean of its weights' scores, so units of layers of different fan-in
-      compare per weight) or ``"sum"`` (their sum, which favours keeping wide
-      units). Group scores are exact sums, whatever the sharding.
-    min_units: ``"unit"``: each prunable leaf keeps at least this many output
-      units (its best); 0 lets a layer lose all of them.
-    kernel_layout: which axes of a kernel hold its output and input units:
-      ``"in_out"`` (Flax: outputs last, inputs second to last),
-      ``"out_in"`` (Equinox, PyTorch: outputs on axis 0, inputs on axis 1),
-      or a callable ``(path, leaf)`` returning one of them. Used by
-      ``"unit"`` and ``"N:M"``.
+    total_steps: optimizer steps of the run: the target mode of :func:`halving` needs it;
+      otherwise no event falls at or after it.
+    schedule: when events fall and what each prunes: ``"halving"`` (``halving()``, the
+      paper's), :func:`halving` or :func:`cubic`.
+    criterion: ``"flipout"`` (:math:`|w|^2 / (\mathrm{flips} + 1)`, or
+      :func:`flipout_criterion` for another exponent), ``"global_magnitude"``,
+      ``"magnitude"`` (layer-wise, :func:`magnitude_criterion`), ``"random"``
+      (:func:`random_criterion`), or a callable ``(params, flips) -> scores`` over trees
+      with ``None`` at non-prunable leaves (lowest pruned first).
+    structure: what goes together: ``"weight"`` (the paper's), ``"unit"`` or :func:`units`
+      (output units, coupled ones together), ``"N:M"`` such as ``"2:4"`` or :func:`n_of_m`.
+    where: prunable leaves: ``None`` (floating leaves with 2+ dimensions), a pytree of bools
+      shaped like params, or a predicate ``(path, leaf) -> bool``.
+    flip_count_dtype: ``None`` (uint16 when the last event falls at step 65535 or earlier,
+      int32 otherwise), ``"uint16"`` (exact at every event, saturating after the last) or
+      ``"int32"``.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`. It must
-    be last in the chain and needs ``params`` in ``update``.
+    A ``GradientTransformationExtraArgs`` whose state is a :class:`PruneState`: last in the
+    chain (a misplaced one stops at the second update), ``params`` needed in ``update``.
 
   Example:
     >>> params = {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}
@@ -479,51 +424,14 @@ def prune(
   if target_sparsity is not None:
     target_sparsity = _check_fraction("target_sparsity", target_sparsity, low_open=False)
   total_steps = _check_steps("total_steps", total_steps)
-  prune_every = _check_steps("prune_every", prune_every)
-  if not isinstance(schedule, str):
-    raise TypeError(f"schedule must be a str, one of {schedule_lib.SCHEDULES}")
-  if schedule not in schedule_lib.SCHEDULES:
-    raise ValueError(f"schedule must be one of {schedule_lib.SCHEDULES}, got {schedule!r}")
-  if schedule == "cubic" and rate is not None:
-    raise ValueError(
-        "rate: schedule='cubic' takes its counts from the sparsity ramp; leave rate unset"
-    )
-  rate = _check_fraction("rate", 0.5 if rate is None else rate, low_open=True)
-  if isinstance(p, bool) or not isinstance(p, (int, float, np.number)):
-    raise TypeError(f"p must be a positive number, got {type(p).__name__}")
-  if not p > 0:
-    raise ValueError(f"p must be > 0, got {p}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-  rule = criteria_lib.resolve(criterion, float(p))
+  chosen_schedule = schedule_lib.resolve(schedule)
+  rule = criteria_lib.resolve(criterion)
   structure_spec = structure_lib.parse(structure)
   if structure_spec.kind == "n:m":
     target_sparsity = structure_lib.check_n_of_m_target(structure_spec, target_sparsity)
-  group_score = structure_lib.check_group_score(group_score)
-  if isinstance(min_units, bool) or not isinstance(min_units, (int, np.integer)):
-    raise TypeError(f"min_units must be an int >= 0, got {type(min_units).__name__}")
-  if min_units < 0:
-    raise ValueError(f"min_units must be an int >= 0, got {min_units}")
-  layout_lib.check_argument(kernel_layout)
-  if groups is not None and structure_spec.kind != "unit":
-    raise ValueError(f"groups: only structure='unit' takes groups, got structure={structure!r}")
-  cubic = schedule_lib.cubic_steps(
-      schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
-  )
-
-  plan = schedule_lib.plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsity)
+  plan = schedule_lib.plan(target_sparsity, total_steps, chosen_schedule)
   flip_dtype = counters.flip_count_dtype(flip_count_dtype, plan.last_step)
-
-  check_leaves, make_event = events.factory(
-      structure_spec,
-      rule,
-      plan,
-      seed,
-      groups=groups,
-      group_score=group_score,
-      min_units=min_units,
-      kernel_layout=kernel_layout,
-  )
+  check_leaves, make_event = events.factory(structure_spec, rule, plan)
   return _masking_transform(where, _all_live, make_event, check_leaves, flip_dtype)
 
 

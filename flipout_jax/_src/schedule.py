@@ -178,56 +178,124 @@ def cubic_count_table(
   return np.asarray(columns, dtype).T.reshape(len(steps), len(groups))
 
 
-def cubic_steps(
-    schedule, target_sparsity, total_steps, prune_every, initial_sparsity, begin_step, end_step
-) -> tuple[int, ...] | None:
-  """Checks the cubic schedule's arguments of ``prune``; its event steps (None: ``halving``).
+class Halving(NamedTuple):
+  """The paper's schedule (build it with :func:`halving`)."""
+
+  rate: float = 0.5
+  every: int | None = None
+
+
+class Cubic(NamedTuple):
+  """Zhu & Gupta's cubic ramp (build it with :func:`cubic`)."""
+
+  begin_step: int
+  end_step: int
+  every: int
+  initial_sparsity: float = 0.0
+
+
+Schedule = Halving | Cubic
+
+
+def halving(rate: float = 0.5, every: int | None = None) -> Halving:
+  r"""The paper's schedule: each event prunes ``floor((N - P) * rate)`` more of the ``N``
+  prunable weights (``P`` already pruned); ``schedule="halving"`` is ``halving()``.
+
+  * ``every=None`` (**target mode**, needs ``prune``'s ``target_sparsity`` and
+    ``total_steps``): with ``k`` the smallest number of events such that
+    :math:`1 - (1 - \mathrm{rate})^k \ge \mathrm{target}`, events fall at steps
+    ``i * round(total_steps / (k + 1))``, ``i = 1..k``; the last lands exactly on
+    ``round(target_sparsity * N)``.
+  * ``every=n`` (**rate mode**, the paper's): an event every ``n`` steps, capped at
+    ``round(target_sparsity * N)`` when a target is given, and only at steps before
+    ``total_steps`` when that is given (never at the last step).
+
+  Args:
+    rate: fraction of the live weights each event prunes, in ``(0, 1)``.
+    every: steps between events (rate mode), a positive int, or None (target mode).
 
   Raises:
-    ValueError, TypeError: an argument out of range, missing, or given without
-      ``schedule="cubic"``; the message names it and what is allowed.
+    TypeError, ValueError: an argument out of range, naming it.
   """
-  begin_step = check_steps("begin_step", begin_step)
-  end_step = check_steps("end_step", end_step)
-  if schedule != "cubic":
-    given = [
-        name
-        for name, value in (("begin_step", begin_step), ("end_step", end_step))
-        if value is not None
+  return Halving(check_fraction("rate", rate, low_open=True), check_steps("every", every))
+
+
+def cubic(begin_step: int, end_step: int, every: int, initial_sparsity: float = 0.0) -> Cubic:
+  r"""Zhu & Gupta's cubic ramp (2017; TF Model Optimization's and SparseML's polynomial
+  decay): events at ``begin_step``, ``begin_step + every``, ... before ``end_step``, and at
+  ``end_step``. After the event at step ``t`` each group of ``N`` weights has
+  ``round(s_t * N)`` pruned, never fewer than after the previous event, with
+
+  .. math::
+    s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_{end} - t_0))^3,
+
+  :math:`s_i` = ``initial_sparsity``, :math:`s_f` = ``prune``'s ``target_sparsity`` (which
+  this schedule needs), :math:`t_0` = ``begin_step``, :math:`t_{end}` = ``end_step``; the
+  last event lands exactly on ``round(target_sparsity * N)``.
+
+  Args:
+    begin_step: step of the first event, ``>= 1``.
+    end_step: step of the last event, ``>= begin_step`` (and, when ``prune`` is given
+      ``total_steps``, ``< total_steps``).
+    every: steps between events, ``>= 1``.
+    initial_sparsity: :math:`s_i`, in ``[0, target_sparsity]``.
+
+  Raises:
+    TypeError, ValueError: an argument out of range, naming it.
+  """
+  begin = check_steps("begin_step", begin_step)
+  end = check_steps("end_step", end_step)
+  step = check_steps("every", every)
+  if begin is None or end is None or step is None:
+    missing = [
+        n for n, v in (("begin_step", begin), ("end_step", end), ("every", step)) if v is None
     ]
-    if isinstance(initial_sparsity, bool) or initial_sparsity != 0.0:
-      given.append("initial_sparsity")
-    if given:
-      raise ValueError(f"{', '.join(given)}: only for schedule='cubic' (got schedule={schedule!r})")
-    return None
-  initial = check_fraction("initial_sparsity", initial_sparsity, low_open=False)
-  missing = [
-      name
-      for name, value in (
-          ("target_sparsity", target_sparsity),
-          ("begin_step", begin_step),
-          ("end_step", end_step),
-          ("prune_every", prune_every),
-      )
-      if value is None
-  ]
-  if missing:
-    raise ValueError(
-        f"schedule='cubic' needs target_sparsity, begin_step, end_step and prune_every; "
-        f"missing {', '.join(missing)}"
+    raise TypeError(
+        f"cubic needs begin_step, end_step and every; got None for {', '.join(missing)}"
     )
-  if initial > target_sparsity:
+  if end < begin:
+    raise ValueError(f"end_step must be >= begin_step={begin}, got {end}")
+  return Cubic(
+      begin, end, step, check_fraction("initial_sparsity", initial_sparsity, low_open=False)
+  )
+
+
+_CUBIC_HINT = "schedule=flipout.cubic(begin_step=..., end_step=..., every=...)"
+
+
+def resolve(schedule) -> Schedule:
+  """Reads ``prune``'s ``schedule`` argument: ``"halving"``, :func:`halving` or :func:`cubic`.
+
+  Raises:
+    TypeError, ValueError: anything else, naming what is allowed.
+  """
+  if isinstance(schedule, (Halving, Cubic)):
+    return schedule
+  if schedule == "halving":
+    return halving()
+  if schedule == "cubic":
+    raise ValueError(f"schedule='cubic' needs its steps: write {_CUBIC_HINT}")
+  kind = ValueError if isinstance(schedule, str) else TypeError
+  raise kind(
+      f"schedule must be 'halving', flipout.halving(rate=..., every=...) or {_CUBIC_HINT[9:]}, "
+      f"got {schedule!r}"
+  )
+
+
+def _check_cubic_fits(schedule: Cubic, target_sparsity, total_steps) -> None:
+  """The cubic ramp against ``prune``'s target and run length."""
+  if target_sparsity is None:
+    raise ValueError("target_sparsity: the cubic schedule ramps to it; give one")
+  if schedule.initial_sparsity > target_sparsity:
     raise ValueError(
-        f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got {initial}"
+        f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got "
+        f"{schedule.initial_sparsity}"
     )
-  if end_step < begin_step:
-    raise ValueError(f"end_step must be >= begin_step={begin_step}, got {end_step}")
-  if total_steps is not None and end_step >= total_steps:
+  if total_steps is not None and schedule.end_step >= total_steps:
     raise ValueError(
         f"end_step must be < total_steps={total_steps} (the last event needs steps after "
-        f"it), got {end_step}"
+        f"it), got {schedule.end_step}"
     )
-  return cubic_event_steps(begin_step, end_step, prune_every)
 
 
 class Plan(NamedTuple):
@@ -246,29 +314,33 @@ def _at_steps(steps) -> tuple[Callable, Callable]:
   return (lambda step: jnp.any(step == step_array)), (lambda step: jnp.argmax(step == step_array))
 
 
-def plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsity) -> Plan:
-  """The :class:`Plan` of ``prune``'s checked arguments (``cubic``: its event steps or None).
+def plan(target_sparsity, total_steps, schedule: Schedule) -> Plan:
+  """The :class:`Plan` of ``prune``'s checked arguments.
 
   Raises:
     ValueError: no schedule is given, or ``total_steps`` is too short for the
-      events of target mode.
+      events of target mode, or the cubic ramp does not fit the target or the run.
   """
-  if cubic is not None:
+  if isinstance(schedule, Cubic):
+    _check_cubic_fits(schedule, target_sparsity, total_steps)
+    steps = cubic_event_steps(schedule.begin_step, schedule.end_step, schedule.every)
     table = lambda sizes, layerwise: cubic_count_table(
         sizes,
-        initial=float(initial_sparsity),
+        initial=schedule.initial_sparsity,
         final=target_sparsity,
-        steps=cubic,
+        steps=steps,
         layerwise=layerwise,
     )
-    return Plan(*_at_steps(cubic), table, max(cubic))
+    return Plan(*_at_steps(steps), table, max(steps))
+  rate, prune_every = schedule.rate, schedule.every
   num_events: int | None
   last_step: int | None
   if prune_every is None:
     if target_sparsity is None or total_steps is None:
       raise ValueError(
-          "prune needs a schedule: target_sparsity with total_steps (target "
-          "mode), or prune_every (rate mode, optionally capped by target_sparsity)"
+          "prune needs a schedule: target_sparsity with total_steps (target mode), or "
+          "schedule=flipout.halving(every=...) (rate mode, optionally capped by "
+          "target_sparsity)"
       )
     steps = event_steps(target_sparsity, total_steps, rate)
     if steps and (steps[0] < 1 or steps[-1] >= total_steps):
@@ -285,7 +357,7 @@ def plan(target_sparsity, total_steps, prune_every, rate, cubic, initial_sparsit
   else:
     num_events = None if total_steps is None else (total_steps - 1) // prune_every
     final_fraction, cap = None, target_sparsity
-    last_step = None if total_steps is None else num_events * prune_every
+    last_step = None if num_events is None else num_events * prune_every
 
     def is_event(step):
       within = True if total_steps is None else step < total_steps

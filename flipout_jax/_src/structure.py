@@ -5,7 +5,7 @@ r"""What ``prune`` removes together: single weights, units, or N of every M weig
   kernel, an output channel of a conv ``(h, w, in, out)`` kernel) is one group; a group may
   also hold units of several kernels (``groups``: units coupled by a residual stream or a
   concatenation, see :func:`flipout_jax.unit_groups`), which then go together. A group's
-  score is the ``group_score`` (``"mean"`` or ``"sum"``) of its weights' scores; groups are
+  score is the ``score`` (``"mean"`` or ``"sum"``) of its weights' scores; groups are
   ranked globally and, at an event, the lowest go until the pruned weights reach the
   event's count: the fewest groups, in score order, whose weights reach it (so the achieved
   sparsity is the nearest whole groups allow at or above the target).
@@ -24,38 +24,115 @@ score, more than float32's 24-bit mantissa.
 
 import math
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import select
 
 
 class Structure(NamedTuple):
-  """A parsed ``structure`` argument: ``kind`` is ``"weight"``, ``"unit"`` or ``"n:m"``."""
+  """What ``prune`` removes together: build one with :func:`units` or :func:`n_of_m`, or pass
+  ``"weight"``, ``"unit"`` or ``"N:M"``. ``kind`` is ``"weight"``, ``"unit"`` or ``"n:m"``."""
 
   kind: str
   n: int = 0
   m: int = 0
+  groups: Any = None
+  score: str = "mean"
+  min_units: int = 1
+  kernel_layout: layout_lib.KernelLayout = "in_out"
 
 
 GROUP_SCORES = ("mean", "sum")
-_ALLOWED = "'weight', 'unit' or 'N:M' with integers 0 < N < M (e.g. '2:4')"
+_ALLOWED = (
+    "'weight', 'unit', 'N:M' with integers 0 < N < M (e.g. '2:4'), flipout.units(...) or "
+    "flipout.n_of_m(n, m)"
+)
+
+
+def units(
+    groups: Any = None,
+    *,
+    score: str = "mean",
+    min_units: int = 1,
+    kernel_layout: layout_lib.KernelLayout = "in_out",
+) -> Structure:
+  """Output units go whole: every weight feeding one unit (a column of a Dense kernel, an
+  output channel of a conv) is one group, and the lowest-scored groups, ranked globally, go
+  until the pruned weights reach each event's count (so the achieved sparsity is the nearest
+  at or above the target that whole groups allow). ``structure="unit"`` is ``units()``.
+
+  Args:
+    groups: a tree shaped like params with, at each prunable leaf, an int array giving each
+      output unit's group id: units of different leaves with the same id (coupled by a
+      residual add or shared by a concatenation) go together, and ``-1`` marks a unit never
+      pruned (such as the model's outputs). :func:`unit_groups` builds it from the model
+      function. None: each unit is its own group (leave the output layer out of ``where``).
+    score: a group's score from its weights' scores: ``"mean"`` (units of layers of
+      different fan-in compare per weight) or ``"sum"`` (favours keeping wide units). Exact
+      sums, whatever the sharding.
+    min_units: each prunable leaf keeps at least this many output units (its best); 0 lets
+      a layer lose all of them.
+    kernel_layout: which axes of a kernel hold its output and input units: ``"in_out"``
+      (Flax: outputs last, inputs second to last), ``"out_in"`` (Equinox, PyTorch), or a
+      callable ``(path, leaf)`` returning one of them.
+
+  Raises:
+    TypeError, ValueError: an argument out of range, naming it.
+  """
+  if not isinstance(score, str) or score not in GROUP_SCORES:
+    raise ValueError(f"score must be one of {GROUP_SCORES}, got {score!r}")
+  if isinstance(min_units, bool) or not isinstance(min_units, (int, np.integer)):
+    raise TypeError(f"min_units must be an int >= 0, got {type(min_units).__name__}")
+  if min_units < 0:
+    raise ValueError(f"min_units must be an int >= 0, got {min_units}")
+  layout_lib.check_argument(kernel_layout)
+  return Structure(
+      "unit", groups=groups, score=score, min_units=int(min_units), kernel_layout=kernel_layout
+  )
+
+
+def n_of_m(n: int, m: int, *, kernel_layout: layout_lib.KernelLayout = "in_out") -> Structure:
+  """Of every ``m`` consecutive weights along a kernel's input axis feeding one output, the
+  ``n`` most salient stay: sparsity ``1 - n/m``, which ``target_sparsity`` must equal or
+  leave to it; each event prunes the schedule's share of every run of ``m``, rounded, the
+  last exactly ``m - n``. ``structure="2:4"`` is ``n_of_m(2, 4)``.
+
+  Args:
+    n, m: ints with ``0 < n < m``.
+    kernel_layout: as in :func:`units`.
+
+  Raises:
+    TypeError, ValueError: an argument out of range, naming it.
+  """
+  for name, value in (("n", n), ("m", m)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+  if not 0 < n < m:
+    raise ValueError(f"n_of_m needs ints 0 < n < m, got n={n}, m={m}")
+  layout_lib.check_argument(kernel_layout)
+  return Structure("n:m", int(n), int(m), kernel_layout=kernel_layout)
 
 
 def parse(structure) -> Structure:
   """Reads ``prune``'s ``structure`` argument.
 
   Raises:
-    TypeError: not a string.
+    TypeError: neither a string nor a :class:`Structure`.
     ValueError: naming the allowed values.
   """
+  if isinstance(structure, Structure):
+    return structure
   if not isinstance(structure, str):
-    raise TypeError(f"structure must be a str, {_ALLOWED}; got {type(structure).__name__}")
-  if structure in ("weight", "unit"):
-    return Structure(structure)
+    raise TypeError(f"structure must be {_ALLOWED}; got {type(structure).__name__}")
+  if structure == "weight":
+    return Structure("weight")
+  if structure == "unit":
+    return units()
   match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", structure)
   if match is None:
     raise ValueError(f"structure must be {_ALLOWED}, got {structure!r}")
@@ -75,13 +152,6 @@ def check_n_of_m_target(structure: Structure, target_sparsity) -> float:
         f"that, got {target_sparsity}"
     )
   return sparsity
-
-
-def check_group_score(group_score) -> str:
-  """Validates ``group_score`` (one of :data:`GROUP_SCORES`)."""
-  if not isinstance(group_score, str) or group_score not in GROUP_SCORES:
-    raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
-  return group_score
 
 
 def units_last(leaf: jax.Array, output_axis: int) -> jax.Array:

@@ -29,7 +29,7 @@ def unit_groups(
     kernel_layout: layout_lib.KernelLayout = "in_out",
     batch_axis: int | None = 0,
 ) -> Any:
-  """Group ids of the output units of each prunable kernel, for ``prune(groups=...)``.
+  """Group ids of the output units of each prunable kernel, for ``prune(structure=units(groups))``.
 
   ``apply_fn(params, *args)`` is any pure JAX function of the model, as for
   :func:`compact`. Units of different kernels tied by the program (added into one
@@ -41,15 +41,15 @@ def unit_groups(
   Example::
 
     groups = flipout.unit_groups(lambda p, x: model.apply({"params": p}, x), params, x)
-    tx = optax.chain(optax.sgd(0.1), flipout.prune(0.9, total_steps=n, structure="unit",
-                                                   groups=groups))
+    structure = flipout.units(groups)
+    tx = optax.chain(optax.sgd(0.1), flipout.prune(0.9, total_steps=n, structure=structure))
 
   Args:
     apply_fn: ``apply_fn(params, *args)``, a pure function.
     params: a pytree of arrays (its values do not matter, only shapes and the program).
     *example_args: arguments to trace with (shapes and dtypes matter).
     where: prunable leaves, as in :func:`prune`.
-    kernel_layout: which axis of a kernel holds its output units, as in :func:`prune`.
+    kernel_layout: which axis of a kernel holds its output units, as in :func:`units`.
     batch_axis: the axis of the arguments that is the batch, as in :func:`compact`.
 
   Returns:
