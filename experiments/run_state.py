@@ -80,7 +80,7 @@ def model_unit_groups(graphdef_eval, params, batch_stats, input_shape):
   groups = flipout.unit_groups(
       apply_fn, {"params": params, "stats": batch_stats}, images, where=kernels
   )
-  return groups["params"]
+  return flipout.UnitGroups(groups.ids["params"], groups.flops)
 
 
 def build_setup(

@@ -18,6 +18,7 @@ from flipout_jax._src.compact import Compacted
 from flipout_jax._src.compact import CompactionReport
 from flipout_jax._src.compact import LayerCompaction
 from flipout_jax._src.compact import compact
+from flipout_jax._src.compact import flops
 from flipout_jax._src.criteria import Criterion
 from flipout_jax._src.criteria import flipout_criterion
 from flipout_jax._src.criteria import flipout_scores
@@ -50,6 +51,8 @@ from flipout_jax._src.structure import Structure
 from flipout_jax._src.structure import n_of_m
 from flipout_jax._src.structure import units
 from flipout_jax._src.report import summary
+from flipout_jax._src.unit_groups import UnitFlops
+from flipout_jax._src.unit_groups import UnitGroups
 from flipout_jax._src.unit_groups import unit_groups
 
 __version__ = "0.1.0"
@@ -66,6 +69,8 @@ __all__ = (
     "PruneState",
     "Structure",
     "Summary",
+    "UnitFlops",
+    "UnitGroups",
     "apply_masks",
     "compact",
     "cubic",
@@ -74,6 +79,7 @@ __all__ = (
     "export",
     "fixed_masks",
     "flip_counts",
+    "flops",
     "flipout_criterion",
     "flipout_scores",
     "gradient_noise",

@@ -94,8 +94,8 @@ def test_unit_groups_of_a_dense_stack_in_the_default_layout():
   params = {"a": np.ones((4, hidden), np.float32), "b": np.ones((hidden, outputs), np.float32)}
   apply_fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
   groups = flipout.unit_groups(apply_fn, params, jnp.ones((2, 4)))
-  np.testing.assert_array_equal(groups["a"], np.arange(hidden))
-  np.testing.assert_array_equal(groups["b"], np.full(outputs, -1))
+  np.testing.assert_array_equal(groups.ids["a"], np.arange(hidden))
+  np.testing.assert_array_equal(groups.ids["b"], np.full(outputs, -1))
 
 
 def test_units_reach_at_least_the_target_with_the_fewest_groups():

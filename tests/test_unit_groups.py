@@ -39,20 +39,20 @@ def _linen(norm=False):
 def test_a_residual_stream_is_one_group_per_channel_and_outputs_are_never_pruned():
   apply_fn, params, images = _linen()
   groups = flipout.unit_groups(apply_fn, params, images)
-  np.testing.assert_array_equal(groups["stem"]["kernel"], groups["c2"]["kernel"])
-  assert groups["stem"]["bias"] is None
-  own = [groups["stem"]["kernel"], groups["c1"]["kernel"], groups["hidden"]["kernel"]]
+  np.testing.assert_array_equal(groups.ids["stem"]["kernel"], groups.ids["c2"]["kernel"])
+  assert groups.ids["stem"]["bias"] is None
+  own = [groups.ids["stem"]["kernel"], groups.ids["c1"]["kernel"], groups.ids["hidden"]["kernel"]]
   ids = np.concatenate(own)
   assert len(np.unique(ids)) == ids.size == 8 + 6 + 16  # no other coupling
   assert (ids >= 0).all()
-  np.testing.assert_array_equal(groups["head"]["kernel"], -1)
+  np.testing.assert_array_equal(groups.ids["head"]["kernel"], -1)
 
 
 def test_a_layer_norm_pins_its_units():
   apply_fn, params, images = _linen(norm=True)
   groups = flipout.unit_groups(apply_fn, params, images)
-  np.testing.assert_array_equal(groups["hidden"]["kernel"], -1)
-  assert (groups["c1"]["kernel"] >= 0).all()
+  np.testing.assert_array_equal(groups.ids["hidden"]["kernel"], -1)
+  assert (groups.ids["c1"]["kernel"] >= 0).all()
 
 
 def test_equinox_units_are_rows():
@@ -60,7 +60,7 @@ def test_equinox_units_are_rows():
   params, static = eqx.partition(mlp, eqx.is_array)
   apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
   groups = flipout.unit_groups(apply_fn, params, jnp.ones((2, 12)), kernel_layout="out_in")
-  kernels = [g for g in jax.tree.leaves(groups) if g is not None]
+  kernels = [g for g in jax.tree.leaves(groups.ids) if g is not None]
   assert [g.shape for g in kernels] == [(7,), (7,), (3,)]
   np.testing.assert_array_equal(kernels[-1], -1)
   assert len(np.unique(np.concatenate(kernels[:2]))) == 14

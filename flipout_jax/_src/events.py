@@ -122,21 +122,23 @@ def _protected(unit_scores, unit_live, ids, min_units: int, num_groups: int) -> 
 
 
 def _unit_event(
-    rule, table, event_index, seed, units: _Units, group_score: str, min_units: int
+    rule, table, event_index, seed, units: _Units, structure: structure_lib.Structure
 ) -> EventRule:
-  """Prunes whole groups of units, lowest group score first, up to each event's count."""
+  """Prunes whole groups of units, lowest group score first, up to each event's count (of
+  weights; with ``cost="flops"`` the table holds the FLOPs left, per example)."""
   targets_table = jnp.asarray(table)
   bits = structure_lib.limb_bits(int(units.group_weights.max(initial=1)))
-  mean = group_score == "mean"
+  mean = structure.score == "mean"
+  min_units, flops = structure.min_units, structure.flops
 
   def event(step, new_params, masks, flips):
     key = criteria_lib.random_criterion_key(seed, step)
     mask_leaves, treedef = jax.tree.flatten(masks)
     scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
     matrices = [structure_lib.units_last(s, a) for s, a in zip(scores, units.output_axes)]
-    live = [
-        structure_lib.units_last(m, a).any(axis=0) for m, a in zip(mask_leaves, units.output_axes)
-    ]
+    weight_live = [structure_lib.units_last(m, a) for m, a in zip(mask_leaves, units.output_axes)]
+    matrices = structure_lib.per_leaf_normalized(matrices, weight_live, structure.normalize)
+    live = [m.any(axis=0) for m in weight_live]
     sums, non_finite = structure_lib.exact_group_sums(matrices, units.ids, units.num_groups, bits)
     weights = jnp.asarray(units.group_weights, targets_table.dtype)
     values = sums / jnp.maximum(weights, 1).astype(sums.dtype) if mean else sums
@@ -154,6 +156,11 @@ def _unit_event(
         else [list(range(len(mask_leaves)))]
     )
     chosen = jnp.zeros(units.num_groups, bool)
+    if flops is not None:  # one global ranking (layer-wise criteria are refused)
+      keys = select.sortable_keys(values, candidates)
+      flops_left = lambda gone: flops.count(group_live & ~gone, jnp)
+      chosen = structure_lib.lowest_within_budget(keys, flops_left, targets[0])
+      leaf_groups = []
     for leaves, target in zip(leaf_groups, targets):
       in_scope = np.zeros(units.num_groups, bool)
       for i in leaves:
@@ -238,6 +245,34 @@ def _check_groups(masks, params, groups, kernel_layout, layerwise: bool) -> None
         )
 
 
+# The FLOP fractions of an event are the schedule's counts of this many "weights".
+_FLOP_PARTS = 1 << 24
+
+
+def _flops_table(plan: schedule_lib.Plan, flops) -> np.ndarray:
+  """(events, 1) float32 table of the FLOPs per example left after each event."""
+  removed = plan.table([_FLOP_PARTS], False)[:, :1].astype(np.float64) / _FLOP_PARTS
+  return (flops.dense * (1.0 - removed)).astype(np.float32)
+
+
+def _check_flops(structure, rule, plan: schedule_lib.Plan) -> None:
+  """Refuses a FLOP target with a layer-wise criterion or beyond what units can remove."""
+  if rule.layerwise:
+    raise ValueError(
+        "structure=flipout.units(..., cost='flops') ranks units globally (FLOPs are a model's, "
+        "not a layer's); criterion='magnitude' ranks each leaf alone: use 'global_magnitude'"
+    )
+  table = _flops_table(plan, structure.flops)
+  fixed = float(structure.flops.count(np.zeros(structure.flops.num_groups, bool)))
+  dense = structure.flops.dense
+  if len(table) and plan.last_step is not None and table[-1, 0] < fixed * (1 - 1e-6):
+    raise ValueError(
+        f"target_sparsity: with cost='flops' at most {1 - fixed / dense:.2%} of the model's "
+        f"FLOPs are in prunable units (the rest is in layers outside `where` or units never "
+        f"pruned), but the schedule asks for {1 - table[-1, 0] / dense:.2%}"
+    )
+
+
 def factory(
     structure: structure_lib.Structure, rule: criteria_lib.Criterion, plan: schedule_lib.Plan
 ) -> tuple[Callable[[Any, Any], None], MakeEvent]:
@@ -247,6 +282,8 @@ def factory(
   ``make_event`` runs at trace time and returns ``(is_event(step), rule)``.
   """
   seed, groups, kernel_layout = rule.seed, structure.groups, structure.kernel_layout
+  if structure.flops is not None:
+    _check_flops(structure, rule, plan)
 
   def sizes(masks) -> list[int]:
     return [int(np.size(m)) for m in jax.tree.leaves(masks)]
@@ -279,9 +316,9 @@ def factory(
       return plan.is_event, _weight_event(rule, table, clipped, seed)
     if structure.kind == "unit":
       units = _units(masks, params, kernel_layout, groups)
-      return plan.is_event, _unit_event(
-          rule, table, clipped, seed, units, structure.score, structure.min_units
-      )
+      if structure.flops is not None:
+        table = _flops_table(plan, structure.flops)
+      return plan.is_event, _unit_event(rule, table, clipped, seed, units, structure)
     per_group = _n_of_m_table(table, sum(sizes(masks)), structure)
     axes = _input_axes(masks, params, kernel_layout)
     return plan.is_event, _n_of_m_event(rule, per_group, clipped, seed, axes, structure.m)

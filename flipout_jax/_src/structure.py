@@ -24,6 +24,7 @@ score, more than float32's 24-bit mantissa.
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -45,9 +46,14 @@ class Structure(NamedTuple):
   score: str = "mean"
   min_units: int = 1
   kernel_layout: layout_lib.KernelLayout = "in_out"
+  cost: str = "weights"
+  flops: Any = None  # the model's unit_groups.UnitFlops, for cost="flops"
+  normalize: str | None = None
 
 
 GROUP_SCORES = ("mean", "sum")
+COSTS = ("weights", "flops")
+NORMALIZERS = (None, "mean", "max")
 _ALLOWED = (
     "'weight', 'unit', 'N:M' with integers 0 < N < M (e.g. '2:4'), flipout.units(...) or "
     "flipout.n_of_m(n, m)"
@@ -60,18 +66,24 @@ def units(
     score: str = "mean",
     min_units: int = 1,
     kernel_layout: layout_lib.KernelLayout = "in_out",
+    cost: str = "weights",
+    normalize: str | None = None,
 ) -> Structure:
   """Output units go whole: every weight feeding one unit (a column of a Dense kernel, an
   output channel of a conv) is one group, and the lowest-scored groups, ranked globally, go
-  until the pruned weights reach each event's count (so the achieved sparsity is the nearest
-  at or above the target that whole groups allow). ``structure="unit"`` is ``units()``.
+  until each event's target is reached: with ``cost="weights"`` the pruned weights reach the
+  event's count (the achieved sparsity is the nearest at or above the target that whole
+  groups allow); with ``cost="flops"`` the model's FLOPs fall by at least the event's
+  fraction of the dense model's, counted as compaction will cut them (a unit removed takes
+  its own outputs and the next layer's inputs it feeds). ``structure="unit"`` is ``units()``.
 
   Args:
-    groups: a tree shaped like params with, at each prunable leaf, an int array giving each
-      output unit's group id: units of different leaves with the same id (coupled by a
-      residual add or shared by a concatenation) go together, and ``-1`` marks a unit never
-      pruned (such as the model's outputs). :func:`unit_groups` builds it from the model
-      function. None: each unit is its own group (leave the output layer out of ``where``).
+    groups: the :class:`UnitGroups` that :func:`unit_groups` reads from the model function,
+      or its ``ids``: a tree shaped like params with, at each prunable leaf, an int array
+      giving each output unit's group id: units of different leaves with the same id
+      (coupled by a residual add or shared by a concatenation) go together, and ``-1`` marks
+      a unit never pruned (such as the model's outputs). None: each unit is its own group
+      (leave the output layer out of ``where``).
     score: a group's score from its weights' scores: ``"mean"`` (units of layers of
       different fan-in compare per weight) or ``"sum"`` (favours keeping wide units). Exact
       sums, whatever the sharding.
@@ -80,10 +92,30 @@ def units(
     kernel_layout: which axes of a kernel hold its output and input units: ``"in_out"``
       (Flax: outputs last, inputs second to last), ``"out_in"`` (Equinox, PyTorch), or a
       callable ``(path, leaf)`` returning one of them.
+    cost: what ``target_sparsity`` counts: ``"weights"`` (the share of the prunable weights
+      removed) or ``"flops"`` (the share of the model's FLOPs per example removed, matrix
+      products and convolutions; needs ``groups`` from :func:`unit_groups` and a globally
+      ranked criterion).
+    normalize: per-layer normaliser of the weights' scores before they are summed into
+      group scores (as Torch-Pruning's importance normalizers): ``"mean"`` divides each
+      leaf's scores by its live weights' mean score, ``"max"`` by the largest, so that the
+      global ranking compares each unit with its own layer rather than layers of different
+      scales with each other; None (default): the raw scores.
 
   Raises:
     TypeError, ValueError: an argument out of range, naming it.
   """
+  if not isinstance(cost, str) or cost not in COSTS:
+    raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+  flops = getattr(groups, "flops", None)
+  if cost == "flops" and flops is None:
+    raise ValueError(
+        "cost='flops' needs groups=flipout.unit_groups(apply_fn, params, x): the FLOPs of "
+        f"each unit are read from the model's program; got groups of type {type(groups).__name__}"
+    )
+  groups = getattr(groups, "ids", groups)
+  if normalize not in NORMALIZERS:
+    raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
   if not isinstance(score, str) or score not in GROUP_SCORES:
     raise ValueError(f"score must be one of {GROUP_SCORES}, got {score!r}")
   if isinstance(min_units, bool) or not isinstance(min_units, (int, np.integer)):
@@ -92,7 +124,14 @@ def units(
     raise ValueError(f"min_units must be an int >= 0, got {min_units}")
   layout_lib.check_argument(kernel_layout)
   return Structure(
-      "unit", groups=groups, score=score, min_units=int(min_units), kernel_layout=kernel_layout
+      "unit",
+      groups=groups,
+      score=score,
+      min_units=int(min_units),
+      kernel_layout=kernel_layout,
+      cost=cost,
+      flops=flops if cost == "flops" else None,
+      normalize=normalize,
   )
 
 
@@ -208,6 +247,29 @@ def exact_group_sums(
   return group_max * total, non_finite > 0
 
 
+def per_leaf_normalized(
+    unit_scores: list[jax.Array], unit_masks: list[jax.Array], how: str | None
+) -> list[jax.Array]:
+  """Each leaf's ``(fan_in, units)`` scores over the leaf's typical live score, so that
+  layers of different scales (fan-in, initialisation, flip rates) rank on one scale.
+
+  ``how``: ``"mean"`` divides by the mean score of the leaf's live weights (its sum exact,
+  as the group sums are), ``"max"`` by the largest; None leaves the scores as they are.
+  Dead weights score 0 (whatever the criterion gives them).
+  """
+  if how is None:
+    return unit_scores
+  live = [jnp.where(m, s, 0).astype(jnp.float32) for s, m in zip(unit_scores, unit_masks)]
+  if how == "max":
+    scales = [jnp.abs(s).max(initial=0.0) for s in live]
+  else:
+    ids = [np.full(s.shape[1], leaf) for leaf, s in enumerate(live)]
+    bits = limb_bits(max(int(np.prod(s.shape)) for s in live))
+    sums, _ = exact_group_sums(live, ids, len(live), bits)
+    scales = [sums[leaf] / jnp.maximum(m.sum(), 1) for leaf, m in enumerate(unit_masks)]
+  return [s / jnp.where(scale > 0, scale, 1.0) for s, scale in zip(live, scales)]
+
+
 def lowest_reaching(keys: jax.Array, weights: jax.Array, need) -> jax.Array:
   """The fewest entries, lowest keys first, whose weights sum to at least ``need``.
 
@@ -243,6 +305,48 @@ def lowest_reaching(keys: jax.Array, weights: jax.Array, need) -> jax.Array:
   at_weights = jnp.where(at, weights, 0)
   before = jnp.cumsum(at_weights) - at_weights
   return eligible & (below | (at & (before < still))) & (need > 0)
+
+
+def lowest_within_budget(keys: jax.Array, cost_left: Callable, budget) -> jax.Array:
+  """The entries, lowest keys first, whose removal brings ``cost_left`` nearest ``budget``.
+
+  In the order of :func:`lowest_reaching` (lowest key first, ties in index order, pruned
+  keys never chosen), the shortest prefix whose removal brings the cost to at most
+  ``budget``, or that prefix without its last entry where this lands nearer (an entry can
+  be costly: a conv's channel takes its share of the next conv too); all eligible entries
+  when the budget cannot be met. For a cost that is not a sum over entries (a model's
+  FLOPs: a product of the live widths on either side of each layer): ``cost_left(chosen)``,
+  the cost with the bool entries ``chosen`` removed, must not grow as ``chosen`` grows.
+  Found by bisection over the key's bits, then over the position among the ties.
+  """
+  key_type = keys.dtype.type
+  pruned = key_type(np.iinfo(keys.dtype).max)
+  eligible = keys != pruned
+  fits = lambda chosen: cost_left(chosen) <= budget
+
+  def bisect(test, low, high, steps):
+    def halve(_, bounds):
+      low, high = bounds
+      middle = low + (high - low) // 2
+      return jnp.where(test(middle), low, middle + 1), jnp.where(test(middle), middle, high)
+
+    return jax.lax.fori_loop(0, steps, halve, (low, high))[0]
+
+  bits = np.iinfo(keys.dtype).bits
+  threshold = bisect(lambda t: fits(eligible & (keys <= t)), key_type(0), pruned, bits)
+  below = eligible & (keys < threshold)
+  at = eligible & (keys == threshold)
+  order = jnp.cumsum(at) - at
+  ties = lambda j: below | (at & (order < j))
+  count = jnp.sum(at).astype(jnp.int32)
+  taken = bisect(lambda j: fits(ties(j)), jnp.int32(0), count, max(1, keys.size.bit_length()))
+  # The prefix one entry shorter is ties(taken - 1): taken is >= 1 whenever the budget was
+  # unmet before (else the threshold bisection would have stopped one key lower).
+  over = budget - cost_left(ties(taken))
+  short = cost_left(ties(jnp.maximum(taken - 1, 0))) - budget
+  reached = fits(ties(taken))
+  taken = jnp.where(reached & (taken > 0) & (short < over), taken - 1, taken)
+  return ties(taken) & ~fits(jnp.zeros_like(eligible))
 
 
 def keep_n_of_m(

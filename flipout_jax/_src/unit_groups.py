@@ -7,11 +7,13 @@ of the model (a logit) cannot be removed at all. :func:`unit_groups` reads this 
 same graph of coupled positions that compaction uses (``compact.param_units``): each output
 unit of a prunable kernel gets the id of its position's connected component, and units
 whose component holds a pinned position (an argument or output of the function, an op that
-mixes features such as LayerNorm's mean) get ``-1``.
+mixes features such as LayerNorm's mean) get ``-1``. It also records the program's FLOPs
+as a function of which groups are live (:class:`UnitFlops`), for ``units(cost="flops")``.
 """
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -19,6 +21,77 @@ import numpy as np
 from flipout_jax._src import compact as compact_lib
 from flipout_jax._src import layout as layout_lib
 from flipout_jax._src import prunable as prunable_lib
+
+
+class UnitFlops(NamedTuple):
+  """A model's FLOPs per example as a function of which unit groups are live.
+
+  Each linear op (``dot_general``, convolution) is a term ``coefficient * sum_b prod_f
+  live(factors[f][b])``: a factor is an axis of the product, ``(blocks, size, k)`` group
+  ids, and ``live`` counts its positions whose ``k`` groups are all live (``num_groups``
+  stands for one always there: the batch, a spatial axis, a unit never pruned; a feature
+  flattened from a conv's ``(h, w, c)`` needs its channel's group). A grouped
+  convolution's feature factors have one row per feature group; every other factor one
+  row. Loop bodies count as constants.
+  """
+
+  terms: tuple[tuple[float, tuple[np.ndarray, ...]], ...]
+  num_groups: int
+
+  def count(self, live, xp=np):
+    """FLOPs per example with the groups ``live`` (bool, ``(num_groups,)``) kept.
+
+    ``xp``: ``numpy`` (exact enough in float64) or ``jax.numpy`` (float32, traceable)."""
+    dtype = xp.float64 if xp is np else xp.float32
+    there = xp.concatenate([xp.asarray(live, dtype), xp.ones(1, dtype)])
+    total = xp.zeros((), dtype)
+    for coefficient, factors in self.terms:
+      product = xp.ones(1, dtype)
+      for factor in factors:
+        product = product * there[factor].prod(axis=-1).sum(axis=-1)
+      total = total + coefficient * product.sum()
+    return total
+
+  @property
+  def dense(self) -> float:
+    """FLOPs per example with every group live."""
+    return float(self.count(np.ones(self.num_groups, bool)))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitGroups:
+  """What :func:`unit_groups` read from a model: ``ids``, a tree shaped like params with
+  each prunable kernel's group id per output unit (``-1``: never pruned) and ``None``
+  elsewhere; ``flops``, the model's :class:`UnitFlops`."""
+
+  ids: Any
+  flops: UnitFlops
+
+
+def _flop_terms(linear, labels: np.ndarray, pinned: int, examples: int) -> UnitFlops:
+  """The linear ops' terms over group ids, constant factors folded into the coefficients."""
+  num_groups = len(labels)
+
+  def group_of(units: np.ndarray) -> np.ndarray:
+    at = np.minimum(np.searchsorted(labels, units), max(num_groups - 1, 0))
+    found = (units != pinned) & (labels[at] == units) if num_groups else np.zeros_like(units, bool)
+    return np.where(found, at, num_groups)
+
+  terms = []
+  for term in linear:
+    coefficient = term.coefficient / max(examples, 1)
+    factors = [group_of(f) for f in term.factors]
+    blocks = max((f.shape[0] for f in factors), default=1)
+    kept = []
+    for factor in factors:
+      if (factor == num_groups).all():
+        coefficient *= factor.shape[1]
+      else:
+        kept.append(factor)
+    if all(f.shape[0] == 1 for f in kept):  # every per-group factor folded: G equal blocks
+      coefficient *= blocks
+    terms.append((float(coefficient), tuple(kept)))
+  return UnitFlops(tuple(terms), num_groups)
 
 
 def unit_groups(
@@ -29,7 +102,7 @@ def unit_groups(
     kernel_layout: layout_lib.KernelLayout = "in_out",
     batch_axis: int | None = 0,
 ) -> Any:
-  """Group ids of the output units of each prunable kernel, for ``prune(structure=units(groups))``.
+  """Which output units of the prunable kernels go together, for ``structure=units(groups)``.
 
   ``apply_fn(params, *args)`` is any pure JAX function of the model, as for
   :func:`compact`. Units of different kernels tied by the program (added into one
@@ -41,7 +114,7 @@ def unit_groups(
   Example::
 
     groups = flipout.unit_groups(lambda p, x: model.apply({"params": p}, x), params, x)
-    structure = flipout.units(groups)
+    structure = flipout.units(groups)  # or units(groups, cost="flops"): a FLOP target
     tx = optax.chain(optax.sgd(0.1), flipout.prune(0.9, total_steps=n, structure=structure))
 
   Args:
@@ -53,8 +126,10 @@ def unit_groups(
     batch_axis: the axis of the arguments that is the batch, as in :func:`compact`.
 
   Returns:
-    A tree shaped like ``params``: an int32 array with one id per output unit at each
-    prunable leaf (ids ``0 .. G-1``, or ``-1``), ``None`` elsewhere.
+    A :class:`UnitGroups`: ``ids``, a tree shaped like ``params`` with an int32 array of
+    one id per output unit at each prunable leaf (ids ``0 .. G-1``, or ``-1``) and ``None``
+    elsewhere; ``flops``, the traced program's FLOPs per example as a function of which
+    groups are live (the batch is ``example_args``' ``batch_axis``).
 
   Raises:
     TypeError: ``apply_fn`` is not callable.
@@ -67,7 +142,9 @@ def unit_groups(
   layout_lib.check_argument(kernel_layout)
   prunable = prunable_lib.prunable_tree(params, where)
   leaves = jax.tree.leaves(params)
-  units, pinned = compact_lib.param_units(apply_fn, params, *example_args, batch_axis=batch_axis)
+  units, pinned, linear = compact_lib.param_units(
+      apply_fn, params, *example_args, batch_axis=batch_axis
+  )
   found = {}
   for number, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
     if not jax.tree.leaves(prunable)[number]:
@@ -86,4 +163,9 @@ def unit_groups(
       else None
       for c in (found.get(number) for number in range(len(leaves)))
   ]
-  return jax.tree.unflatten(jax.tree.structure(params), ids)
+  shapes = [tuple(getattr(leaf, "shape", np.shape(leaf))) for leaf in jax.tree.leaves(example_args)]
+  examples = shapes[0][batch_axis] if batch_axis is not None and shapes and shapes[0] else 1
+  return UnitGroups(
+      jax.tree.unflatten(jax.tree.structure(params), ids),
+      _flop_terms(linear, labels.astype(np.int64), pinned, examples),
+  )

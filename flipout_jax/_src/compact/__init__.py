@@ -11,3 +11,5 @@ from flipout_jax._src.compact.api import LayerCompaction as LayerCompaction
 from flipout_jax._src.compact.api import compact as compact
 from flipout_jax._src.compact.units import ParamUnits as ParamUnits
 from flipout_jax._src.compact.units import param_units as param_units
+from flipout_jax._src.compact.flop_count import flops as flops
+from flipout_jax._src.compact.units import LinearTerm as LinearTerm
