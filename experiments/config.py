@@ -21,6 +21,7 @@ METHODS: tuple[str, ...] = (
     "global_magnitude",
     "magnitude",
     "random",
+    "taylor",
     "snip",
     "hoyer_square",
     "dense",
@@ -33,6 +34,7 @@ SCHEDULED_CRITERIA = {
     "global_magnitude": "global_magnitude",
     "magnitude": "magnitude",
     "random": "random",
+    "taylor": "taylor",
 }
 
 

@@ -26,6 +26,8 @@ from flipout_jax._src.criteria import magnitude_criterion
 from flipout_jax._src.criteria import magnitude_scores
 from flipout_jax._src.criteria import random_criterion
 from flipout_jax._src.criteria import random_scores
+from flipout_jax._src.criteria import taylor_criterion
+from flipout_jax._src.criteria import taylor_scores
 from flipout_jax._src.export import export
 from flipout_jax._src.export import load
 from flipout_jax._src.noise import GradientNoiseState
@@ -98,6 +100,8 @@ __all__ = (
     "snip",
     "sparsity",
     "summary",
+    "taylor_criterion",
+    "taylor_scores",
     "unit_groups",
     "units",
 )

@@ -77,9 +77,19 @@ class Criterion(NamedTuple):
   score: Callable[..., Any]  # (params, flips, key) -> scores, lowest pruned first
   layerwise: bool = False  # rank inside each leaf instead of globally
   seed: int = 0  # the base of ``key``'s stream (random_criterion_key)
+  # score takes the event step's final update too: (params, flips, key, updates).
+  reads_updates: bool = False
 
 
-CRITERIA = ("flipout", "global_magnitude", "magnitude", "random")
+def scores(rule: Criterion, params: Callable, flips: Callable, key, updates: Callable) -> Any:
+  """``rule``'s scores at an event; the trees are functions, called only if ``rule`` reads
+  them (each call recomputes its tree inside the fused pass that reads it)."""
+  if rule.reads_updates:
+    return rule.score(params(), flips(), key, updates())
+  return rule.score(params(), flips(), key)
+
+
+CRITERIA = ("flipout", "global_magnitude", "magnitude", "random", "taylor")
 
 
 def _ignore_key(score):
@@ -129,11 +139,33 @@ def random_criterion(seed: int = 0) -> Criterion:
   return Criterion(lambda params, flips, key: random_scores(params, flips, key=key), seed=int(seed))
 
 
+def taylor_scores(params: Any, updates: Any) -> Any:
+  r"""First-order Taylor saliency :math:`|w \cdot \Delta w|`, float32 at least: the
+  estimated change of the loss when ``w`` is removed, :math:`|g \cdot w|` (Molchanov et
+  al.), with the step's final update :math:`\Delta w` standing in for :math:`-\eta g`."""
+  return jax.tree.map(lambda w, u: jnp.abs(_wide(w) * _wide(u)), params, updates)
+
+
+def taylor_criterion() -> Criterion:
+  r"""First-order Taylor importance :math:`|w \cdot \Delta w|`, ranked globally
+  (``criterion="taylor"``).
+
+  :math:`\Delta w` is the update ``prune`` receives at the event step, the optimizer's
+  final one: exactly :math:`-\eta g` under plain SGD, a momentum-smoothed gradient under
+  momentum, a preconditioned one under Adam; gradient noise chained before the optimizer is
+  part of it. One step's update: by units, each group sums it over its weights.
+  """
+  return Criterion(
+      lambda params, flips, key, updates: taylor_scores(params, updates), reads_updates=True
+  )
+
+
 _NAMED = {
     "flipout": flipout_criterion,
     "global_magnitude": magnitude_criterion,
     "magnitude": lambda: magnitude_criterion(layerwise=True),
     "random": random_criterion,
+    "taylor": taylor_criterion,
 }
 
 

@@ -1,8 +1,8 @@
 """Pruning events of each structure: which live weights, units or N:M slots go at an event.
 
-An event rule maps ``(step, new_params, masks, flips)`` to the new masks, where
-``new_params`` and ``flips`` are functions returning the trees (recomputed at each use, so
-that no score per weight is held in memory, see :func:`_weight_event`). :func:`factory`
+An event rule maps ``(step, new_params, masks, flips, updates)`` to the new masks, where
+``new_params``, ``flips`` and ``updates`` are functions returning the trees (recomputed at
+each use, so that no score per weight is held in memory, see :func:`_weight_event`). :func:`factory`
 builds, from ``prune``'s checked arguments, the init-time check of the prunable leaves and
 the trace-time rule for their shapes.
 """
@@ -21,7 +21,7 @@ from flipout_jax._src import schedule as schedule_lib
 from flipout_jax._src import select
 from flipout_jax._src import structure as structure_lib
 
-EventRule = Callable[[jax.Array, Any, Any, Any], Any]
+EventRule = Callable[[jax.Array, Any, Any, Any, Any], Any]
 # (masks, params) -> (is_event(step), rule); called at trace time.
 MakeEvent = Callable[[Any, Any], tuple[Callable, EventRule]]
 
@@ -31,8 +31,8 @@ def _no_event(step):
   return jnp.bool_(False)
 
 
-def _unchanged(step, new_params, masks, flips):
-  del step, new_params, flips
+def _unchanged(step, new_params, masks, flips, updates):
+  del step, new_params, flips, updates
   return masks
 
 
@@ -47,13 +47,15 @@ def _weight_event(
   """
   targets_table = jnp.asarray(table)
 
-  def event(step, new_params, masks, flips):
+  def event(step, new_params, masks, flips, updates):
     key = criteria_lib.random_criterion_key(seed, step)
     mask_leaves, treedef = jax.tree.flatten(masks)
 
     def keys(group):
       def compute():
-        scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+        scores = prunable_lib.leaves_at(
+            masks, criteria_lib.scores(rule, new_params, flips, key, updates)
+        )
         return [select.sortable_keys(scores[i], mask_leaves[i]) for i in group]
 
       return compute
@@ -131,10 +133,12 @@ def _unit_event(
   mean = structure.score == "mean"
   min_units, flops = structure.min_units, structure.flops
 
-  def event(step, new_params, masks, flips):
+  def event(step, new_params, masks, flips, updates):
     key = criteria_lib.random_criterion_key(seed, step)
     mask_leaves, treedef = jax.tree.flatten(masks)
-    scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+    scores = prunable_lib.leaves_at(
+        masks, criteria_lib.scores(rule, new_params, flips, key, updates)
+    )
     matrices = [structure_lib.units_last(s, a) for s, a in zip(scores, units.output_axes)]
     weight_live = [structure_lib.units_last(m, a) for m, a in zip(mask_leaves, units.output_axes)]
     matrices = structure_lib.per_leaf_normalized(matrices, weight_live, structure.normalize)
@@ -184,10 +188,12 @@ def _n_of_m_event(rule, per_group_table, event_index, seed, input_axes, m: int) 
   down to ``per_group_table[event]`` pruned."""
   pruned_table = jnp.asarray(per_group_table, jnp.int32)
 
-  def event(step, new_params, masks, flips):
+  def event(step, new_params, masks, flips, updates):
     key = criteria_lib.random_criterion_key(seed, step)
     mask_leaves, treedef = jax.tree.flatten(masks)
-    scores = prunable_lib.leaves_at(masks, rule.score(new_params(), flips(), key))
+    scores = prunable_lib.leaves_at(
+        masks, criteria_lib.scores(rule, new_params, flips, key, updates)
+    )
     pruned = pruned_table[event_index(step)]
     return jax.tree.unflatten(
         treedef,

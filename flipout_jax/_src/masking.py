@@ -198,6 +198,9 @@ def _masks_flips_and_sample(state, now: _StepState, event, sampling: bool, stopp
               lambda: mask_structure.unflatten(new_params()),
               state.masks,
               lambda: mask_structure.unflatten([counters.as_int32(f) for f in flips]),
+              lambda: mask_structure.unflatten(
+                  [jnp.where(m, u, jnp.zeros_like(u)) for m, u in zip(mask_leaves, now.updates)]
+              ),
           )
       )
       return masks, [jnp.where(m, f, 0) for m, f in zip(masks, flips)]

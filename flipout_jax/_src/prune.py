@@ -117,7 +117,8 @@ def prune(
     criterion: ``"flipout"`` (:math:`|w|^2 / (\mathrm{flips} + 1)`, or
       :func:`flipout_criterion` for another exponent), ``"global_magnitude"``,
       ``"magnitude"`` (layer-wise, :func:`magnitude_criterion`), ``"random"``
-      (:func:`random_criterion`), or a callable ``(params, flips) -> scores`` over trees
+      (:func:`random_criterion`), ``"taylor"`` (:math:`|w \cdot \Delta w|`,
+      :func:`taylor_criterion`), or a callable ``(params, flips) -> scores`` over trees
       with ``None`` at non-prunable leaves (lowest pruned first).
     structure: what goes together: ``"weight"`` (the paper's), ``"unit"`` or :func:`units`
       (output units, coupled ones together), ``"N:M"`` such as ``"2:4"`` or :func:`n_of_m`.
@@ -211,8 +212,8 @@ def prune_below(
   if at_step is None:
     raise ValueError("step must be a positive int")
 
-  def event(_, new_params, masks, flips):
-    del flips
+  def event(_, new_params, masks, flips, updates):
+    del flips, updates
     return jax.tree.map(lambda m, w: m & (jnp.abs(w) >= threshold), masks, new_params())
 
   def make_event(masks, params):
