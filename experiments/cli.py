@@ -133,6 +133,8 @@ _VALUE_FLAGS = (
         "across layers as read from the model) or N:M such as 2:4 (--sparsity 1 - N/M)",
     ),
     ("group_score", str, "unit: a group's score is the mean or the sum of its weights'"),
+    ("unit_cost", str, "unit: what --sparsity counts, weights or flops (the model's FLOPs)"),
+    ("unit_normalize", str, "unit: per-layer score normaliser before ranking: none, mean, max"),
     ("initial_sparsity", float, "sparsity of the first cubic event"),
     (
         "prune_begin_epoch",

@@ -69,6 +69,10 @@ class Config:
       ``N:M`` such as ``2:4`` (then ``sparsity`` must be ``1 - N/M``; kernels whose input
       width is not a multiple of M, such as a first conv on 1 or 3 channels, stay dense).
     group_score: ``unit``: a group's score is the ``mean`` or the ``sum`` of its weights'.
+    unit_cost: ``unit``: what ``sparsity`` counts, ``weights`` or ``flops`` (the share of the
+      model's FLOPs per example removed, as ``flipout.compact`` will cut them).
+    unit_normalize: ``unit``: per-layer normaliser of the scores before the global ranking,
+      ``none``, ``mean`` or ``max`` (``flipout.units``' ``normalize``).
     initial_sparsity: sparsity of the first ``cubic`` event, in ``[0, sparsity]``.
     prune_begin_epoch: ``cubic``: the first event after this many epochs; None: at the step
       of the ``halving`` schedule's first event (the same span as the paper's schedule).
@@ -122,6 +126,8 @@ class Config:
   schedule: str = "halving"
   structure: str = "weight"
   group_score: str = "mean"
+  unit_cost: str = "weights"
+  unit_normalize: str = "none"
   initial_sparsity: float = 0.0
   prune_begin_epoch: int | None = None
   prune_end_epoch: int | None = None
@@ -226,6 +232,16 @@ def validate_config(config: Config, allowed_models: Sequence[str] = models.MODEL
 def _validate_structure(config: Config) -> None:
   """``--structure`` and ``--group_score``: flipout.prune's values, for scheduled methods."""
   check_choice("group_score", config.group_score, ("mean", "sum"))
+  check_choice("unit_cost", config.unit_cost, ("weights", "flops"))
+  check_choice("unit_normalize", config.unit_normalize, ("none", "mean", "max"))
+  if config.structure != "unit" and (config.unit_cost, config.unit_normalize) != (
+      "weights",
+      "none",
+  ):
+    raise ConfigError(
+        f"--unit_cost and --unit_normalize apply to --structure=unit, got "
+        f"--structure={config.structure}"
+    )
   try:  # the library's own checks, with its messages
     flipout.prune(
         None if ":" in config.structure else 0.5,

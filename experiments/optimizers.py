@@ -105,7 +105,11 @@ def _structure(config: config_lib.Config, unit_groups) -> dict[str, Any]:
   if config.structure == "weight":
     return {}
   if config.structure == "unit":
-    return dict(structure=flipout.units(unit_groups, score=config.group_score))
+    normalize = None if config.unit_normalize == "none" else config.unit_normalize
+    structure = flipout.units(
+        unit_groups, score=config.group_score, cost=config.unit_cost, normalize=normalize
+    )
+    return dict(structure=structure)
   m = int(config.structure.split(":")[1])
   divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % m == 0
   return dict(structure=config.structure, where=divisible)

@@ -18,6 +18,9 @@ from tests.test_cli import one_error_line
         (["--structure=2:4", "--sparsity=0.9"], "give --sparsity=0.5"),
         (["--structure=unit", "--group_score=max"], "--group_score must be one of"),
         (["--structure=unit", "--method=snip"], "applies to the scheduled methods"),
+        (["--structure=unit", "--unit_cost=macs"], "--unit_cost must be one of"),
+        (["--structure=unit", "--unit_normalize=lamp"], "--unit_normalize must be one of"),
+        (["--unit_cost=flops"], "apply to --structure=unit"),
         (["--structure=2:4", "--sparsity=0.5", "--method=dense"], "scheduled methods"),
     ],
 )
@@ -59,6 +62,23 @@ def test_a_unit_run_prunes_whole_hidden_units_and_keeps_the_outputs(tmp_path):
   for layer in hidden:
     live_units = layer["outputs"] - layer["dead_outputs"]
     assert layer["live"] == live_units * int(np.prod(layer["shape"][:-1]))
+
+
+def test_a_flop_target_run_prunes_units_of_every_conv_and_empties_none(tmp_path):
+  layers, _ = _run(
+      tmp_path,
+      "--model=lenet5",
+      "--sparsity=0.6",
+      "--structure=unit",
+      "--unit_cost=flops",
+      "--unit_normalize=mean",
+      "--method=taylor",
+  )
+  kernels = list(layers.values())
+  assert kernels[-1]["dead_outputs"] == 0  # the logits
+  convs = [layer for layer in kernels if len(layer["shape"]) == 4]
+  assert len(convs) == 2 and all(layer["dead_outputs"] > 0 for layer in convs)
+  assert all(layer["outputs"] > layer["dead_outputs"] for layer in kernels)
 
 
 def test_a_two_of_four_run_leaves_a_one_channel_first_conv_dense(tmp_path):

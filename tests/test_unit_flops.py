@@ -234,3 +234,34 @@ def test_flop_targets_refuse_what_they_cannot_do():
     flipout.prune(
         0.5, total_steps=10, structure=flipout.units(few, cost="flops"), where=only_d1
     ).init(params)
+
+
+@pytest.mark.parametrize("cost", ["weights", "flops"])
+def test_round_to_keeps_each_layer_at_a_multiple_of_its_units(cost):
+  apply_fn, params, images = _model("lenet5")  # 6, 16, 120, 84 units: 6 and 84 are not
+  groups = flipout.unit_groups(apply_fn, params, images, where=_KERNELS)
+  structure = flipout.units(groups, cost=cost, normalize="mean", round_to=4)
+  tx = optax.chain(
+      optax.sgd(0.05), flipout.prune(0.7, total_steps=12, structure=structure, where=_KERNELS)
+  )
+  pruned, history = _train(apply_fn, params, images, tx, 12)
+  for masks in history:
+    for path, mask in jax.tree_util.tree_leaves_with_path(masks):
+      units = mask.shape[-1]
+      live = int(np.asarray(mask).reshape(-1, units).any(axis=0).sum())
+      assert live % 4 == 0 or live == units, (jax.tree_util.keystr(path), live)
+  final = history[-1]
+  assert (
+      sum(int(np.asarray(m).reshape(-1, m.shape[-1]).any(0).sum()) for m in jax.tree.leaves(final))
+      < 236
+  )
+  if cost == "flops":
+    compacted = flipout.compact(apply_fn, pruned, images)
+    measured = flipout.flops(compacted.apply, compacted.params, images) / 4
+    assert measured == pytest.approx(groups.flops.count(_live_groups(groups, final)), rel=1e-6)
+    assert abs((1 - measured / groups.flops.dense) - 0.7) <= 0.03
+
+
+def test_round_to_is_checked():
+  with pytest.raises(ValueError, match="round_to must be an int >= 1"):
+    flipout.units(round_to=0)

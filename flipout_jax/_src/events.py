@@ -123,6 +123,25 @@ def _protected(unit_scores, unit_live, ids, min_units: int, num_groups: int) -> 
   return protected
 
 
+def _rounded(chosen, unit_scores, live, units: _Units, round_to: int) -> jax.Array:
+  """``chosen`` groups less those given back so that each leaf keeps a multiple of
+  ``round_to`` live units (or all of them): per leaf, the best-scored of its units chosen
+  now (at most ``round_to - 1``). Fewer chosen groups never give back more units, so a
+  cost of the rounded choice still falls as the choice grows."""
+  if round_to == 1:
+    return chosen
+  restored = jnp.zeros(units.num_groups, bool)
+  for scores, leaf_live, leaf_ids in zip(unit_scores, live, units.ids):
+    gone = chosen.at[leaf_ids].get(mode="fill", fill_value=False) & leaf_live
+    left = jnp.sum(leaf_live) - jnp.sum(gone)
+    back = jnp.minimum(-(-left // round_to) * round_to, leaf_ids.size) - left
+    count = min(round_to - 1, leaf_ids.size)
+    _, best = jax.lax.top_k(jnp.where(gone, scores, -jnp.inf), count)
+    ids = jnp.where(jnp.arange(count) < back, jnp.asarray(leaf_ids)[best], units.num_groups)
+    restored = restored.at[ids].set(True, mode="drop")
+  return chosen & ~restored
+
+
 def _unit_event(
     rule, table, event_index, seed, units: _Units, structure: structure_lib.Structure
 ) -> EventRule:
@@ -159,19 +178,21 @@ def _unit_event(
         if rule.layerwise
         else [list(range(len(mask_leaves)))]
     )
-    chosen = jnp.zeros(units.num_groups, bool)
+    rounded = lambda chosen: _rounded(chosen, unit_scores, live, units, structure.round_to)
     if flops is not None:  # one global ranking (layer-wise criteria are refused)
       keys = select.sortable_keys(values, candidates)
-      flops_left = lambda gone: flops.count(group_live & ~gone, jnp)
+      flops_left = lambda gone: flops.count(group_live & ~rounded(gone), jnp)
       chosen = structure_lib.lowest_within_budget(keys, flops_left, targets[0])
-      leaf_groups = []
-    for leaves, target in zip(leaf_groups, targets):
-      in_scope = np.zeros(units.num_groups, bool)
-      for i in leaves:
-        in_scope[units.ids[i][units.ids[i] < units.num_groups]] = True
-      pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in leaves)
-      keys = select.sortable_keys(values, candidates & in_scope)
-      chosen = chosen | structure_lib.lowest_reaching(keys, weights, target - pruned)
+    else:
+      chosen = jnp.zeros(units.num_groups, bool)
+      for leaves, target in zip(leaf_groups, targets):
+        in_scope = np.zeros(units.num_groups, bool)
+        for i in leaves:
+          in_scope[units.ids[i][units.ids[i] < units.num_groups]] = True
+        pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in leaves)
+        keys = select.sortable_keys(values, candidates & in_scope)
+        chosen = chosen | structure_lib.lowest_reaching(keys, weights, target - pruned)
+    chosen = rounded(chosen)
     new_masks = []
     for mask, leaf_ids, axis in zip(mask_leaves, units.ids, units.output_axes):
       gone = chosen.at[leaf_ids].get(mode="fill", fill_value=False)
