@@ -23,7 +23,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,21 +95,28 @@ STUDY = (
 )
 
 
-def flags(run: Run, epochs: int | None = None) -> list[str]:
-  """The ``experiments.mnist`` command line of one run (``epochs``: the model's if None)."""
+def fashion_mnist_flags(run: Run, epochs: int, runs_dir: Path, **settings: Any) -> list[str]:
+  """``experiments.mnist``'s command line for ``run`` on Fashion-MNIST, in ``runs_dir``."""
   settings = {
       "dataset": "fashion_mnist",
       "model": run.model,
-      "epochs": epochs or MODELS[run.model]["epochs"],
+      "epochs": epochs,
       "seed": run.seed,
-      "workdir": str(RUNS_DIR / run.name),
-      **MODELS[run.model]["flags"],
-      **VARIANTS[run.variant],
+      "workdir": str(runs_dir / run.name),
+      **settings,
   }
   return [f"--{key}={value}" for key, value in settings.items()] + ["--no-progress"]
 
 
-def _results(workdir: Path) -> dict[str, Any]:
+def flags(run: Run, epochs: int | None = None) -> list[str]:
+  """The ``experiments.mnist`` command line of one run (``epochs``: the model's if None)."""
+  epochs = epochs or MODELS[run.model]["epochs"]
+  return fashion_mnist_flags(
+      run, epochs, RUNS_DIR, **MODELS[run.model]["flags"], **VARIANTS[run.variant]
+  )
+
+
+def results_of(workdir: Path) -> dict[str, Any]:
   """Every shard's finished runs (each shard writes its own ``results-I.json``)."""
   runs = {}
   for path in sorted(workdir.glob("results-*.json")):
@@ -117,15 +124,58 @@ def _results(workdir: Path) -> dict[str, Any]:
   return {"runs": runs}
 
 
-def train_and_measure(run: Run, epochs: int | None = None) -> dict[str, Any]:
-  """Trains one run with the experiments' command line, then compacts and times it."""
-  from experiments import compact, mnist
+def parse_shard(text: str) -> tuple[int, int] | None:
+  """``"I/N"`` as ``(I, N)`` with ``0 <= I < N``; None if it is not that."""
+  try:
+    index, count = (int(x) for x in text.split("/"))
+  except ValueError:
+    return None
+  return (index, count) if 0 <= index < count else None
 
-  status = mnist.main(flags(run, epochs))
+
+def run_pending(
+    study: Sequence[Run],
+    workdir: Path,
+    only: str,
+    shard: tuple[int, int],
+    measure: Callable[[Run], dict[str, Any]],
+) -> None:
+  """Measures this shard's runs of ``study`` (named with ``only``) not yet in the results,
+  writing each record as it finishes into the shard's own ``results-*.json``."""
+  index, count = shard
+  workdir.mkdir(parents=True, exist_ok=True)
+  label = "".join(c if c.isalnum() else "_" for c in only)
+  own = workdir / (f"results-{label}-{index}.json" if label else f"results-{index}.json")
+  for run in [run for run in study if only in run.name][index::count]:
+    if run.name in results_of(workdir)["runs"]:
+      continue
+    record = measure(run)
+    results = json.loads(own.read_text()) if own.exists() else {"runs": {}}
+    results["runs"][run.name] = record
+    own.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{run.name}: {record}", flush=True)
+
+
+def train(run: Run, argv: list[str], run_dir: Path) -> dict[str, Any]:
+  """Trains ``run`` with ``experiments.mnist``'s command line ``argv``; its summary.
+
+  Raises:
+    SystemExit: the trainer failed.
+  """
+  from experiments import mnist
+
+  status = mnist.main(argv)
   if status != 0:
     raise SystemExit(f"{run.name}: experiments.mnist exited with {status}")
+  return json.loads((run_dir / "summary.json").read_text())
+
+
+def train_and_measure(run: Run, epochs: int | None = None) -> dict[str, Any]:
+  """Trains one run with the experiments' command line, then compacts and times it."""
+  from experiments import compact
+
   run_dir = RUNS_DIR / run.name
-  summary = json.loads((run_dir / "summary.json").read_text())
+  summary = train(run, flags(run, epochs), run_dir)
   record = {"test_accuracy": summary["test_accuracy"], "sparsity": summary.get("sparsity")}
   if VARIANTS[run.variant].get("structure") == "unit" or (
       run.model == "lenet5" and run.variant != "dense"
@@ -137,10 +187,36 @@ def train_and_measure(run: Run, epochs: int | None = None) -> dict[str, Any]:
   return record
 
 
-def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
-  """Each :data:`COMPARISONS` entry over the seeds where both runs finished."""
+def paired_accuracy(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+  """Test accuracy of ``(variant, baseline)`` records of the same seeds: ``seeds``, the mean
+  ``variant_accuracy`` and ``baseline_accuracy`` (%), and the mean ``difference`` in points
+  with its 95% t-``interval``."""
   from benchmarks import fashion_study
 
+  differences = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs]
+  mean, low, high = fashion_study.paired_interval(differences)
+  return {
+      "seeds": len(pairs),
+      "variant_accuracy": statistics.mean(100 * a["test_accuracy"] for a, _ in pairs),
+      "baseline_accuracy": statistics.mean(100 * b["test_accuracy"] for _, b in pairs),
+      "difference": mean,
+      "interval": (low, high),
+  }
+
+
+def accuracy_cells(row: dict[str, Any]) -> tuple[str, ...]:
+  """The table cells of :func:`paired_accuracy`'s numbers: seeds, the two accuracies, the
+  difference with its interval."""
+  return (
+      str(row["seeds"]),
+      f"{row['variant_accuracy']:.2f}%",
+      f"{row['baseline_accuracy']:.2f}%",
+      "{:+.2f} [{:+.2f}, {:+.2f}]".format(row["difference"], *row["interval"]),
+  )
+
+
+def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each :data:`COMPARISONS` entry over the seeds where both runs finished."""
   rows = []
   for model, variant, baseline in COMPARISONS:
     pairs = [
@@ -153,38 +229,29 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     pairs = [(a, b) for a, b in pairs if a and b]
     if not pairs:
       continue
-    differences = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs]
-    mean, low, high = fashion_study.paired_interval(differences)
+    paired = paired_accuracy(pairs)
+    low, high = paired["interval"]
     verdict = "level" if not low > 0 and not high < 0 else ("ahead" if low > 0 else "behind")
     rows.append(
-        {
-            "model": model,
-            "variant": variant,
-            "baseline": baseline,
-            "seeds": len(pairs),
-            "variant_accuracy": statistics.mean(100 * a["test_accuracy"] for a, _ in pairs),
-            "baseline_accuracy": statistics.mean(100 * b["test_accuracy"] for _, b in pairs),
-            "difference": mean,
-            "interval": (low, high),
-            "verdict": verdict,
-        }
+        {"model": model, "variant": variant, "baseline": baseline, **paired, "verdict": verdict}
     )
   return rows
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+  """The lines of a markdown table."""
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def report(results: dict[str, Any]) -> str:
   """Markdown tables: the paired comparisons, then each LeNet5 run's compaction."""
-  lines = [
-      "| model | variant | vs | seeds | accuracy | baseline | difference (95% CI) | verdict |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  header = ("model", "variant", "vs", "seeds", "accuracy", "baseline", "difference (95% CI)")
+  cells = [
+      (row["model"], row["variant"], row["baseline"], *accuracy_cells(row), row["verdict"])
+      for row in comparisons(results)
   ]
-  for row in comparisons(results):
-    low, high = row["interval"]
-    lines.append(
-        f"| {row['model']} | {row['variant']} | {row['baseline']} | {row['seeds']} | "
-        f"{row['variant_accuracy']:.2f}% | {row['baseline_accuracy']:.2f}% | "
-        f"{row['difference']:+.2f} [{low:+.2f}, {high:+.2f}] | {row['verdict']} |"
-    )
+  lines = markdown_table((*header, "verdict"), cells)
   lines += [
       "",
       "| compacted run | accuracy | sparsity | compact params | widths | compact FLOPs | speed-up vs dense |",
@@ -204,36 +271,37 @@ def report(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command line: trains the runs not yet in ``results.json``, prints the report."""
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.structured_study")
-  parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="results and runs folder")
+def parse_study_args(
+    prog: str, default_workdir: str, argv: Sequence[str] | None, **extra: dict[str, Any]
+) -> tuple[argparse.Namespace, tuple[int, int]] | None:
+  """A study's command line (``extra``: more flags, name -> ``add_argument`` keywords);
+  None, with one line on stderr, for a bad ``--shard``."""
+  parser = argparse.ArgumentParser(prog=prog)
+  parser.add_argument("--workdir", default=default_workdir, help="results folder")
   parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (smoke tests)")
   parser.add_argument("--shard", default="0/1", help="I/N: train runs I, I+N, ... only")
   parser.add_argument("--table_only", action="store_true", help="train nothing; print tables")
   parser.add_argument("--only", default="", help="train only runs whose name contains this")
+  for name, options in extra.items():
+    parser.add_argument(f"--{name}", **options)
   args = parser.parse_args(argv)
-  try:
-    index, count = (int(x) for x in args.shard.split("/"))
-    if not 0 <= index < count:
-      raise ValueError
-  except ValueError:
-    print(f"{parser.prog}: --shard must be I/N with 0 <= I < N, got {args.shard}", file=sys.stderr)
+  shard = parse_shard(args.shard)
+  if shard is None:
+    print(f"{prog}: --shard must be I/N with 0 <= I < N, got {args.shard}", file=sys.stderr)
+    return None
+  return args, shard
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line: trains the runs not yet in the results, prints the report."""
+  parsed = parse_study_args("python -m benchmarks.structured_study", DEFAULT_WORKDIR, argv)
+  if parsed is None:
     return 2
+  args, shard = parsed
   workdir = Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if not args.table_only:
-    for run in [run for run in STUDY if args.only in run.name][index::count]:
-      if run.name in _results(workdir)["runs"]:
-        continue
-      record = train_and_measure(run, args.epochs)
-      label = "".join(c if c.isalnum() else "_" for c in args.only)
-      own = workdir / (f"results-{label}-{index}.json" if label else f"results-{index}.json")
-      results = json.loads(own.read_text()) if own.exists() else {"runs": {}}
-      results["runs"][run.name] = record
-      own.write_text(json.dumps(results, indent=1) + "\n")
-      print(f"{run.name}: {record}", flush=True)
-  print(report(_results(workdir)))
+    run_pending(STUDY, workdir, args.only, shard, lambda run: train_and_measure(run, args.epochs))
+  print(report(results_of(workdir)))
   return 0
 
 

@@ -135,6 +135,7 @@ _VALUE_FLAGS = (
     ("group_score", str, "unit: a group's score is the mean or the sum of its weights'"),
     ("unit_cost", str, "unit: what --sparsity counts, weights or flops (the model's FLOPs)"),
     ("unit_normalize", str, "unit: per-layer score normaliser before ranking: none, mean, max"),
+    ("unit_round_to", int, "unit: each layer keeps a multiple of this many live units"),
     ("initial_sparsity", float, "sparsity of the first cubic event"),
     (
         "prune_begin_epoch",

@@ -73,6 +73,7 @@ class Config:
       model's FLOPs per example removed, as ``flipout.compact`` will cut them).
     unit_normalize: ``unit``: per-layer normaliser of the scores before the global ranking,
       ``none``, ``mean`` or ``max`` (``flipout.units``' ``normalize``).
+    unit_round_to: ``unit``: each layer keeps a multiple of this many live units.
     initial_sparsity: sparsity of the first ``cubic`` event, in ``[0, sparsity]``.
     prune_begin_epoch: ``cubic``: the first event after this many epochs; None: at the step
       of the ``halving`` schedule's first event (the same span as the paper's schedule).
@@ -128,6 +129,7 @@ class Config:
   group_score: str = "mean"
   unit_cost: str = "weights"
   unit_normalize: str = "none"
+  unit_round_to: int = 1
   initial_sparsity: float = 0.0
   prune_begin_epoch: int | None = None
   prune_end_epoch: int | None = None
@@ -234,12 +236,11 @@ def _validate_structure(config: Config) -> None:
   check_choice("group_score", config.group_score, ("mean", "sum"))
   check_choice("unit_cost", config.unit_cost, ("weights", "flops"))
   check_choice("unit_normalize", config.unit_normalize, ("none", "mean", "max"))
-  if config.structure != "unit" and (config.unit_cost, config.unit_normalize) != (
-      "weights",
-      "none",
-  ):
+  check_int("unit_round_to", config.unit_round_to, minimum=1)
+  unit_flags = (config.unit_cost, config.unit_normalize, config.unit_round_to)
+  if config.structure != "unit" and unit_flags != ("weights", "none", 1):
     raise ConfigError(
-        f"--unit_cost and --unit_normalize apply to --structure=unit, got "
+        f"--unit_cost, --unit_normalize and --unit_round_to apply to --structure=unit, got "
         f"--structure={config.structure}"
     )
   try:  # the library's own checks, with its messages

@@ -1,4 +1,4 @@
-"""MNIST experiments: ``python -m experiments.mnist --model=lenet300`` (also lenet5, conv6).
+"""MNIST experiments: ``python -m experiments.mnist --model=lenet300`` (also lenet5, conv6, small_cnn, vgg_small).
 
 ``--dataset=mnist_t10k`` trains on the real MNIST test set shipped in ``../shared/data``
 (8,000 train / 2,000 held out, split with ``--data_seed``, default ``--seed``), which needs
@@ -19,7 +19,7 @@ import sys
 
 from experiments import cifar, cli
 
-MODELS = ("lenet300", "lenet5", "conv6")
+MODELS = ("lenet300", "lenet5", "conv6", "small_cnn", "vgg_small")
 DATASETS = ("mnist", "mnist_t10k", "fashion_mnist")
 
 DEFAULTS = dataclasses.replace(

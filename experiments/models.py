@@ -49,6 +49,8 @@ MODEL_NAMES: tuple[str, ...] = (
     "lenet300",
     "lenet5",
     "conv6",
+    "small_cnn",
+    "vgg_small",
 )
 
 # Marks a 2x2 stride-2 max-pool in a convolution configuration.
@@ -125,6 +127,10 @@ _PLAIN_SPECS: dict[str, PlainConvNetSpec] = {
     "conv6": PlainConvNetSpec(
         (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL), 3, 1, False, (256, 256)
     ),
+    # Issue 35's structured study: a small CNN (conv 32, conv 64, dense 128) and a VGG-style
+    # net of two BatchNorm stages, sized for Fashion-MNIST on a CPU.
+    "small_cnn": PlainConvNetSpec((32, _POOL, 64, _POOL), 3, 1, False, (128,)),
+    "vgg_small": PlainConvNetSpec((16, 16, _POOL, 32, 32, _POOL), 3, 1, True, (64,)),
 }
 
 

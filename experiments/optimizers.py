@@ -107,7 +107,11 @@ def _structure(config: config_lib.Config, unit_groups) -> dict[str, Any]:
   if config.structure == "unit":
     normalize = None if config.unit_normalize == "none" else config.unit_normalize
     structure = flipout.units(
-        unit_groups, score=config.group_score, cost=config.unit_cost, normalize=normalize
+        unit_groups,
+        score=config.group_score,
+        cost=config.unit_cost,
+        normalize=normalize,
+        round_to=config.unit_round_to,
     )
     return dict(structure=structure)
   m = int(config.structure.split(":")[1])

@@ -97,6 +97,8 @@ def test_model_names_match_interface():
       "lenet300",
       "lenet5",
       "conv6",
+      "small_cnn",
+      "vgg_small",
   )
 
 

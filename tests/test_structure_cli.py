@@ -21,6 +21,7 @@ from tests.test_cli import one_error_line
         (["--structure=unit", "--unit_cost=macs"], "--unit_cost must be one of"),
         (["--structure=unit", "--unit_normalize=lamp"], "--unit_normalize must be one of"),
         (["--unit_cost=flops"], "apply to --structure=unit"),
+        (["--structure=unit", "--unit_round_to=0"], "--unit_round_to"),
         (["--structure=2:4", "--sparsity=0.5", "--method=dense"], "scheduled methods"),
     ],
 )
@@ -72,6 +73,7 @@ def test_a_flop_target_run_prunes_units_of_every_conv_and_empties_none(tmp_path)
       "--structure=unit",
       "--unit_cost=flops",
       "--unit_normalize=mean",
+      "--unit_round_to=2",
       "--method=taylor",
   )
   kernels = list(layers.values())
@@ -79,6 +81,7 @@ def test_a_flop_target_run_prunes_units_of_every_conv_and_empties_none(tmp_path)
   convs = [layer for layer in kernels if len(layer["shape"]) == 4]
   assert len(convs) == 2 and all(layer["dead_outputs"] > 0 for layer in convs)
   assert all(layer["outputs"] > layer["dead_outputs"] for layer in kernels)
+  assert all((layer["outputs"] - layer["dead_outputs"]) % 2 == 0 for layer in kernels)
 
 
 def test_a_two_of_four_run_leaves_a_one_channel_first_conv_dense(tmp_path):

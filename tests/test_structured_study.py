@@ -55,3 +55,20 @@ def test_the_report_lists_compacted_runs_with_their_speed_up():
 def test_a_bad_shard_exits_2(capsys):
   assert study.main(["--shard=2/2", "--table_only"]) == 2
   assert "--shard must be I/N" in capsys.readouterr().err
+
+
+def test_run_pending_measures_this_shards_unfinished_runs_and_keeps_each_record(tmp_path):
+  runs = [study.Run("lenet5", "unit", seed) for seed in range(4)]
+  measured = []
+  measure = lambda run: measured.append(run.name) or {"test_accuracy": run.seed / 10}
+  study.run_pending(runs, tmp_path, "", (1, 2), measure)
+  assert measured == ["lenet5-unit-seed1", "lenet5-unit-seed3"]
+  study.run_pending(runs, tmp_path, "", (1, 2), measure)  # finished: nothing again
+  assert len(measured) == 2
+  study.run_pending(runs, tmp_path, "seed2", (0, 1), measure)
+  assert measured[-1] == "lenet5-unit-seed2"
+  results = study.results_of(tmp_path)["runs"]
+  assert sorted(results) == ["lenet5-unit-seed1", "lenet5-unit-seed2", "lenet5-unit-seed3"]
+  assert results["lenet5-unit-seed3"] == {"test_accuracy": 0.3}
+  assert study.parse_shard("1/2") == (1, 2)
+  assert study.parse_shard("2/2") is None and study.parse_shard("a/b") is None
