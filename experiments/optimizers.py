@@ -113,7 +113,8 @@ def _structure(config: config_lib.Config, unit_groups) -> dict[str, Any]:
         normalize=normalize,
         round_to=config.unit_round_to,
     )
-    return dict(structure=structure)
+    # The units' biases and norm parameters are masked with them: a pruned unit is zero.
+    return dict(structure=structure, where=unit_groups.where)
   m = int(config.structure.split(":")[1])
   divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % m == 0
   return dict(structure=config.structure, where=divisible)

@@ -72,7 +72,8 @@ def model_unit_groups(graphdef_eval, params, batch_stats, input_shape):
   """``flipout.unit_groups`` of the model's inference function, for the params.
 
   The batch statistics are traced as params too (not as arguments, which would pin their
-  channels), and only the params' kernels are prunable.
+  channels), and only the params' kernels are prunable; their units' biases and BatchNorm
+  scales and biases are followers (``where`` of the result).
   """
   apply_fn = lambda state, images: nnx.merge(graphdef_eval, state["params"], state["stats"])(images)
   images = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
@@ -80,7 +81,9 @@ def model_unit_groups(graphdef_eval, params, batch_stats, input_shape):
   groups = flipout.unit_groups(
       apply_fn, {"params": params, "stats": batch_stats}, images, where=kernels
   )
-  return flipout.UnitGroups(groups.ids["params"], groups.flops)
+  return flipout.UnitGroups(
+      groups.ids["params"], groups.flops, groups.where["params"], groups.kernels["params"]
+  )
 
 
 def build_setup(

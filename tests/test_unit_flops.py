@@ -100,10 +100,22 @@ def _train(apply_fn, params, images, tx, steps):
 def _live_groups(groups: flipout.UnitGroups, masks) -> np.ndarray:
   """Which groups have a live unit in ``masks`` (Flax kernels: units last)."""
   live = np.zeros(groups.flops.num_groups, bool)
-  for ids, mask in zip(jax.tree.leaves(groups.ids), jax.tree.leaves(masks)):
+  for ids, mask in zip(_at_masks(groups.ids, masks), jax.tree.leaves(masks)):
+    if mask.ndim < 2:  # followers go with their kernels' units
+      continue
     units = np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0)
     live[ids[(ids >= 0) & units]] = True
   return live
+
+
+def _at_masks(tree, masks):
+  """The leaves of ``tree`` where ``masks`` has a mask (``None`` masks: not prunable)."""
+  paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(masks)}
+  return [
+      leaf
+      for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+      if jax.tree_util.keystr(p) in paths
+  ]
 
 
 def test_flops_counts_products_grouped_convolutions_and_scan_bodies():
@@ -152,9 +164,14 @@ def test_a_flop_target_is_met_and_the_compacted_model_has_the_predicted_flops(na
   groups = flipout.unit_groups(apply_fn, params, images, where=_KERNELS)
   structure = flipout.units(groups, cost="flops", normalize="mean")
   tx = optax.chain(
-      optax.sgd(0.05), flipout.prune(target, total_steps=12, structure=structure, where=_KERNELS)
+      optax.sgd(0.05),
+      flipout.prune(target, total_steps=12, structure=structure, where=groups.where),
   )
   pruned, history = _train(apply_fn, params, images, tx, 12)
+  live = _live_groups(groups, history[-1])
+  for ids, mask in zip(_at_masks(groups.ids, history[-1]), jax.tree.leaves(history[-1])):
+    if mask.ndim == 1:  # a follower (a bias, a BatchNorm scale): masked with its unit
+      np.testing.assert_array_equal(mask, live[ids])
   predicted = float(groups.flops.count(_live_groups(groups, history[-1])))
   compacted = flipout.compact(apply_fn, pruned, images)
   measured = flipout.flops(compacted.apply, compacted.params, images) / 4
@@ -162,6 +179,7 @@ def test_a_flop_target_is_met_and_the_compacted_model_has_the_predicted_flops(na
   assert abs((1 - measured / groups.flops.dense) - target) <= 0.02
   for mask in jax.tree.leaves(history[-1]):  # no layer emptied
     assert np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0).sum() >= 1
+  assert any(m.ndim == 1 for m in jax.tree.leaves(history[-1]))  # the followers were pruned
 
 
 def test_the_cubic_ramp_with_units_reaches_each_events_flop_share_on_schedule():
@@ -265,3 +283,28 @@ def test_round_to_keeps_each_layer_at_a_multiple_of_its_units(cost):
 def test_round_to_is_checked():
   with pytest.raises(ValueError, match="round_to must be an int >= 1"):
     flipout.units(round_to=0)
+
+
+@pytest.mark.parametrize("followers", [True, False])
+def test_a_pruned_units_bias_is_masked_so_compaction_removes_the_whole_channel(followers):
+  # Biases of +1: a channel whose kernel is pruned but whose bias lives is relu(1) = 1
+  # everywhere, and the next conv reads it through zero padding: compaction into params
+  # alone (the model's own code at smaller widths) must keep it.
+  apply_fn, params, images = _model("small_cnn")
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.ones_like(leaf) if path[-1].key == "bias" else leaf, params
+  )
+  groups = flipout.unit_groups(apply_fn, params, images, where=_KERNELS)
+  where = groups.where if followers else _KERNELS
+  tx = optax.chain(
+      optax.sgd(0.05),
+      flipout.prune(0.7, total_steps=6, structure=flipout.units(groups, cost="flops"), where=where),
+  )
+  pruned, history = _train(apply_fn, params, images, tx, 6)
+  predicted = float(groups.flops.count(_live_groups(groups, history[-1])))
+  compacted = flipout.compact(apply_fn, pruned, images, constants="params")
+  measured = flipout.flops(compacted.apply, compacted.params, images) / 4
+  if followers:
+    assert measured == pytest.approx(predicted, rel=1e-6)
+  else:
+    assert measured > predicted * 1.05

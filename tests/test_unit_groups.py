@@ -40,7 +40,10 @@ def test_a_residual_stream_is_one_group_per_channel_and_outputs_are_never_pruned
   apply_fn, params, images = _linen()
   groups = flipout.unit_groups(apply_fn, params, images)
   np.testing.assert_array_equal(groups.ids["stem"]["kernel"], groups.ids["c2"]["kernel"])
-  assert groups.ids["stem"]["bias"] is None
+  # The stem's bias follows its units; the head's (the logits) follows none.
+  np.testing.assert_array_equal(groups.ids["stem"]["bias"], groups.ids["stem"]["kernel"])
+  assert groups.where["stem"]["bias"] and not groups.kernels["stem"]["bias"]
+  assert groups.ids["head"]["bias"] is None and not groups.where["head"]["bias"]
   own = [groups.ids["stem"]["kernel"], groups.ids["c1"]["kernel"], groups.ids["hidden"]["kernel"]]
   ids = np.concatenate(own)
   assert len(np.unique(ids)) == ids.size == 8 + 6 + 16  # no other coupling
@@ -60,8 +63,13 @@ def test_equinox_units_are_rows():
   params, static = eqx.partition(mlp, eqx.is_array)
   apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
   groups = flipout.unit_groups(apply_fn, params, jnp.ones((2, 12)), kernel_layout="out_in")
-  kernels = [g for g in jax.tree.leaves(groups.ids) if g is not None]
+  is_kernel = jax.tree.leaves(groups.kernels)
+  kernels = [
+      g for g, k in zip(jax.tree.leaves(groups.ids, is_leaf=lambda x: x is None), is_kernel) if k
+  ]
   assert [g.shape for g in kernels] == [(7,), (7,), (3,)]
+  # The two hidden biases follow their units; the output bias (the model's outputs) does not.
+  assert sum(jax.tree.leaves(groups.where)) == 5
   np.testing.assert_array_equal(kernels[-1], -1)
   assert len(np.unique(np.concatenate(kernels[:2]))) == 14
 

@@ -82,7 +82,9 @@ class _Units(NamedTuple):
   # -1), an index that scatters drop and gathers fill (a negative one would wrap around).
   ids: list[np.ndarray]
   num_groups: int
-  group_weights: np.ndarray  # weights per group
+  group_weights: np.ndarray  # weights per group, followers' entries included
+  scored_weights: np.ndarray  # weights per group whose scores count (kernels')
+  followers: list[bool]  # per leaf: a 1-D follower (a bias, a norm's scale), never scored
 
 
 def _pairs(masks, params) -> list[tuple[Any, Any]]:
@@ -104,10 +106,14 @@ def _units(masks, params, kernel_layout, groups) -> _Units:
   num_groups = int(max((i.max(initial=-1) for i in ids), default=-1)) + 1
   ids = [np.where(i < 0, num_groups, i) for i in ids]
   fan_ins = [np.prod(shape) // max(shape[axis], 1) for shape, axis in zip(shapes, axes)]
+  followers = [len(shape) == 1 for shape in shapes]
   weights = np.zeros(num_groups, np.int64)
-  for i, fan_in in zip(ids, fan_ins):
+  scored = np.zeros(num_groups, np.int64)
+  for i, fan_in, follower in zip(ids, fan_ins, followers):
     np.add.at(weights, i[i < num_groups], fan_in)
-  return _Units(axes, ids, num_groups, weights)
+    if not follower:
+      np.add.at(scored, i[i < num_groups], fan_in)
+  return _Units(axes, ids, num_groups, weights, scored, followers)
 
 
 def _protected(unit_scores, unit_live, ids, min_units: int, num_groups: int) -> jax.Array:
@@ -158,13 +164,19 @@ def _unit_event(
     scores = prunable_lib.leaves_at(
         masks, criteria_lib.scores(rule, new_params, flips, key, updates)
     )
-    matrices = [structure_lib.units_last(s, a) for s, a in zip(scores, units.output_axes)]
+    matrices = [
+        jnp.zeros_like(structure_lib.units_last(s, a))
+        if follower
+        else structure_lib.units_last(s, a)
+        for s, a, follower in zip(scores, units.output_axes, units.followers)
+    ]
     weight_live = [structure_lib.units_last(m, a) for m, a in zip(mask_leaves, units.output_axes)]
     matrices = structure_lib.per_leaf_normalized(matrices, weight_live, structure.normalize)
     live = [m.any(axis=0) for m in weight_live]
     sums, non_finite = structure_lib.exact_group_sums(matrices, units.ids, units.num_groups, bits)
     weights = jnp.asarray(units.group_weights, targets_table.dtype)
-    values = sums / jnp.maximum(weights, 1).astype(sums.dtype) if mean else sums
+    scored = jnp.asarray(np.maximum(units.scored_weights, 1), sums.dtype)
+    values = sums / scored if mean else sums
     values = jnp.where(non_finite, jnp.inf, values)
     unit_scores = [values.at[i].get(mode="fill", fill_value=jnp.inf) for i in units.ids]
     protected = _protected(unit_scores, live, units.ids, min_units, units.num_groups)
@@ -239,11 +251,14 @@ def _input_axes(masks, params, kernel_layout) -> list[int]:
   return [layout_lib.unit_axes(kernel_layout, p, leaf)[1] for p, leaf in _pairs(masks, params)]
 
 
-def _check_kernels(masks, params, what: str) -> None:
+def _check_kernels(masks, params, what: str, followers: bool) -> None:
+  """Refuses prunable leaves of fewer than 2 dimensions (1 with ``followers``: a unit's
+  bias or norm scale, which ``groups`` ties to its unit)."""
   for path, leaf in _pairs(masks, params):
-    if np.ndim(leaf) < 2:
+    if np.ndim(leaf) < (1 if followers else 2):
+      hint = "" if followers else " (or 1-D ones that structure=flipout.units(groups) ties)"
       raise ValueError(
-          f"structure={what!r} needs kernels of 2+ dimensions, but the prunable leaf "
+          f"structure={what!r} needs kernels of 2+ dimensions{hint}, but the prunable leaf "
           f"{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; leave it out of `where`"
       )
 
@@ -319,7 +334,8 @@ def factory(
     select.count_dtype(max(schedule_lib.group_sizes(sizes(masks), rule.layerwise)))
     if structure.kind == "weight":
       return
-    _check_kernels(masks, params, structure.kind if structure.kind == "unit" else "N:M")
+    with_groups = structure.kind == "unit" and groups is not None
+    _check_kernels(masks, params, "unit" if structure.kind == "unit" else "N:M", with_groups)
     if structure.kind == "unit" and groups is not None:
       _check_groups(masks, params, groups, kernel_layout, rule.layerwise)
     if structure.kind == "n:m":

@@ -60,12 +60,25 @@ class UnitFlops(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class UnitGroups:
-  """What :func:`unit_groups` read from a model: ``ids``, a tree shaped like params with
-  each prunable kernel's group id per output unit (``-1``: never pruned) and ``None``
-  elsewhere; ``flops``, the model's :class:`UnitFlops`."""
+  """What :func:`unit_groups` read from a model.
+
+  Attributes:
+    ids: a tree shaped like params with the group id of each output unit (``-1``: never
+      pruned) at each prunable kernel and at each follower (a 1-D leaf such as a bias or a
+      BatchNorm scale whose every entry belongs to a unit of a prunable kernel), ``None``
+      elsewhere.
+    flops: the model's :class:`UnitFlops`.
+    where: a tree of bools, True at the kernels and the followers: ``prune(...,
+      where=groups.where)`` masks a unit's bias and norm parameters with its weights, so
+      a pruned unit outputs exact zeros (a live bias would keep a constant channel, which
+      compaction cannot remove where a padded convolution reads it).
+    kernels: a tree of bools, True at the prunable kernels only.
+  """
 
   ids: Any
   flops: UnitFlops
+  where: Any = None
+  kernels: Any = None
 
 
 def _flop_terms(linear, labels: np.ndarray, pinned: int, examples: int) -> UnitFlops:
@@ -157,15 +170,24 @@ def unit_groups(
     axis = layout_lib.unit_axes(kernel_layout, path, leaf)[0]
     found[number] = units[number][axis]
   labels = np.unique(np.concatenate([c[c != pinned] for c in found.values()] or [[]]))
+  kernels = set(found)
+  for number, leaf in enumerate(leaves):  # followers: a bias or a norm's scale of units
+    if number not in found and np.ndim(leaf) == 1 and np.issubdtype(leaf.dtype, np.floating):
+      axis = units[number][0]
+      if axis.size and np.isin(axis, labels).all():
+        found[number] = axis
   ids = [
       np.where(c == pinned, -1, np.searchsorted(labels, c)).astype(np.int32)
       if c is not None
       else None
       for c in (found.get(number) for number in range(len(leaves)))
   ]
+  structure = jax.tree.structure(params)
   shapes = [tuple(getattr(leaf, "shape", np.shape(leaf))) for leaf in jax.tree.leaves(example_args)]
   examples = shapes[0][batch_axis] if batch_axis is not None and shapes and shapes[0] else 1
   return UnitGroups(
-      jax.tree.unflatten(jax.tree.structure(params), ids),
+      jax.tree.unflatten(structure, ids),
       _flop_terms(linear, labels.astype(np.int64), pinned, examples),
+      jax.tree.unflatten(structure, [number in found for number in range(len(leaves))]),
+      jax.tree.unflatten(structure, [number in kernels for number in range(len(leaves))]),
   )
