@@ -158,7 +158,7 @@ def unit_groups(
   units, pinned, linear = compact_lib.param_units(
       apply_fn, params, *example_args, batch_axis=batch_axis
   )
-  found = {}
+  found: dict[int, np.ndarray] = {}
   for number, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
     if not jax.tree.leaves(prunable)[number]:
       continue
@@ -173,9 +173,9 @@ def unit_groups(
   kernels = set(found)
   for number, leaf in enumerate(leaves):  # followers: a bias or a norm's scale of units
     if number not in found and np.ndim(leaf) == 1 and np.issubdtype(leaf.dtype, np.floating):
-      axis = units[number][0]
-      if axis.size and np.isin(axis, labels).all():
-        found[number] = axis
+      entries = units[number][0]
+      if entries.size and np.isin(entries, labels).all():
+        found[number] = entries
   ids = [
       np.where(c == pinned, -1, np.searchsorted(labels, c)).astype(np.int32)
       if c is not None
