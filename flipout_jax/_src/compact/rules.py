@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from flipout_jax._src.compact import reshapes
 from flipout_jax._src.compact.program import Atom, Aval, Eqn, Literal, value_id
 
 Mask: TypeAlias = npt.NDArray[np.bool_]
@@ -164,40 +165,6 @@ def _fit(size: int, row: Mask) -> Mask:
 # ---------------------------------------------------------------------------------------------
 
 
-ReshapeGroups: TypeAlias = list[tuple[tuple[int, ...], tuple[int, ...]]]
-
-
-def _reshape_groups(source: Sequence[int], target: Sequence[int]) -> ReshapeGroups | None:
-  """Pairs (source axes, target axes) whose sizes multiply to the same number, matched from
-  the last axis (equal sizes pair first, so a bias ``(n,)`` reshaped to ``(1, n)`` keeps its
-  axis); size-1 axes left unpaired are in no group. None when some size is 0."""
-  if 0 in source or 0 in target:
-    return None
-  groups: ReshapeGroups = []
-  a, b = len(source) - 1, len(target) - 1
-  while a >= 0 and b >= 0:
-    if source[a] == target[b]:
-      groups.append(((a,), (b,)))
-      a, b = a - 1, b - 1
-    elif source[a] == 1:
-      a -= 1
-    elif target[b] == 1:
-      b -= 1
-    else:
-      group_in, group_out = [a], [b]
-      left, right = source[a], target[b]
-      a, b = a - 1, b - 1
-      while left != right:
-        if left < right:
-          group_in.append(a)
-          left, a = left * source[a], a - 1
-        else:
-          group_out.append(b)
-          right, b = right * target[b], b - 1
-      groups.append((tuple(reversed(group_in)), tuple(reversed(group_out))))
-  return groups
-
-
 def _empty_reshape_links(
     eqn: Eqn, avals: Sequence[Aval], out: int, source: Sequence[int], target: Sequence[int]
 ) -> list[Fact]:
@@ -280,7 +247,7 @@ def links(index: int, eqn: Eqn, avals: Sequence[Aval]) -> list[Fact]:
         result.append(Pin(_where(ins[0], d), "broadcast_in_dim of a size-1 axis"))
     return result
   if name == "reshape":
-    groups = _reshape_groups(source_shape, out_shape)
+    groups = reshapes.reshape_groups(source_shape, out_shape)
     if groups is None or p.get("dimensions") is not None:
       return _empty_reshape_links(eqn, avals, out, source_shape, out_shape)
     grouped_in = {d for group_in, _ in groups for d in group_in}
@@ -409,7 +376,7 @@ def _zeros(avals: Sequence[Aval], ins: Sequence[Atom]) -> list[list[Mask]]:
 
 def _regroup(source: Sequence[int], target: Sequence[int], axes: list[Mask]) -> Axes:
   """Per-axis masks of ``source`` carried through a reshape to ``target`` (exact per group)."""
-  groups = _reshape_groups(source, target)
+  groups = reshapes.reshape_groups(source, target)
   if groups is None:
     return _everything(target, True)
   result = [np.ones(size, bool) for size in target]
