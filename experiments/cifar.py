@@ -15,23 +15,8 @@ from experiments import config as config_lib
 
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18")
 
-DEFAULTS = config_lib.Config(
-    dataset="cifar10",
-    model="vgg19",
-    method="flipout",
-    sparsity=0.999,
-    epochs=350,
-    batch_size=128,
-    eval_batch_size=1000,
-    lr=0.1,
-    milestones=(150, 250),
-    momentum=0.9,
-    weight_decay=5e-4,
-    noise_scale=None,
-    p=2.0,
-    prune_rate=0.5,
-    init="torch",
-)
+# Config's defaults are this run (the paper's VGG19 at 99.9%): nothing to override.
+DEFAULTS = config_lib.Config()
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,100 +101,80 @@ def _optional_int(text: str) -> int | None:
   return None if text.lower() in ("", "none") else int(text)
 
 
-# Flags that set the config_lib.Config field of their name: (name, parser, help).
+# Flags that set the config_lib.Config field of their name, (name, parser); each one's help
+# is the field's description in Config's docstring (the one place it is written).
 _VALUE_FLAGS = (
-    ("sparsity", float, "final fraction of prunable weights pruned, in [0, 1)"),
-    ("epochs", int, "training epochs"),
-    ("batch_size", int, "global batch size (divisible by the device count)"),
-    ("eval_batch_size", int, "global batch size of the test evaluation"),
-    ("lr", float, "initial SGD learning rate"),
-    (
-        "milestones",
-        _parse_milestones,
-        "comma-separated epochs after which the learning rate is multiplied by 0.1",
-    ),
-    ("momentum", float, "SGD momentum"),
-    ("weight_decay", float, "coupled L2 weight decay (added to the gradient before momentum)"),
-    (
-        "noise_scale",
-        _optional_float,
-        "gradient noise scale lambda, for any scheduled method (None: 1 for flipout, 0 for "
-        "the baselines, as the paper)",
-    ),
-    ("p", float, "exponent of the FlipOut saliency |w|^p / (flips + 1)"),
-    ("prune_rate", float, "fraction of live weights pruned per event (halving schedule)"),
-    (
-        "schedule",
-        str,
-        "pruning schedule: halving (the paper's) or cubic (Zhu & Gupta's polynomial ramp)",
-    ),
-    (
-        "structure",
-        str,
-        "what is pruned together: weight (the paper's), unit (whole output units, coupled "
-        "across layers as read from the model) or N:M such as 2:4 (--sparsity 1 - N/M)",
-    ),
-    ("group_score", str, "unit: a group's score is the mean or the sum of its weights'"),
-    ("unit_cost", str, "unit: what --sparsity counts, weights or flops (the model's FLOPs)"),
-    ("unit_normalize", str, "unit: per-layer score normaliser before ranking: none, mean, max"),
-    ("unit_round_to", int, "unit: each layer keeps a multiple of this many live units"),
-    ("initial_sparsity", float, "sparsity of the first cubic event"),
-    (
-        "prune_begin_epoch",
-        _optional_int,
-        "cubic: first event after this many epochs (None: the halving schedule's first event)",
-    ),
-    (
-        "prune_end_epoch",
-        _optional_int,
-        "cubic: last event, on --sparsity, after this many epochs (None: halving's last event)",
-    ),
-    ("prune_every_steps", _optional_int, "cubic: steps between events (None: one epoch)"),
-    ("hoyer_lambda", float, "Hoyer-Square regulariser weight (hoyer_square)"),
-    (
-        "hoyer_threshold",
-        _optional_float,
-        "fixed Hoyer-Square pruning threshold; none: the one reaching --sparsity",
-    ),
-    ("seed", int, "seed of everything random"),
-    (
-        "data_seed",
-        int,
-        "seed of the digits/mnist_t10k split and of synthetic data " "(None: --seed)",
-    ),
-    ("workdir", str, "output folder (None: runs/<dataset>-<model>-<method>-<sparsity>-seed<seed>)"),
-    ("synthetic_train", int, "synthetic training images"),
-    ("synthetic_test", int, "synthetic test images"),
-    (
-        "data_dir",
-        str,
-        "tfds data dir (or the mnist_t10k folder, or fashion_mnist's IDX folder, default "
-        "/usr/share/datasets/fashion-mnist)",
-    ),
-    ("checkpoint_every_epochs", int, "checkpoint period in epochs (0: only at the end)"),
-    ("keep_checkpoints", int, "checkpoints kept"),
-    ("coordinator_address", str, "host:port of process 0 of a multi-process job"),
-    ("num_processes", int, "processes in a multi-process job"),
-    ("process_id", int, "this process's index in a multi-process job"),
-    (
-        "on_nonfinite",
-        str,
-        "a non-finite loss or weights: stop (exit status 3, nothing non-finite is saved, so the "
-        "newest checkpoint is the last finite state) or continue (warn and train on)",
-    ),
+    ("sparsity", float),
+    ("epochs", int),
+    ("batch_size", int),
+    ("eval_batch_size", int),
+    ("lr", float),
+    ("milestones", _parse_milestones),
+    ("momentum", float),
+    ("weight_decay", float),
+    ("noise_scale", _optional_float),
+    ("p", float),
+    ("prune_rate", float),
+    ("schedule", str),
+    ("structure", str),
+    ("group_score", str),
+    ("unit_cost", str),
+    ("unit_normalize", str),
+    ("unit_round_to", int),
+    ("initial_sparsity", float),
+    ("prune_begin_epoch", _optional_int),
+    ("prune_end_epoch", _optional_int),
+    ("prune_every_steps", _optional_int),
+    ("hoyer_lambda", float),
+    ("hoyer_threshold", _optional_float),
+    ("seed", int),
+    ("data_seed", int),
+    ("workdir", str),
+    ("synthetic_train", int),
+    ("synthetic_test", int),
+    ("data_dir", str),
+    ("checkpoint_every_epochs", int),
+    ("keep_checkpoints", int),
+    ("coordinator_address", str),
+    ("num_processes", int),
+    ("process_id", int),
+    ("on_nonfinite", str),
 )
+_SWITCHES = ("resume", "synthetic")  # store_true
+_ON_OFF_SWITCHES = ("progress", "tensorboard")  # --x / --no-x
+
+_ROLE = re.compile(r":\w+:`~?([^`]+)`")
 
 
-_SWITCHES = (
-    ("resume", "continue from the newest checkpoint in --workdir"),
-    ("synthetic", "random data of the right shapes, for smoke tests and speed (never a result)"),
-)
+def field_help() -> dict[str, str]:
+  """Each :class:`config.Config` field's description, from its docstring's ``Attributes``,
+  as plain text (reST roles and literals unmarked)."""
+  doc = inspect.getdoc(config_lib.Config) or ""
+  found: dict[str, list[str]] = {}
+  name = None
+  for line in doc.split("Attributes:", 1)[1].splitlines():
+    field = re.match(r"^  (\w+): (.*)$", line)
+    if field:
+      name = field.group(1)
+      found[name] = [field.group(2)]
+    elif line.startswith("    ") and name is not None:
+      found[name].append(line.strip())
+  plain = lambda text: _ROLE.sub(r"\1", text).replace("``", "")
+  return {key: plain(" ".join(words)) for key, words in found.items()}
 
 
-_ON_OFF_SWITCHES = (
-    ("progress", "progress bar and one line per epoch"),
-    ("tensorboard", "write TensorBoard scalars"),
-)
+def flags_table(defaults: config_lib.Config | None = None) -> str:
+  """The Markdown table of every Config flag, its default and its description
+  (``docs/experiments.md`` holds it; ``python -m experiments.cli`` prints it)."""
+  defaults = defaults or config_lib.Config()
+  described = field_help()
+  rows = []
+  for field in dataclasses.fields(config_lib.Config):
+    value = getattr(defaults, field.name)
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    text = described[field.name].replace("|", "\\|")  # a pipe would end the cell
+    rows.append(f"| `--{field.name}` | `{shown}` | {text} |")
+  return "\n".join(["| flag | default (cifar) | what it sets |", "| --- | --- | --- |", *rows])
 
 
 def build_parser(
@@ -229,16 +211,17 @@ def build_parser(
       help="weight initialisation: torch (PyTorch's defaults, the authors') or flax (the "
       f"models' own); None: {defaults.init} for a new run, the run's own on --resume",
   )
-  for name, parse, help_text in _VALUE_FLAGS:
-    add(f"--{name}", type=parse, default=getattr(defaults, name), help=help_text)
-  for name, help_text in _SWITCHES:
-    add(f"--{name}", action="store_true", default=getattr(defaults, name), help=help_text)
-  for name, help_text in _ON_OFF_SWITCHES:
+  described = field_help()
+  for name, parse in _VALUE_FLAGS:
+    add(f"--{name}", type=parse, default=getattr(defaults, name), help=described[name])
+  for name in _SWITCHES:
+    add(f"--{name}", action="store_true", default=getattr(defaults, name), help=described[name])
+  for name in _ON_OFF_SWITCHES:
     add(
         f"--{name}",
         action=argparse.BooleanOptionalAction,
         default=getattr(defaults, name),
-        help=help_text,
+        help=described[name],
     )
   return parser
 
@@ -302,3 +285,7 @@ def main(
     print(f"{parser.prog}: interrupted; continue with --resume", file=sys.stderr)
     return 130
   return 0
+
+
+if __name__ == "__main__":  # the flag table of docs/experiments.md
+  print(flags_table())

@@ -42,6 +42,10 @@ SCHEDULED_CRITERIA = {
 class Config:
   """Everything that defines a run. Defaults: the paper's VGG19 / CIFAR-10 run at 99.9%.
 
+  Each field is the command-line flag of its name, and its description below is that flag's
+  ``--help`` and its row in ``docs/experiments.md`` (``python -m experiments.cli`` prints the
+  table), so it is written here only.
+
   Attributes:
     dataset: one of ``input_pipeline.DATASET_NAMES``.
     model: one of ``models.MODEL_NAMES``.
@@ -96,7 +100,8 @@ class Config:
     synthetic_train: number of synthetic training images.
     synthetic_test: number of synthetic test images.
     data_dir: where the data set lives (tfds data dir, or the mnist_t10k folder, or the
-      folder of fashion_mnist's IDX files when tfds has not prepared it).
+      folder of fashion_mnist's IDX files when tfds has not prepared it, by default
+      ``/usr/share/datasets/fashion-mnist``).
     checkpoint_every_epochs: checkpoint period in epochs; 0: only at the end of the run.
     keep_checkpoints: how many checkpoints to keep.
     progress: show a progress bar and print one line per epoch.
@@ -106,8 +111,8 @@ class Config:
     num_processes: processes in the job (None: ``JAX_NUM_PROCESSES``).
     process_id: this process's index in ``[0, num_processes)`` (None: ``JAX_PROCESS_ID``).
     on_nonfinite: a non-finite loss or weights: ``stop`` (raise ``TrainingDiverged`` before
-      saving, so the newest checkpoint is the last finite state) or ``continue`` (warn, train
-      on); see ``divergence``.
+      saving, exit status 3, so the newest checkpoint is the last finite state) or
+      ``continue`` (warn, train on); see ``divergence``.
   """
 
   dataset: str = "cifar10"

@@ -195,3 +195,29 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path, module, argv, e
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and expected in lines[0], result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_each_flag_is_described_once_in_config_and_the_docs_table_is_current():
+  import dataclasses
+  import pathlib
+
+  from experiments import cli, config
+
+  described = cli.field_help()
+  assert set(described) == {f.name for f in dataclasses.fields(config.Config)}
+  assert all(text and "``" not in text for text in described.values())
+  parser = cli.build_parser(config.Config())
+  helps = {action.dest: action.help for action in parser._actions}
+  assert helps["unit_round_to"] == described["unit_round_to"]
+  assert helps["progress"] == described["progress"]
+  docs = (pathlib.Path(__file__).parents[1] / "docs" / "experiments.md").read_text()
+  begin, end = "<!-- flags table: begin -->\n", "\n<!-- flags table: end -->"
+  assert (
+      docs.split(begin)[1].split(end)[0] == cli.flags_table()
+  ), "docs/experiments.md's flag table is stale: paste `python -m experiments.cli` into it"
+
+
+def test_the_cifar_entry_point_runs_the_configs_defaults():
+  from experiments import cifar, config
+
+  assert cifar.DEFAULTS == config.Config()
