@@ -122,3 +122,16 @@ def test_every_library_module_is_under_500_lines():
       if (n := len(path.read_text().splitlines())) > 500
   }
   assert not long, long
+
+
+def test_every_library_function_is_at_most_80_lines():
+  # Docstring included: a function that needs more is two (the long account goes in a
+  # module docstring or a README).
+  long = []
+  for path in _LIBRARY.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > 80:
+          long.append(f"{path.relative_to(_ROOT)}:{node.lineno} {node.name} ({length})")
+  assert not long, long

@@ -235,6 +235,19 @@ def _masks_flips_and_sample(state, now: _StepState, event, sampling: bool, stopp
   return jax.lax.cond(special, special_step, steady_step)
 
 
+def _initial_state(params, masks, flip_dtype) -> PruneState:
+  """Step 0: the initial ``masks``, zero flip counts of ``flip_dtype`` (None: no counts)."""
+  flips = None
+  if flip_dtype is not None:
+    flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
+  return PruneState(
+      count=jnp.zeros([], jnp.int32),
+      masks=masks,
+      flips=flips,
+      last_update=update_check.empty(prunable_lib.leaves_at(masks, params)),
+  )
+
+
 def masking_transform(
     where,
     initial_masks: Callable[[Any, Any], Any],
@@ -263,19 +276,10 @@ def masking_transform(
   prunable_lib.check_where(where)
 
   def init_fn(params):
-    prunable = prunable_lib.prunable_tree(params, where)
-    masks = initial_masks(params, prunable)
+    masks = initial_masks(params, prunable_lib.prunable_tree(params, where))
     prunable_lib.check_floating(params, masks)
     check_leaves(masks, params)
-    flips = None
-    if counts_flips:
-      flips = jax.tree.map(lambda m: jnp.zeros(m.shape, flip_dtype), masks)
-    return PruneState(
-        count=jnp.zeros([], jnp.int32),
-        masks=masks,
-        flips=flips,
-        last_update=update_check.empty(prunable_lib.leaves_at(masks, params)),
-    )
+    return _initial_state(params, masks, flip_dtype if counts_flips else None)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # e.g. a loss `value` for other links of the chain

@@ -1,5 +1,16 @@
-r"""The FlipOut paper's gradient noise, as an Optax transformation."""
+r"""The FlipOut paper's gradient noise, as an Optax transformation.
 
+The draw is ``jax.random.normal(key_t, (N,), float32)`` with JAX's default generator
+(threefry2x32, partitionable counters), bit for bit, but computed here leaf by leaf with
+the 20 rounds unrolled, where the noise is added: JAX's own CPU lowering loops over the
+rounds and writes every word out 5 times, and the concatenated draw was written out too.
+That is the fastest of JAX's generators on CPU with no change of stream (``rbg`` and
+``unsafe_rbg`` are 2.6-9x slower there; ``python -m benchmarks.noise_rng``, BENCHMARKS.md
+section 1). Other key implementations (``jax_default_prng_impl``) or
+``jax_threefry_partitionable=False`` draw with ``jax.random.normal`` itself.
+"""
+
+from collections.abc import Callable
 from typing import Any, NamedTuple
 import zlib
 
@@ -131,6 +142,43 @@ def _uniform_from_bits(bits: jax.Array) -> jax.Array:
   return jnp.maximum(low, unit * (np.float32(1) - low) + low)
 
 
+def _draw(seed: int, count: jax.Array, total: int) -> Callable[[int, int], jax.Array]:
+  """``draw(start, size)``: entries ``start .. start + size`` of step ``count``'s standard
+  normal draw of ``total`` entries (see :func:`gradient_noise`, "Randomness")."""
+  if (
+      total > _MAX_DRAW
+      or str(jax.random.key_impl(_base_key(seed))) != _THREEFRY
+      or not getattr(jax.config, "jax_threefry_partitionable")
+  ):
+    # Anything but JAX's default threefry: its own draw, split.
+    normals = jax.random.normal(_noise_key(seed, count), (total,), jnp.float32)
+    return lambda start, size: normals[start : start + size]
+  words = _noise_key_words(seed, count)
+  return lambda start, size: _normal_from_bits(_stream_bits_of_words(*words, int(start), int(size)))
+
+
+def _with_noise(g, w, can_be_pruned: bool, scale: float, draw, start: int) -> jax.Array:
+  """``g`` plus its noise: ``sigma`` from the live entries' norm, the draw from ``start``."""
+  # Widen before squaring: a float16 sum of squares overflows at 65504.
+  wide = jnp.asarray(g).astype(_compute_dtype(jnp.result_type(g)))
+  live_grad = jnp.where(w != 0, wide, 0) if can_be_pruned else wide
+  sigma = scale * jnp.linalg.norm(live_grad.ravel()) / np.sqrt(max(wide.size, 1))
+  noise = draw(start, wide.size).reshape(wide.shape).astype(wide.dtype)
+  return (wide + sigma * noise).astype(jnp.result_type(g))
+
+
+def _check_arguments(scale, seed, where, prunable) -> None:
+  """Refuses :func:`gradient_noise`'s arguments out of range, naming each."""
+  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)):
+    raise TypeError(f"scale must be a number >= 0, got {type(scale).__name__}")
+  if not scale >= 0:
+    raise ValueError(f"scale must be >= 0, got {scale}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+  prunable_lib.check_where(where)
+  prunable_lib.check_where(prunable)
+
+
 def gradient_noise(
     scale: float = 1.0, seed: int = 0, where: Any = None, *, prunable: Any = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -142,19 +190,14 @@ def gradient_noise(
     g \leftarrow g + \mathcal{N}(0, \sigma^2), \qquad
     \sigma = \mathrm{scale} \cdot \lVert g \odot \mathrm{live} \rVert_2 / \sqrt{n},
 
-  where ``live`` is 1 for live weights and 0 for pruned ones (all ones for
-  leaves that are not prunable); see ``docs/algorithm.md``. Put it first in
-  the chain, on the loss gradient. Pruned weights are the exact zeros of
-  prunable leaves (``prune`` keeps them so); a live weight that is exactly
-  0.0 is counted as pruned here, which only changes sigma when a weight sits
-  exactly on zero.
+  where ``live`` is 0 at pruned weights, the exact zeros of prunable leaves (a
+  live weight at exactly 0.0 counts as pruned), 1 elsewhere; see
+  ``docs/algorithm.md``. Put it first in the chain, on the loss gradient.
 
-  Only floating-point gradients get noise: ``float0`` gradients (from
-  ``jax.grad(..., allow_int=True)`` with integer params) and integer ones pass
-  through unchanged. ``sigma`` and ``g + noise`` are computed in float32
-  (float64 for float64 gradients) and cast back to the gradient's dtype, so a
-  float16 leaf whose sum of squares exceeds 65504 still gets finite noise of
-  the right size.
+  Only floating-point gradients get noise (``float0`` and integer ones pass
+  through). ``sigma`` and ``g + noise`` are computed in float32 (float64 for
+  float64 gradients) and cast back, so a float16 leaf whose sum of squares
+  exceeds 65504 still gets finite noise of the right size.
 
   Randomness: the update with ``count == t`` in the state draws one float32
   standard normal vector for all selected leaves, split in leaf order, from
@@ -169,15 +212,8 @@ def gradient_noise(
   state draws the same noise as one that never stopped.
 
   The draw is ``jax.random.normal(key_t, (N,), float32)`` with JAX's default
-  generator (threefry2x32, partitionable counters), bit for bit, but computed
-  here leaf by leaf with the 20 rounds unrolled, where the noise is added:
-  JAX's own CPU lowering loops over the rounds and writes every word out 5
-  times, and the concatenated draw was written out too. That is the fastest
-  of JAX's generators on CPU with no change of stream (``rbg`` and
-  ``unsafe_rbg`` are 2.6-9x slower there; ``python -m benchmarks.noise_rng``,
-  BENCHMARKS.md section 1). Other key implementations
-  (``jax_default_prng_impl``) or ``jax_threefry_partitionable=False`` draw
-  with ``jax.random.normal`` itself.
+  generator, bit for bit (computed leaf by leaf where the noise is added: see
+  this module's docstring).
 
   Args:
     scale: the paper's lambda, ``>= 0``.
@@ -191,14 +227,7 @@ def gradient_noise(
     A ``GradientTransformationExtraArgs`` needing ``params`` in ``update`` (other
     keyword arguments of ``update``, e.g. a loss ``value``, are ignored).
   """
-  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)):
-    raise TypeError(f"scale must be a number >= 0, got {type(scale).__name__}")
-  if not scale >= 0:
-    raise ValueError(f"scale must be >= 0, got {scale}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-  prunable_lib.check_where(where)
-  prunable_lib.check_where(prunable)
+  _check_arguments(scale, seed, where, prunable)
   noisy_where = where if where is not None else (lambda path, leaf: True)
 
   def init_fn(params):
@@ -219,32 +248,13 @@ def gradient_noise(
     # One stream for all leaves: leaf i gets its entries offsets[i] onwards.
     sizes = [np.size(g) if add_noise else 0 for g, add_noise in zip(grads, noisy)]
     offsets = np.cumsum([0] + sizes)
-    if (
-        offsets[-1] > _MAX_DRAW
-        or str(jax.random.key_impl(_base_key(seed))) != _THREEFRY
-        or not jax.config.jax_threefry_partitionable
-    ):
-      # Anything but JAX's default threefry: its own draw, split.
-      normals = jax.random.normal(_noise_key(seed, state.count), (int(offsets[-1]),), jnp.float32)
-      draw = lambda start, size: normals[start : start + size]
-    else:
-      words = _noise_key_words(seed, state.count)
-      draw = lambda start, size: _normal_from_bits(
-          _stream_bits_of_words(*words, int(start), int(size))
-      )
-    new = []
-    for g, w, add_noise, can_be_pruned, start in zip(
-        grads, treedef.flatten_up_to(params), noisy, pruning, offsets
-    ):
-      if not add_noise:
-        new.append(g)
-        continue
-      # Widen before squaring: a float16 sum of squares overflows at 65504.
-      wide = jnp.asarray(g).astype(_compute_dtype(jnp.result_type(g)))
-      live_grad = jnp.where(w != 0, wide, 0) if can_be_pruned else wide
-      sigma = scale * jnp.linalg.norm(live_grad.ravel()) / np.sqrt(max(wide.size, 1))
-      noise = draw(start, wide.size).reshape(wide.shape).astype(wide.dtype)
-      new.append((wide + sigma * noise).astype(jnp.result_type(g)))
+    draw = _draw(seed, state.count, int(offsets[-1]))
+    new = [
+        _with_noise(g, w, can_be_pruned, scale, draw, start) if add_noise else g
+        for g, w, add_noise, can_be_pruned, start in zip(
+            grads, treedef.flatten_up_to(params), noisy, pruning, offsets
+        )
+    ]
     return treedef.unflatten(new), GradientNoiseState(count=state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -289,29 +289,35 @@ def lowest_k_cut(keys: Keys, k) -> Cut:
   threshold, _, below, at_most = jax.lax.while_loop(
       lambda carry: carry[0] < carry[1], narrow_keys, start
   )
-  ties_wanted = k - below
+  return Cut(threshold, _tie_position(fresh, threshold, k - below, at_most - below, sizes, dtype))
+
+
+def _tie_position(fresh, threshold, ties_wanted, ties, sizes: list[int], dtype) -> jax.Array:
+  """The smallest position ``q`` with ``count(keys == threshold and pos < q) >= ties_wanted``
+  (``ties``: how many keys equal ``threshold``), by bisection; the total size when all ties
+  are wanted."""
   offsets = np.cumsum([0] + sizes)[:-1]
 
   def halve_positions(carry):
     low, high = carry
     middle = low + (high - low) // 2
-    ties = sum(
+    counted = sum(
         count((key.ravel() == threshold) & _before(key.size, middle - dtype(offset)), dtype)
         for key, offset in zip(fresh(middle), offsets)
     )
-    enough = ties >= ties_wanted
+    enough = counted >= ties_wanted
     return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
 
   # Usually every key equal to the threshold is wanted: then the positional
   # search has nothing to do (its range is empty, the loop never runs).
-  everything = jnp.asarray(total, dtype)
-  some = at_most - below != ties_wanted
+  everything = jnp.asarray(sum(sizes), dtype)
+  some = ties != ties_wanted
   position, _ = jax.lax.while_loop(
       lambda carry: carry[0] < carry[1],
       halve_positions,
       (jnp.where(some, jnp.zeros([], dtype), everything), everything),
   )
-  return Cut(threshold, position)
+  return position
 
 
 def chosen_by(cut: Cut, keys: Keys) -> list[jax.Array]:

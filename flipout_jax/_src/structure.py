@@ -120,7 +120,23 @@ def units(
         "cost='flops' needs groups=flipout.unit_groups(apply_fn, params, x): the FLOPs of "
         f"each unit are read from the model's program; got groups of type {type(groups).__name__}"
     )
-  groups = getattr(groups, "ids", groups)
+  _check_unit_options(score, min_units, normalize, round_to)
+  layout_lib.check_argument(kernel_layout)
+  return Structure(
+      "unit",
+      groups=getattr(groups, "ids", groups),
+      score=score,
+      min_units=int(min_units),
+      kernel_layout=kernel_layout,
+      cost=cost,
+      flops=flops if cost == "flops" else None,
+      normalize=normalize,
+      round_to=int(round_to),
+  )
+
+
+def _check_unit_options(score, min_units, normalize, round_to) -> None:
+  """Refuses :func:`units`' options out of range, naming each."""
   if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
     raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
   if normalize not in NORMALIZERS:
@@ -131,18 +147,6 @@ def units(
     raise TypeError(f"min_units must be an int >= 0, got {type(min_units).__name__}")
   if min_units < 0:
     raise ValueError(f"min_units must be an int >= 0, got {min_units}")
-  layout_lib.check_argument(kernel_layout)
-  return Structure(
-      "unit",
-      groups=groups,
-      score=score,
-      min_units=int(min_units),
-      kernel_layout=kernel_layout,
-      cost=cost,
-      flops=flops if cost == "flops" else None,
-      normalize=normalize,
-      round_to=int(round_to),
-  )
 
 
 def n_of_m(n: int, m: int, *, kernel_layout: layout_lib.KernelLayout = "in_out") -> Structure:

@@ -107,6 +107,18 @@ def _flop_terms(linear, labels: np.ndarray, pinned: int, examples: int) -> UnitF
   return UnitFlops(tuple(terms), num_groups)
 
 
+def _followers(leaves, units, labels: np.ndarray, kernels: set[int]) -> dict[int, np.ndarray]:
+  """The 1-D float leaves (not kernels) whose every entry is a unit in ``labels`` (a bias, a
+  norm's scale or offset of prunable units): leaf number -> the units of its entries."""
+  found = {}
+  for number, leaf in enumerate(leaves):
+    if number not in kernels and np.ndim(leaf) == 1 and np.issubdtype(leaf.dtype, np.floating):
+      entries = units[number][0]
+      if entries.size and np.isin(entries, labels).all():
+        found[number] = entries
+  return found
+
+
 def unit_groups(
     apply_fn: Callable,
     params: Any,
@@ -171,11 +183,7 @@ def unit_groups(
     found[number] = units[number][axis]
   labels = np.unique(np.concatenate([c[c != pinned] for c in found.values()] or [[]]))
   kernels = set(found)
-  for number, leaf in enumerate(leaves):  # followers: a bias or a norm's scale of units
-    if number not in found and np.ndim(leaf) == 1 and np.issubdtype(leaf.dtype, np.floating):
-      entries = units[number][0]
-      if entries.size and np.isin(entries, labels).all():
-        found[number] = entries
+  found.update(_followers(leaves, units, labels, kernels))
   ids = [
       np.where(c == pinned, -1, np.searchsorted(labels, c)).astype(np.int32)
       if c is not None

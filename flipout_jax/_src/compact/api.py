@@ -10,6 +10,8 @@ outputs on smaller arrays, with params cut to match.
 
 from __future__ import annotations
 
+import functools
+
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -161,82 +163,10 @@ def _compact_once(
   return _Round(program, plan, shrink, apply, keeps)
 
 
-def compact(
-    apply_fn: Callable,
-    params: Any,
-    *example_args: Any,
-    batch_axis: int | None = 0,
-    constants: str = "program",
-    max_rounds: int = 8,
-    round_to: int = 1,
-) -> Compacted:
-  """Removes every unit of ``apply_fn``'s model that cannot change its outputs.
-
-  ``apply_fn(params, *args)`` is any pure JAX function (``nnx.merge(graphdef, state)(x)``,
-  ``module.apply({"params": p}, x)``, ``eqx.combine(p, static)(x)``, plain ``jnp`` code);
-  pruned weights are the exact zeros of ``params``. Units are positions along the feature
-  axes of the values flowing between ops (output features of ``dot_general``, output
-  channels of ``conv_general_dilated``, input features), followed through elementwise ops,
-  broadcasts, reshapes (a flattened feature is a sub-unit of its channel; a feature split
-  into heads, of its head and of its position in the head), transposes, concatenations,
-  pooling and means, contractions (``q @ k.T``: a dim zero on one side goes from both); a
-  grouped or depthwise convolution's feature group (its input channels and the output
-  channels they make) is one unit. Embedding lookups, sort, ``top_k``, ``lax.scan`` and
-  ``while_loop`` pass the batch axis; a scan's own params (stacked layers) lose the units
-  dead in every layer, its carries are kept whole. A unit goes when
-
-  * nothing the outputs depend on reads it (its outgoing weights are zero), or
-  * it does not depend on the input (its incoming weights are zero): its value, constant
-    through normalisation, activation and pooling, is folded exactly into the next linear
-    op as a constant added to its output (of the output's shape where zero padding makes it
-    depend on the position).
-
-  Units coupled across ops (a residual stream, a concatenation, a parameter read twice) go
-  only together. An op that mixes along an axis other than through the linear ops
-  (LayerNorm's mean, softmax, an unknown primitive) keeps every unit on that axis, and the
-  report says which op kept what. The analysis repeats on its result until a round removes
-  nothing.
-
-  Example::
-
-    compacted = flipout.compact(apply_fn, params, x)
-    y = compacted.apply(compacted.params, x)           # == apply_fn(params, x)
-    momentum = compacted.shrink(opt_state)             # continue training compact
-
-  Args:
-    apply_fn: ``apply_fn(params, *args)``, a pure function.
-    params: a pytree of arrays; pruned weights exactly zero.
-    *example_args: arguments to trace with. Concrete values: the analysis runs the model
-      once on them (a small batch suffices; the result does not depend on their values).
-    batch_axis: the axis of every argument leaf whose size may change between calls of
-      ``compacted.apply`` (a new size retraces ``apply_fn``; a symbolic size, under
-      ``jax.export``, replays the analysed program where every op is elementwise along the
-      batch axis); None: shapes are fixed.
-    constants: where removed units' constants go. ``"program"``: into a bias or
-      normalisation offset of the params where one takes it (an op's output going only into
-      ``+ bias`` or ``- mean``), else into ``compacted.apply`` as a constant.
-      ``"params"``: only into params; units whose constant none takes are kept, so that
-      ``compacted.params`` alone, in the model's own code at the compact widths, gives the
-      same outputs.
-    max_rounds: most analysis rounds.
-    round_to: every width that shrinks (each axis of each value, params included, that loses
-      positions) is rounded up to a multiple of it, as matrix units run tiles of 8, 16 or 128
-      faster than ragged widths: removable units are kept back, on each axis those that keep
-      no other unit first (a flattened feature of a channel that stays, not one that would
-      keep its channel), then the lowest positions first, until the width is a multiple, or
-      the axis is whole where its units cannot add up to one (an axis left empty stays
-      empty). Every round rounds; the outputs are the same. 1: no rounding. Measured on two
-      CPU cores (BENCHMARKS.md section 12): 8 costs little and sometimes pays (ResNet18 2.85x
-      against 2.63x dense), 128 keeps 2-4x the parameters and gives most of the speed-up
-      back; 64 and 128 are for a GPU's or TPU's matrix units, not yet measured there.
-
-  Returns:
-    The :class:`Compacted` params, apply function, shrink function and report.
-
-  Raises:
-    TypeError: ``apply_fn`` is not callable, or a params leaf is not an array.
-    ValueError: ``batch_axis``, ``constants``, ``max_rounds`` or ``round_to`` is out of range.
-  """
+def _check_arguments(
+    apply_fn: Any, params: Any, batch_axis: Any, constants: Any, max_rounds: Any, round_to: Any
+) -> None:
+  """Refuses :func:`compact`'s arguments out of range, naming each."""
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   if batch_axis is not None and (not isinstance(batch_axis, int) or batch_axis < 0):
@@ -258,6 +188,64 @@ def compact(
       raise TypeError(
           f"params leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array"
       )
+
+
+def compact(
+    apply_fn: Callable,
+    params: Any,
+    *example_args: Any,
+    batch_axis: int | None = 0,
+    constants: str = "program",
+    max_rounds: int = 8,
+    round_to: int = 1,
+) -> Compacted:
+  """Removes every unit of ``apply_fn``'s model that cannot change its outputs.
+
+  ``apply_fn(params, *args)`` is any pure JAX function (``nnx.merge(graphdef, state)(x)``,
+  ``module.apply({"params": p}, x)``, ``eqx.combine(p, static)(x)``, plain ``jnp`` code);
+  pruned weights are the exact zeros of ``params``. Units are positions along the feature
+  axes of the values flowing between ops, followed through elementwise ops, broadcasts,
+  reshapes, transposes, concatenations, pooling, contractions, grouped convolutions,
+  embedding lookups and loops (``flipout_jax/_src/compact/README.md`` says how). A unit goes
+  when nothing the outputs depend on reads it (its outgoing weights are zero), or when it
+  does not depend on the input (its incoming weights are zero): its constant value is then
+  folded exactly into the next linear op. Units coupled across ops (a residual stream, a
+  concatenation, a parameter read twice) go only together; an op that mixes along an axis
+  other than through the linear ops (LayerNorm's mean, softmax, an unknown primitive) keeps
+  every unit on that axis, and the report says which op kept what. The analysis repeats on
+  its result until a round removes nothing.
+
+  Example::
+
+    compacted = flipout.compact(apply_fn, params, x)
+    y = compacted.apply(compacted.params, x)  # == apply_fn(params, x)
+
+  Args:
+    apply_fn: ``apply_fn(params, *args)``, a pure function.
+    params: a pytree of arrays; pruned weights exactly zero.
+    *example_args: arguments to trace with; the analysis runs the model once on them (a
+      small batch suffices: the result does not depend on their values).
+    batch_axis: the axis of every argument leaf whose size may change between calls of
+      ``compacted.apply`` (a new size retraces; a symbolic one, under ``jax.export``,
+      replays the program, elementwise along it); None: shapes are fixed.
+    constants: where removed units' constants go. ``"program"``: into a bias or norm
+      offset of the params where one takes it, else into ``compacted.apply`` as a constant.
+      ``"params"``: only into params (units whose constant none takes are kept), so that
+      ``compacted.params`` in the model's own code at the compact widths is the same model.
+    max_rounds: most analysis rounds.
+    round_to: every width that shrinks is rounded up to a multiple of it (removable units
+      kept back; the outputs are the same), as matrix units run tiles of 8, 16 or 128
+      faster than ragged widths. 1: no rounding. BENCHMARKS.md section 12 measures it.
+
+  Returns:
+    The :class:`Compacted` params, apply function, report and ``shrink`` (an optimizer
+    state cut to the compact widths continues training).
+
+  Raises:
+    TypeError: ``apply_fn`` is not callable, or a params leaf is not an array.
+    ValueError: ``batch_axis``, ``constants``, ``max_rounds`` or ``round_to`` is out of range.
+  """
+  _check_arguments(apply_fn, params, batch_axis, constants, max_rounds, round_to)
   programs: list[Program] = []  # each round's trace
   shrinks: list[Callable[[Any], Any]] = []
   apply, current, rounds = apply_fn, params, 0
@@ -271,21 +259,28 @@ def compact(
     if not plan.keep:  # removes nothing: the fixed point, and ``program`` is its trace
       final_program = program
       break
-    kept = [
-        indices if rows is None else tuple(i if r is None else i[r] for i, r in zip(indices, rows))
-        for indices, rows in zip(kept, keeps)
-    ]
+    kept = [_kept_after(indices, rows) for indices, rows in zip(kept, keeps)]
     shrinks.append(shrink)
     apply, current, rounds = next_apply, _absorb(shrink(current), plan), rounds + 1
   else:
     final_program = trace(apply, current, *example_args)
 
-  def shrink_all(tree: Any) -> Any:
-    for shrink in shrinks:
-      tree = shrink(tree)
-    return tree
-
   arg_leaves = jax.tree.leaves(example_args)
   examples = 1 if batch_axis is None or not arg_leaves else np.shape(arg_leaves[0])[batch_axis]
   report = report_lib.build(programs[0], final_program, params, current, plan, rounds, examples)
-  return Compacted(current, apply, shrink_all, report, jax.tree.unflatten(params_tree, kept))
+  kept_tree = jax.tree.unflatten(params_tree, kept)
+  return Compacted(current, apply, functools.partial(_shrink_all, shrinks), report, kept_tree)
+
+
+def _shrink_all(shrinks: list[Callable[[Any], Any]], tree: Any) -> Any:
+  """``tree`` through every round's shrink."""
+  for shrink in shrinks:
+    tree = shrink(tree)
+  return tree
+
+
+def _kept_after(indices: tuple, rows: Any) -> tuple:
+  """Per axis, the original positions a leaf keeps after a round cut ``rows`` of them."""
+  if rows is None:
+    return indices
+  return tuple(i if r is None else i[r] for i, r in zip(indices, rows))
