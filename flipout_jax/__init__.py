@@ -15,6 +15,7 @@ at a few pruning events. Typical use::
 from flipout_jax._src.baselines import hoyer_square
 from flipout_jax._src.baselines import snip
 from flipout_jax._src.compact import Compacted
+from flipout_jax._src.compact import activation_norms
 from flipout_jax._src.compact import CompactionReport
 from flipout_jax._src.compact import LayerCompaction
 from flipout_jax._src.compact import compact
@@ -31,6 +32,7 @@ from flipout_jax._src.criteria import taylor_scores
 from flipout_jax._src.export import export
 from flipout_jax._src.export import load
 from flipout_jax._src.noise import GradientNoiseState
+from flipout_jax._src.one_shot import wanda
 from flipout_jax._src.noise import gradient_noise
 from flipout_jax._src.prune import PruneState
 from flipout_jax._src.prune import apply_masks
@@ -73,6 +75,7 @@ __all__ = (
     "Summary",
     "UnitFlops",
     "UnitGroups",
+    "activation_norms",
     "apply_masks",
     "compact",
     "cubic",
@@ -104,4 +107,5 @@ __all__ = (
     "taylor_scores",
     "unit_groups",
     "units",
+    "wanda",
 )

@@ -13,3 +13,4 @@ from flipout_jax._src.compact.units import ParamUnits as ParamUnits
 from flipout_jax._src.compact.units import param_units as param_units
 from flipout_jax._src.compact.flop_count import flops as flops
 from flipout_jax._src.compact.units import LinearTerm as LinearTerm
+from flipout_jax._src.compact.activations import activation_norms as activation_norms
