@@ -148,6 +148,35 @@ def _rounded(chosen, unit_scores, live, units: _Units, round_to: int) -> jax.Arr
   return chosen & ~restored
 
 
+def _group_values(scores, weight_live, units: _Units, structure, bits: int) -> jax.Array:
+  """Each group's score: the mean or sum of its kernels' weights' (followers not scored),
+  per-leaf normalised first where asked; ``inf`` for a group with a non-finite score."""
+  matrices = [
+      jnp.zeros_like(structure_lib.units_last(s, a)) if follower else structure_lib.units_last(s, a)
+      for s, a, follower in zip(scores, units.output_axes, units.followers)
+  ]
+  matrices = structure_lib.per_leaf_normalized(matrices, weight_live, structure.normalize)
+  sums, non_finite = structure_lib.exact_group_sums(matrices, units.ids, units.num_groups, bits)
+  scored = jnp.asarray(np.maximum(units.scored_weights, 1), sums.dtype)
+  values = sums / scored if structure.score == "mean" else sums
+  return jnp.where(non_finite, jnp.inf, values)
+
+
+def _by_weight_counts(values, candidates, mask_leaves, units: _Units, leaf_groups, targets):
+  """The groups to prune so that each ranked set of leaves reaches its count of pruned
+  weights (the lowest values first)."""
+  weights = jnp.asarray(units.group_weights, targets.dtype)
+  chosen = jnp.zeros(units.num_groups, bool)
+  for leaves, target in zip(leaf_groups, targets):
+    in_scope = np.zeros(units.num_groups, bool)
+    for i in leaves:
+      in_scope[units.ids[i][units.ids[i] < units.num_groups]] = True
+    pruned = sum(select.count(~mask_leaves[i], targets.dtype) for i in leaves)
+    keys = select.sortable_keys(values, candidates & in_scope)
+    chosen = chosen | structure_lib.lowest_reaching(keys, weights, target - pruned)
+  return chosen
+
+
 def _unit_event(
     rule, table, event_index, seed, units: _Units, structure: structure_lib.Structure
 ) -> EventRule:
@@ -155,7 +184,6 @@ def _unit_event(
   weights; with ``cost="flops"`` the table holds the FLOPs left, per example)."""
   targets_table = jnp.asarray(table)
   bits = structure_lib.limb_bits(int(units.group_weights.max(initial=1)))
-  mean = structure.score == "mean"
   min_units, flops = structure.min_units, structure.flops
 
   def event(step, new_params, masks, flips, updates):
@@ -164,20 +192,9 @@ def _unit_event(
     scores = prunable_lib.leaves_at(
         masks, criteria_lib.scores(rule, new_params, flips, key, updates)
     )
-    matrices = [
-        jnp.zeros_like(structure_lib.units_last(s, a))
-        if follower
-        else structure_lib.units_last(s, a)
-        for s, a, follower in zip(scores, units.output_axes, units.followers)
-    ]
     weight_live = [structure_lib.units_last(m, a) for m, a in zip(mask_leaves, units.output_axes)]
-    matrices = structure_lib.per_leaf_normalized(matrices, weight_live, structure.normalize)
+    values = _group_values(scores, weight_live, units, structure, bits)
     live = [m.any(axis=0) for m in weight_live]
-    sums, non_finite = structure_lib.exact_group_sums(matrices, units.ids, units.num_groups, bits)
-    weights = jnp.asarray(units.group_weights, targets_table.dtype)
-    scored = jnp.asarray(np.maximum(units.scored_weights, 1), sums.dtype)
-    values = sums / scored if mean else sums
-    values = jnp.where(non_finite, jnp.inf, values)
     unit_scores = [values.at[i].get(mode="fill", fill_value=jnp.inf) for i in units.ids]
     protected = _protected(unit_scores, live, units.ids, min_units, units.num_groups)
     group_live = jnp.zeros(units.num_groups, bool)
@@ -196,14 +213,7 @@ def _unit_event(
       flops_left = lambda gone: flops.count(group_live & ~rounded(gone), jnp)
       chosen = structure_lib.lowest_within_budget(keys, flops_left, targets[0])
     else:
-      chosen = jnp.zeros(units.num_groups, bool)
-      for leaves, target in zip(leaf_groups, targets):
-        in_scope = np.zeros(units.num_groups, bool)
-        for i in leaves:
-          in_scope[units.ids[i][units.ids[i] < units.num_groups]] = True
-        pruned = sum(select.count(~mask_leaves[i], targets_table.dtype) for i in leaves)
-        keys = select.sortable_keys(values, candidates & in_scope)
-        chosen = chosen | structure_lib.lowest_reaching(keys, weights, target - pruned)
+      chosen = _by_weight_counts(values, candidates, mask_leaves, units, leaf_groups, targets)
     chosen = rounded(chosen)
     new_masks = []
     for mask, leaf_ids, axis in zip(mask_leaves, units.ids, units.output_axes):
