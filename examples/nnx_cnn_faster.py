@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   groups = flipout.unit_groups(apply_fn, params, x_test, where=kernels)
   # Widths in multiples of 8: XLA's CPU convolutions are slow at odd widths.
   structure = flipout.units(groups, cost="flops", normalize="mean", round_to=8)
-  # groups.where: the kernels and their units' biases, so that a pruned channel is exact zeros.
-  prune = flipout.prune(args.flops, total_steps=args.steps, structure=structure, where=groups.where)
+  # Prunable: groups.where, the kernels and their units' biases (a pruned channel is zeros).
+  prune = flipout.prune(args.flops, total_steps=args.steps, structure=structure)
   pruned = train(optax.chain(sgd, prune), args.steps, args.seed, x, y)  # prune last
 
   accuracy = lambda model: float(jnp.mean(jnp.argmax(model(x_test), axis=-1) == y_test))

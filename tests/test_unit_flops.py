@@ -233,6 +233,20 @@ def test_per_layer_normalisation_spreads_the_pruning_over_layers_of_different_sc
     assert live[normalize][0] < 16 and live[normalize][1] < 16, live
 
 
+def test_units_with_unit_groups_default_to_the_kernels_and_their_followers():
+  apply_fn, params, images = _model("small_cnn")
+  groups = flipout.unit_groups(apply_fn, params, images, where=_KERNELS)
+  state = flipout.prune(0.5, total_steps=10, structure=flipout.units(groups)).init(params)
+  assert state.masks["c1"]["bias"] is not None and state.masks["out"]["bias"] is None
+  # An explicit where wins: the kernels alone.
+  tx = flipout.prune(0.5, total_steps=10, structure=flipout.units(groups), where=_KERNELS)
+  state = tx.init(params)
+  assert state.masks["c1"]["bias"] is None and state.masks["c1"]["kernel"] is not None
+  # Plain ids carry no where: the default stays 2+ dimensions.
+  state = flipout.prune(0.5, total_steps=10, structure=flipout.units(groups.ids)).init(params)
+  assert state.masks["c1"]["bias"] is None
+
+
 def test_flop_targets_refuse_what_they_cannot_do():
   apply_fn, params, images = _model("small_cnn")
   groups = flipout.unit_groups(apply_fn, params, images, where=_KERNELS)

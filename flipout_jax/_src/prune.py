@@ -122,7 +122,8 @@ def prune(
       with ``None`` at non-prunable leaves (lowest pruned first).
     structure: what goes together: ``"weight"`` (the paper's), ``"unit"`` or :func:`units`
       (output units, coupled ones together), ``"N:M"`` such as ``"2:4"`` or :func:`n_of_m`.
-    where: prunable leaves: ``None`` (floating leaves with 2+ dimensions), a pytree of bools
+    where: prunable leaves: ``None`` (floating leaves with 2+ dimensions, or the
+      ``where`` of :func:`unit_groups`' groups given to :func:`units`), a pytree of bools
       shaped like params, or a predicate ``(path, leaf) -> bool``.
     flip_count_dtype: ``None`` (uint16 when the last event falls at step 65535 or earlier,
       int32 otherwise), ``"uint16"`` (exact at every event, saturating after the last) or
@@ -153,6 +154,8 @@ def prune(
   plan = schedule_lib.plan(target_sparsity, total_steps, chosen_schedule)
   flip_dtype = counters.flip_count_dtype(flip_count_dtype, plan.last_step)
   check_leaves, make_event = events.factory(structure_spec, rule, plan)
+  if where is None and structure_spec.where is not None:
+    where = structure_spec.where  # units(groups from unit_groups): kernels and followers
   return masking.masking_transform(where, masking.all_live, make_event, check_leaves, flip_dtype)
 
 

@@ -50,6 +50,7 @@ class Structure(NamedTuple):
   flops: Any = None  # the model's unit_groups.UnitFlops, for cost="flops"
   normalize: str | None = None
   round_to: int = 1
+  where: Any = None  # UnitGroups.where: prune's default prunable leaves with these groups
 
 
 GROUP_SCORES = ("mean", "sum")
@@ -85,7 +86,9 @@ def units(
       giving each output unit's group id: units of different leaves with the same id
       (coupled by a residual add or shared by a concatenation) go together, and ``-1`` marks
       a unit never pruned (such as the model's outputs). None: each unit is its own group
-      (leave the output layer out of ``where``).
+      (leave the output layer out of ``where``). With :class:`UnitGroups`, ``prune``'s
+      ``where`` defaults to ``groups.where``: the kernels and their units' biases and norm
+      parameters (followers, masked with their unit so that a pruned unit is exact zeros).
     score: a group's score from its weights' scores: ``"mean"`` (units of layers of
       different fan-in compare per weight) or ``"sum"`` (favours keeping wide units). Exact
       sums, whatever the sharding.
@@ -132,6 +135,7 @@ def units(
       flops=flops if cost == "flops" else None,
       normalize=normalize,
       round_to=int(round_to),
+      where=getattr(groups, "where", None),
   )
 
 
