@@ -472,6 +472,10 @@ def resume_candidates(
   return []
 
 
+# Orbax's message when the saved tree and the one to restore into differ in structure.
+_STRUCTURE_MISMATCH = "tree structures do not match"
+
+
 def restore_newest(store: Store, candidates: list[Candidate], target_state, target_totals):
   """Restores the newest of ``candidates`` that restores and verifies; sets aside the others.
 
@@ -488,6 +492,12 @@ def restore_newest(store: Store, candidates: list[Candidate], target_state, targ
         return restore(candidate.manager, candidate.orbax_step, target_state, target_totals)
       return (*restore(candidate.manager, candidate.orbax_step, target_state), None)
     except Exception as error:  # any damage: orbax, tensorstore, JSON or checksum errors
+      if _STRUCTURE_MISMATCH in str(error):  # not damage: a state of another shape
+        raise config_lib.ConfigError(
+            f"the checkpoint {candidate.folder} holds a training state of another structure "
+            "than these flags build (written by another version of the code?), so it was "
+            "left as it is; resume it with the version that wrote it, or use another --workdir"
+        ) from None
       _set_aside(store, candidate, error)
   if candidates:
     raise DamagedCheckpoint(
