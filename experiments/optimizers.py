@@ -7,13 +7,14 @@ do); the learning rate is ``lr * 0.1^(milestones passed)``::
   global_magnitude   add_decayed_weights -> sgd -> prune(criterion="global_magnitude")
   magnitude          add_decayed_weights -> sgd -> prune(criterion="magnitude")   (layer-wise)
   random             add_decayed_weights -> sgd -> prune(criterion="random")
+  taylor             add_decayed_weights -> sgd -> prune(criterion="taylor")   (|w * update|)
   snip               add_decayed_weights -> sgd -> fixed_masks(snip(loss, params, batch 0))
   hoyer_square       loss + hoyer_lambda * hoyer_square(params) until the prune step, then
                      add_decayed_weights -> sgd -> one-shot magnitude pruning (see below)
   dense              add_decayed_weights -> sgd
 
-The gradient noise link is there for each of the four scheduled methods (flipout,
-global_magnitude, magnitude, random) whose noise scale (``config_lib.noise_scale_of``:
+The gradient noise link is there for each of the five scheduled methods (flipout,
+global_magnitude, magnitude, random, taylor) whose noise scale (``config_lib.noise_scale_of``:
 ``--noise_scale``, default 1 for flipout and 0 for the others) is above 0, so the paper's
 ablation rows (flipout without noise, global magnitude with noise) are one flag away.
 ``--schedule cubic`` swaps their halving events for Zhu & Gupta's cubic ramp
