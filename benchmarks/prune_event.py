@@ -108,8 +108,11 @@ def structure_prune(structure: str, unit_groups=None) -> optax.GradientTransform
   input width is a multiple of 4, as the trainer's ``--structure=2:4``."""
   if structure == "weight":
     return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS)
-  if structure == "unit":
-    return flipout.prune(_TARGET, total_steps=_TOTAL_STEPS, structure=flipout.units(unit_groups))
+  if structure == "unit":  # the kernels only, so that every structure prunes the same weights
+    units = flipout.units(unit_groups)
+    return flipout.prune(
+        _TARGET, total_steps=_TOTAL_STEPS, structure=units, where=unit_groups.kernels
+    )
   divisible = lambda path, leaf: len(leaf.shape) >= 2 and leaf.shape[-2] % 4 == 0
   return flipout.prune(None, total_steps=_TOTAL_STEPS, structure=structure, where=divisible)
 
