@@ -211,11 +211,16 @@ def _shortened(error: BaseException, limit: int = 400) -> str:
   """The error's message on one line; the middle of a long one (paths) cut, never the
   operating system's reason when it names one, else not the end."""
   text = config_lib.one_line(error)
-  if len(text) <= limit:
-    return text
-  reason = _OS_ERROR.search(text)
-  tail = reason.group(0).strip() if reason else text[-2 * limit // 3 :]
-  return f"{text[: limit // 3]} ... {tail}"
+  if len(text) > limit:
+    reason = _OS_ERROR.search(text)
+    tail = reason.group(0).strip() if reason else text[-2 * limit // 3 :]
+    text = f"{text[: limit // 3]} ... {tail}"
+  # tensorstore's message does not always keep the reason's words beside its code (CI once
+  # printed only "os_error_code='27'"): name it from the code.
+  code = re.search(r"os_error_code='?(\d+)'?", text)
+  if code and os.strerror(int(code.group(1))) not in text:
+    text += f" ({os.strerror(int(code.group(1)))})"
+  return text
 
 
 def checksum(state, metadata: dict, totals=None) -> int:

@@ -85,3 +85,6 @@ def test_a_shortened_save_error_keeps_the_operating_system_reason():
   assert shortened.startswith("OUT_OF_RANGE: Error writing")
   short = "OUT_OF_RANGE: disk full"
   assert checkpoints._shortened(ValueError(short)) == short
+  # Only the code kept: the reason is named from it.
+  coded = "OUT_OF_RANGE: Error writing " + "y" * 500 + " [os_error_code='27']) " + "z" * 300
+  assert "(File too large)" in checkpoints._shortened(ValueError(coded))
