@@ -288,6 +288,18 @@ def per_leaf_normalized(
   return [s / jnp.where(scale > 0, scale, 1.0) for s, scale in zip(live, scales)]
 
 
+def _smallest_passing(test: Callable, low, high, steps: int):
+  """The smallest value in ``[low, high]`` where the monotone ``test`` passes (``high`` when
+  none does), by ``steps`` halvings of the interval (enough for its width)."""
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = low + (high - low) // 2
+    return jnp.where(test(middle), low, middle + 1), jnp.where(test(middle), middle, high)
+
+  return jax.lax.fori_loop(0, steps, halve, (low, high))[0]
+
+
 def lowest_reaching(keys: jax.Array, weights: jax.Array, need) -> jax.Array:
   """The fewest entries, lowest keys first, whose weights sum to at least ``need``.
 
@@ -310,13 +322,7 @@ def lowest_reaching(keys: jax.Array, weights: jax.Array, need) -> jax.Array:
   weights = jnp.where(eligible, weights, 0)
   reached = lambda t: jnp.sum(jnp.where(keys <= t, weights, 0)) >= need
 
-  def halve(_, bounds):
-    low, high = bounds
-    middle = low + (high - low) // 2
-    return jnp.where(reached(middle), low, middle + 1), jnp.where(reached(middle), middle, high)
-
-  bits = np.iinfo(keys.dtype).bits
-  threshold, _ = jax.lax.fori_loop(0, bits, halve, (key_type(0), pruned))
+  threshold = _smallest_passing(reached, key_type(0), pruned, np.iinfo(keys.dtype).bits)
   below = keys < threshold
   at = (keys == threshold) & eligible
   still = need - jnp.sum(jnp.where(below, weights, 0))
@@ -342,22 +348,16 @@ def lowest_within_budget(keys: jax.Array, cost_left: Callable, budget) -> jax.Ar
   eligible = keys != pruned
   fits = lambda chosen: cost_left(chosen) <= budget
 
-  def bisect(test, low, high, steps):
-    def halve(_, bounds):
-      low, high = bounds
-      middle = low + (high - low) // 2
-      return jnp.where(test(middle), low, middle + 1), jnp.where(test(middle), middle, high)
-
-    return jax.lax.fori_loop(0, steps, halve, (low, high))[0]
-
   bits = np.iinfo(keys.dtype).bits
-  threshold = bisect(lambda t: fits(eligible & (keys <= t)), key_type(0), pruned, bits)
+  threshold = _smallest_passing(lambda t: fits(eligible & (keys <= t)), key_type(0), pruned, bits)
   below = eligible & (keys < threshold)
   at = eligible & (keys == threshold)
   order = jnp.cumsum(at) - at
   ties = lambda j: below | (at & (order < j))
   count = jnp.sum(at).astype(jnp.int32)
-  taken = bisect(lambda j: fits(ties(j)), jnp.int32(0), count, max(1, keys.size.bit_length()))
+  taken = _smallest_passing(
+      lambda j: fits(ties(j)), jnp.int32(0), count, max(1, keys.size.bit_length())
+  )
   # The prefix one entry shorter is ties(taken - 1): taken is >= 1 whenever the budget was
   # unmet before (else the threshold bisection would have stopped one key lower).
   over = budget - cost_left(ties(taken))
